@@ -1,1 +1,12 @@
+//! What the feeder and the consumer share, and nothing else: settings helpers, telemetry,
+//! AWS client construction and error classification, the queue message, the key mapping and
+//! database access.
 
+pub mod aws;
+pub mod db;
+pub mod exit;
+pub mod keys;
+pub mod message;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,115 @@
+//! AWS clients and what an AWS error means for the caller.
+//!
+//! Endpoints come from the SDK's own `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` /
+//! `AWS_ENDPOINT_URL_SQS` variables (emulators), never from code branches; credentials and
+//! region from the SDK's default chain.
+
+use anyhow::{Context, anyhow};
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::QueueAttributeName;
+
+pub use aws_sdk_s3::Client as S3;
+pub use aws_sdk_sqs::Client as Sqs;
+
+/// Loads the SDK configuration; a missing region is a setup error naming the variable.
+pub async fn sdk_config() -> anyhow::Result<SdkConfig> {
+    let config = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    anyhow::ensure!(
+        config.region().is_some(),
+        "no AWS region configured: set AWS_REGION (for example AWS_REGION=us-east-1)"
+    );
+    Ok(config)
+}
+
+pub fn s3_client(config: &SdkConfig, force_path_style: bool) -> S3 {
+    // Adaptive retries: S3 answers 503 SlowDown while it partitions a hot prefix; the adaptive
+    // mode backs off and rate-limits this client, then ramps up again, which is what S3 asks
+    // for. Eight attempts ride out a partition split without failing the object.
+    let conf = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(force_path_style)
+        .retry_config(RetryConfig::adaptive().with_max_attempts(8))
+        .build();
+    S3::from_conf(conf)
+}
+
+pub fn sqs_client(config: &SdkConfig) -> Sqs {
+    // Standard retries (3 attempts) suffice: every SQS call we make is safe to repeat, and a
+    // call that still fails leaves the message to come back after its visibility timeout.
+    Sqs::new(config)
+}
+
+/// Checks that a bucket exists and is reachable with these credentials.
+pub async fn check_bucket(s3: &S3, variable: &str, bucket: &str) -> anyhow::Result<()> {
+    match s3.head_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(()),
+        Err(err) => Err(match status(&err) {
+            Some(404) => anyhow!("{variable}: bucket {bucket:?} does not exist: create it or fix {variable}"),
+            Some(403) => anyhow!("{variable}: access to bucket {bucket:?} denied: check the credentials and the bucket policy"),
+            _ => anyhow!(
+                "{variable}: cannot reach bucket {bucket:?} ({}): check AWS_ENDPOINT_URL, the network and the region",
+                describe(&err)
+            ),
+        }),
+    }
+}
+
+/// Checks that the queue exists; returns its `VisibilityTimeout` in seconds.
+pub async fn check_queue(sqs: &Sqs, queue_url: &str) -> anyhow::Result<i32> {
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::VisibilityTimeout)
+        .send()
+        .await
+        .map_err(|err| {
+            let what = describe(&err);
+            if what.contains("NonExistentQueue") || what.contains("QueueDoesNotExist") {
+                anyhow!("QUEUE_URL: queue {queue_url} does not exist: create it or fix QUEUE_URL")
+            } else {
+                anyhow!("QUEUE_URL: cannot reach queue {queue_url} ({what}): check AWS_ENDPOINT_URL, the network and the credentials")
+            }
+        })?;
+    out.attributes()
+        .and_then(|a| a.get(&QueueAttributeName::VisibilityTimeout))
+        .map(|v| v.parse::<i32>())
+        .transpose()
+        .context("queue VisibilityTimeout is not a number")
+        .map(|v| v.unwrap_or(30))
+}
+
+/// The HTTP status of a service's answer, when there was one.
+pub fn status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// One line for logs and failure records: the error code and message, or the transport
+/// failure, without the SDK's multi-line debug dump.
+pub fn describe<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match err {
+        SdkError::ServiceError(ctx) => {
+            let e = ctx.err();
+            match (e.code(), e.message()) {
+                (Some(code), Some(msg)) => format!("{code}: {msg}"),
+                (Some(code), None) => code.to_owned(),
+                _ => format!("{e}"),
+            }
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Database access: connecting, preparing the schema online, the compare-and-set rewrite of
+//! `avatars.path`, the failure records operators list, and the feeder's checkpoint.
+//!
+//! Promises:
+//! - preparing never takes a table lock on `avatars`: the index on `path` is built with
+//!   `CREATE INDEX CONCURRENTLY`, and preparation is serialized between processes with a
+//!   *polled* advisory lock (a blocked `pg_advisory_lock` would hold a snapshot that the
+//!   concurrent index build waits for, a deadlock);
+//! - `prepare` returns only once a valid index on `avatars(path)` exists, so no rewrite ever
+//!   runs as a full scan;
+//! - the rewrite is `UPDATE ... WHERE path = old` (I4): a row the live service changed is left
+//!   alone.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+
+/// Name of the index the migration creates when `avatars(path)` has none.
+pub const PATH_INDEX: &str = "avatars_path_idx";
+const PREPARE_LOCK_KEY: i64 = 0x6176_6174_6172_6d67; // "avatarmg"
+
+/// Opens a pool; failures name the host and database, never the password.
+pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default database)")
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(15))
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to the database at {target} given by DATABASE_URL: {e}: check that \
+                 PostgreSQL is running and the URL's host, port, user, password and database"
+            )
+        })?;
+    Ok(pool)
+}
+
+/// Prepares the database idempotently: the bookkeeping tables and a valid index on
+/// `avatars(path)`. Safe to call from every process at once.
+pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await.context("cannot get a database connection")?;
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('avatars')::text")
+        .fetch_one(&mut *conn)
+        .await
+        .context("cannot look up table avatars")?;
+    anyhow::ensure!(
+        exists.is_some(),
+        "table avatars does not exist in this database: apply add-ons/sre-challenge-addon1.sql \
+         or point DATABASE_URL at the production database"
+    );
+
+    // Polled, not blocking: see the module documentation.
+    loop {
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(PREPARE_LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await?;
+        if got {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let result = prepare_locked(&mut conn).await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(PREPARE_LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
+    result?;
+    unlock?;
+    Ok(())
+}
+
+async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS avatar_migration_checkpoint (
+             source_bucket text NOT NULL,
+             source_prefix text NOT NULL,
+             last_key      text,
+             listed        bigint NOT NULL DEFAULT 0,
+             pages         bigint NOT NULL DEFAULT 0,
+             finished      boolean NOT NULL DEFAULT false,
+             updated_at    timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (source_bucket, source_prefix)
+         );
+         CREATE TABLE IF NOT EXISTS avatar_migration_failures (
+             subject     text NOT NULL,
+             reason      text NOT NULL,
+             detail      text NOT NULL,
+             occurrences integer NOT NULL DEFAULT 1,
+             first_seen  timestamptz NOT NULL DEFAULT now(),
+             last_seen   timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (subject, reason)
+         );",
+    )
+    .execute(&mut *conn)
+    .await
+    .context("cannot create the migration's bookkeeping tables")?;
+
+    if path_index_valid(conn).await? {
+        return Ok(());
+    }
+    // An index left invalid by an interrupted concurrent build is dropped and built again.
+    let ours_invalid: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) AND NOT indisvalid)",
+    )
+    .bind(PATH_INDEX)
+    .fetch_one(&mut *conn)
+    .await?;
+    if ours_invalid {
+        tracing::warn!(index = PATH_INDEX, "dropping an invalid index left by an interrupted build");
+        sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS {PATH_INDEX}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    tracing::info!(index = PATH_INDEX, "creating the index on avatars(path) concurrently");
+    sqlx::raw_sql(&format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {PATH_INDEX} ON avatars (path)"
+    ))
+    .execute(&mut *conn)
+    .await
+    .context("cannot create the index on avatars(path)")?;
+    anyhow::ensure!(
+        path_index_valid(conn).await?,
+        "the index on avatars(path) is not valid after building it"
+    );
+    Ok(())
+}
+
+/// Whether a valid, ready index leads with `avatars.path` (ours or one the schema already had).
+pub async fn path_index_valid(conn: &mut PgConnection) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+             WHERE i.indrelid = 'avatars'::regclass AND a.attname = 'path'
+               AND i.indisvalid AND i.indisready)",
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Rewrites every row whose path is an `old` to its `new`, compare-and-set, in one statement.
+/// Returns, for each `old` path, how many rows it rewrote.
+pub async fn rewrite_paths(pool: &PgPool, pairs: &[(String, String)]) -> sqlx::Result<HashMap<String, u64>> {
+    let mut sorted: Vec<&(String, String)> = pairs.iter().collect();
+    // One lock order for every batch keeps concurrent batches from deadlocking.
+    sorted.sort();
+    let (old, new): (Vec<&str>, Vec<&str>) = sorted.iter().map(|(o, n)| (o.as_str(), n.as_str())).unzip();
+    let rewritten: Vec<String> = sqlx::query_scalar(
+        "UPDATE avatars AS a SET path = v.new_path
+         FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[])) AS v(old_path, new_path)
+         WHERE a.path = v.old_path
+         RETURNING v.old_path",
+    )
+    .bind(&old)
+    .bind(&new)
+    .fetch_all(pool)
+    .await?;
+    let mut counts = HashMap::new();
+    for old in rewritten {
+        *counts.entry(old).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+/// Why an object (or message) was set aside for the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The source object no longer exists; nothing to copy.
+    SourceMissing,
+    /// The destination key holds different content; never overwritten (I3).
+    DestinationConflict,
+    /// The message could not be read.
+    MalformedMessage,
+    /// The message names a key outside SOURCE_PREFIX.
+    OutsidePrefix,
+    /// A row points at a legacy object that does not exist (found by `feeder verify`).
+    RowObjectMissing,
+    /// Larger than one CopyObject can copy (5 GiB); multipart copy is not implemented.
+    TooLarge,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::SourceMissing => "source_missing",
+            Reason::DestinationConflict => "destination_conflict",
+            Reason::MalformedMessage => "malformed_message",
+            Reason::OutsidePrefix => "outside_prefix",
+            Reason::RowObjectMissing => "row_object_missing",
+            Reason::TooLarge => "too_large",
+        }
+    }
+}
+
+/// Records a failure; recording it again bumps its count.
+pub async fn record_failure(pool: &PgPool, subject: &str, reason: Reason, detail: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO avatar_migration_failures (subject, reason, detail) VALUES ($1, $2, $3)
+         ON CONFLICT (subject, reason) DO UPDATE
+         SET detail = EXCLUDED.detail, occurrences = avatar_migration_failures.occurrences + 1,
+             last_seen = now()",
+    )
+    .bind(subject)
+    .bind(reason.as_str())
+    .bind(detail)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureRecord {
+    pub subject: String,
+    pub reason: String,
+    pub detail: String,
+    pub occurrences: i32,
+}
+
+pub async fn list_failures(pool: &PgPool) -> sqlx::Result<Vec<FailureRecord>> {
+    let rows = sqlx::query(
+        "SELECT subject, reason, detail, occurrences FROM avatar_migration_failures ORDER BY reason, subject",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| FailureRecord {
+            subject: r.get(0),
+            reason: r.get(1),
+            detail: r.get(2),
+            occurrences: r.get(3),
+        })
+        .collect())
+}
+
+/// The feeder's position in the listing of one bucket and prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The last key of the last fully enqueued page; listing resumes after it.
+    pub last_key: Option<String>,
+    pub listed: i64,
+    pub pages: i64,
+    pub finished: bool,
+}
+
+pub async fn load_checkpoint(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Checkpoint> {
+    let row = sqlx::query(
+        "SELECT last_key, listed, pages, finished FROM avatar_migration_checkpoint
+         WHERE source_bucket = $1 AND source_prefix = $2",
+    )
+    .bind(bucket)
+    .bind(prefix)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row
+        .map(|r| Checkpoint {
+            last_key: r.get(0),
+            listed: r.get(1),
+            pages: r.get(2),
+            finished: r.get(3),
+        })
+        .unwrap_or_default())
+}
+
+pub async fn save_checkpoint(pool: &PgPool, bucket: &str, prefix: &str, cp: &Checkpoint) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO avatar_migration_checkpoint (source_bucket, source_prefix, last_key, listed, pages, finished)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (source_bucket, source_prefix) DO UPDATE
+         SET last_key = EXCLUDED.last_key, listed = EXCLUDED.listed, pages = EXCLUDED.pages,
+             finished = EXCLUDED.finished, updated_at = now()",
+    )
+    .bind(bucket)
+    .bind(prefix)
+    .bind(&cp.last_key)
+    .bind(cp.listed)
+    .bind(cp.pages)
+    .bind(cp.finished)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Opens a single connection (for tools that need no pool).
+pub async fn connect_one(options: &PgConnectOptions) -> sqlx::Result<PgConnection> {
+    PgConnection::connect_with(options).await
+}

@@ -1,0 +1,150 @@
+//! Settings both binaries share, parsed once at start. Every setting is a flag and an
+//! environment variable of the same name (clap's `env`); `.env` files load through dotenvy
+//! before parsing. Values that are secrets (the database URL) are held in `SecretString`,
+//! hidden from `--help` and never printed, not even in error messages.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgConnectOptions;
+
+use crate::keys::{KeyMapping, Prefix};
+
+/// Loads `.env` from the working directory when there is one. A malformed `.env` is an error
+/// naming the file and line; a missing one is not.
+pub fn load_dotenv() -> anyhow::Result<()> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(err) if err.not_found() => Ok(()),
+        Err(err) => Err(anyhow::anyhow!("cannot read .env: {err}: fix or remove the file")),
+    }
+}
+
+/// Where objects move from and to.
+#[derive(Args, Debug, Clone)]
+pub struct StorageArgs {
+    /// The legacy bucket objects are moved from. Required. Only read (and, when cleanup is
+    /// enabled, deleted from under SOURCE_PREFIX).
+    #[arg(long, env = "SOURCE_BUCKET_NAME")]
+    pub source_bucket_name: String,
+
+    /// The production bucket objects are copied into. Required. Objects already there are never
+    /// overwritten.
+    #[arg(long, env = "DESTINATION_BUCKET_NAME")]
+    pub destination_bucket_name: String,
+
+    /// Key prefix moved from, matched exactly and case-sensitively (`Image/` and `imagex/` are
+    /// not under `image/`). Rows whose path starts with it are rewritten.
+    #[arg(long, env = "SOURCE_PREFIX", default_value = "image/")]
+    pub source_prefix: Prefix,
+
+    /// Key prefix moved to: SOURCE_PREFIX + rest becomes DESTINATION_PREFIX + rest.
+    #[arg(long, env = "DESTINATION_PREFIX", default_value = "avatar/")]
+    pub destination_prefix: Prefix,
+
+    /// Path-style S3 addressing (`endpoint/bucket/key`), needed by local emulators; `false`
+    /// (virtual-hosted style) on AWS.
+    #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub s3_force_path_style: bool,
+}
+
+impl StorageArgs {
+    pub fn mapping(&self) -> anyhow::Result<KeyMapping> {
+        for (name, value) in [
+            ("SOURCE_BUCKET_NAME", &self.source_bucket_name),
+            ("DESTINATION_BUCKET_NAME", &self.destination_bucket_name),
+        ] {
+            check_bucket_name(value).with_context(|| format!("{name} is not a valid bucket name"))?;
+        }
+        KeyMapping::new(
+            self.source_bucket_name.clone(),
+            self.source_prefix.clone(),
+            self.destination_bucket_name.clone(),
+            self.destination_prefix.clone(),
+        )
+        .map_err(anyhow::Error::msg)
+    }
+}
+
+fn check_bucket_name(name: &str) -> anyhow::Result<()> {
+    let ok = (3..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    anyhow::ensure!(ok, "{name:?}: 3 to 63 lowercase letters, digits, '-' or '.'");
+    Ok(())
+}
+
+/// The SQS queue.
+#[derive(Args, Debug, Clone)]
+pub struct QueueArgs {
+    /// URL of the SQS standard queue carrying one message per object
+    /// (https://sqs.<region>.amazonaws.com/<account>/<name>). Required. Give it a dead-letter
+    /// queue (redrive policy) so that messages failing repeatedly end somewhere visible.
+    #[arg(long, env = "QUEUE_URL", value_parser = parse_queue_url)]
+    pub queue_url: String,
+}
+
+fn parse_queue_url(s: &str) -> Result<String, String> {
+    if (s.starts_with("https://") || s.starts_with("http://")) && s.len() > 8 {
+        Ok(s.to_owned())
+    } else {
+        Err("QUEUE_URL must be the queue's http(s) URL, as `aws sqs get-queue-url` prints it".into())
+    }
+}
+
+/// The PostgreSQL database holding `avatars`.
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection string, e.g. postgres://user:password@host:5432/proddatabase.
+    /// Required. A secret: never printed.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub database_url: SecretString,
+}
+
+fn parse_secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s.to_owned()))
+}
+
+impl DatabaseArgs {
+    /// Parses the connection string without ever echoing it (it may hold a password).
+    pub fn connect_options(&self) -> anyhow::Result<PgConnectOptions> {
+        PgConnectOptions::from_str(self.database_url.expose_secret()).map_err(|_| {
+            anyhow::anyhow!(
+                "DATABASE_URL is not a valid PostgreSQL connection string: expected \
+                 postgres://user:password@host:port/database"
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names() {
+        assert!(check_bucket_name("legacy-s3").is_ok());
+        assert!(check_bucket_name("a.b-c1").is_ok());
+        assert!(check_bucket_name("Legacy").is_err());
+        assert!(check_bucket_name("ab").is_err());
+        assert!(check_bucket_name("-ab").is_err());
+        assert!(check_bucket_name("a b c").is_err());
+    }
+
+    #[test]
+    fn database_url_errors_never_echo_the_secret() {
+        let args = DatabaseArgs { database_url: SecretString::from("mysql://u:hunter2@h/db") };
+        let err = format!("{:#}", args.connect_options().unwrap_err());
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(format!("{args:?}").contains("REDACTED") || !format!("{args:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn queue_url_must_be_a_url() {
+        assert!(parse_queue_url("http://127.0.0.1:4566/000000000000/q").is_ok());
+        assert!(parse_queue_url("my-queue").is_err());
+    }
+}

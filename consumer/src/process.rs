@@ -1,0 +1,171 @@
+//! One message, start to end: read it, copy the object, rewrite its rows, acknowledge.
+//!
+//! Promises: the message is deleted only after the object is at its destination and the rows
+//! are rewritten (I1, I2); a permanent problem (source missing, destination conflict,
+//! malformed message, key outside the prefix, too large) is recorded in
+//! `avatar_migration_failures` first and only then deleted; anything else leaves the message
+//! to come back after its visibility timeout, and after `maxReceiveCount` receipts SQS moves
+//! it to the dead-letter queue.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use aws_sdk_sqs::types::Message;
+use common::aws::{S3, Sqs};
+use common::db::Reason;
+use common::keys::KeyMapping;
+use common::message::ObjectMessage;
+use sqlx::PgPool;
+use tracing::Instrument;
+
+use crate::ack::{Acker, keep_invisible};
+use crate::copy::{CopyError, Copied, ensure_copied};
+use crate::record::Rewriter;
+
+pub struct Worker {
+    pub s3: S3,
+    pub sqs: Sqs,
+    pub db: PgPool,
+    pub queue_url: String,
+    pub mapping: KeyMapping,
+    pub rewriter: Rewriter,
+    pub acker: Acker,
+    pub visibility: Duration,
+    pub stats: std::sync::Arc<Stats>,
+}
+
+/// What this process did, for the summary line and for tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub copied: AtomicU64,
+    pub already_present: AtomicU64,
+    pub rows_rewritten: AtomicU64,
+    pub set_aside: AtomicU64,
+    pub retry_later: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+impl Stats {
+    pub fn print_summary(&self, elapsed: Duration) {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        println!(
+            "consumer: received {} messages; copied {}, already present {}; rows rewritten {}; \
+             set aside {}; left for retry {}; acknowledged {}; in {:.1}s",
+            g(&self.received),
+            g(&self.copied),
+            g(&self.already_present),
+            g(&self.rows_rewritten),
+            g(&self.set_aside),
+            g(&self.retry_later),
+            g(&self.acked),
+            elapsed.as_secs_f64()
+        );
+    }
+}
+
+enum Outcome {
+    Done,
+    SetAside { subject: String, reason: Reason, detail: String },
+    RetryLater(String),
+}
+
+impl Worker {
+    pub async fn handle(&self, message: Message) {
+        self.stats.received.fetch_add(1, Relaxed);
+        let id = message.message_id().unwrap_or_default().to_owned();
+        let Some(receipt) = message.receipt_handle().map(str::to_owned) else {
+            tracing::warn!(message_id = id, "message without a receipt handle: ignored");
+            return;
+        };
+        let body = message.body().unwrap_or_default();
+        let parsed = ObjectMessage::parse(body);
+        let key = parsed.as_ref().map(|m| m.key.clone()).unwrap_or_default();
+        let span = tracing::info_span!("object", message_id = %id, key = %key);
+        async {
+            // A slow object keeps its message invisible until it is done.
+            let keeper = keep_invisible(self.sqs.clone(), self.queue_url.clone(), receipt.clone(), self.visibility);
+            let outcome = match parsed {
+                Ok(msg) => self.move_object(&msg).await,
+                Err(err) => Outcome::SetAside {
+                    subject: format!("message {id}"),
+                    reason: Reason::MalformedMessage,
+                    detail: format!("{err}; body: {}", truncate(body, 2048)),
+                },
+            };
+            keeper.abort();
+            self.settle(outcome, receipt).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn move_object(&self, msg: &ObjectMessage) -> Outcome {
+        let Some(destination) = self.mapping.destination_key(&msg.key) else {
+            return Outcome::SetAside {
+                subject: msg.key.clone(),
+                reason: Reason::OutsidePrefix,
+                detail: format!("key is not under SOURCE_PREFIX {:?}", self.mapping.source_prefix.as_str()),
+            };
+        };
+        match ensure_copied(&self.s3, &self.mapping, &msg.key, &msg.etag, msg.size, &destination).await {
+            Ok(Copied::Copied) => self.stats.copied.fetch_add(1, Relaxed),
+            Ok(Copied::AlreadyPresent) => self.stats.already_present.fetch_add(1, Relaxed),
+            Err(err) => {
+                let reason = match &err {
+                    CopyError::SourceMissing { .. } => Reason::SourceMissing,
+                    CopyError::Conflict { .. } => Reason::DestinationConflict,
+                    CopyError::TooLarge(_) => Reason::TooLarge,
+                    CopyError::Transient(why) => return Outcome::RetryLater(why.clone()),
+                };
+                return Outcome::SetAside { subject: msg.key.clone(), reason, detail: err.to_string() };
+            }
+        };
+        // The destination exists: only now may rows point at it (I1).
+        match self.rewriter.rewrite(msg.key.clone(), destination).await {
+            Ok(rows) => {
+                self.stats.rows_rewritten.fetch_add(rows, Relaxed);
+                tracing::debug!(rows, "object moved");
+                Outcome::Done
+            }
+            Err(why) => Outcome::RetryLater(why),
+        }
+    }
+
+    async fn settle(&self, outcome: Outcome, receipt: String) {
+        match outcome {
+            Outcome::Done => {}
+            Outcome::SetAside { subject, reason, detail } => {
+                tracing::warn!(reason = reason.as_str(), detail, "set aside for the operator");
+                if let Err(err) = common::db::record_failure(&self.db, &subject, reason, &detail).await {
+                    self.stats.retry_later.fetch_add(1, Relaxed);
+                    tracing::warn!(error = %err, "cannot record the failure: the message comes back later");
+                    return;
+                }
+                self.stats.set_aside.fetch_add(1, Relaxed);
+            }
+            Outcome::RetryLater(why) => {
+                self.stats.retry_later.fetch_add(1, Relaxed);
+                tracing::warn!(error = why, "not done: the message comes back after its visibility timeout");
+                return;
+            }
+        }
+        match self.acker.ack(receipt).await {
+            Ok(()) => {
+                self.stats.acked.fetch_add(1, Relaxed);
+            }
+            Err(why) => tracing::warn!(error = why, "message not deleted: it comes back, harmlessly"),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,81 @@
+//! The consumer's settings: flags and environment variables of the same name.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use clap::Parser;
+use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
+
+/// Moves legacy avatars: receives one message per object from SQS, copies the object
+/// server-side into the destination bucket (never overwriting different content), rewrites
+/// the rows pointing at it (compare-and-set) and deletes the message. Run as many as the
+/// backlog needs; SIGTERM finishes in-flight objects and exits 0.
+///
+/// Every option is also an environment variable (shown in brackets); a `.env` file in the
+/// working directory is read first.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "consumer", version)]
+pub struct Settings {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    #[command(flatten)]
+    pub queue: QueueArgs,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Objects worked on at once by this process (each one a HEAD and a CopyObject, then a row
+    /// rewrite). Raise it until S3 answers SlowDown or the database is busy.
+    #[arg(long, env = "CONCURRENCY", default_value = "32")]
+    pub concurrency: NonZeroUsize,
+
+    /// Seconds a received message stays invisible to other consumers. Extended every half of
+    /// it while an object is still being worked on; after a crash, the message comes back this
+    /// long after it was received.
+    #[arg(long, env = "VISIBILITY_TIMEOUT", default_value = "60", value_parser = clap::value_parser!(u64).range(1..=43_200))]
+    pub visibility_timeout: u64,
+
+    /// Long-poll wait of each receive, in seconds (0-20). 20 keeps empty receives (and their
+    /// cost) low.
+    #[arg(long, env = "WAIT_TIME_SECONDS", default_value = "20", value_parser = clap::value_parser!(u64).range(0..=20))]
+    pub wait_time_seconds: u64,
+
+    /// Drain and exit 0 once the queue has given nothing for this many seconds and no object is
+    /// in flight. Unset (the default): run until SIGTERM, as an ECS service does.
+    #[arg(long, env = "EXIT_WHEN_IDLE")]
+    pub exit_when_idle: Option<u64>,
+
+    /// Seconds in-flight objects get to finish after SIGTERM; what is still unfinished then is
+    /// abandoned safely (its message comes back). Keep it below ECS's stopTimeout (30 s by
+    /// default).
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value = "25")]
+    pub shutdown_grace_seconds: u64,
+
+    /// Rows rewrites gathered into one UPDATE.
+    #[arg(long, env = "DB_BATCH_SIZE", default_value = "100")]
+    pub db_batch_size: NonZeroUsize,
+
+    /// Milliseconds a rewrite waits for others to share its UPDATE.
+    #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "20")]
+    pub db_batch_max_wait_ms: u64,
+
+    /// Database connections this process opens at most.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub database_max_connections: u32,
+}
+
+impl Settings {
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_secs(self.visibility_timeout)
+    }
+
+    pub fn db_batch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.db_batch_max_wait_ms)
+    }
+
+    /// The long-poll wait, shortened to the idle limit so that an idle exit is not late.
+    pub fn wait_time(&self) -> u64 {
+        self.exit_when_idle.map_or(self.wait_time_seconds, |idle| idle.min(self.wait_time_seconds))
+    }
+}
