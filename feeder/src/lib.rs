@@ -1,0 +1,264 @@
+//! The feeder: lists the source prefix and enqueues one message per object, checkpointing
+//! after every fully enqueued page; also the operator's `status`, `verify` and `failures`.
+//!
+//! Stages, one module each: [`list`] -> [`enqueue`] (-> checkpoint, in `common::db`);
+//! [`operator`] for the operator's commands.
+
+pub mod enqueue;
+pub mod list;
+pub mod operator;
+pub mod settings;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aws_sdk_sqs::types::QueueAttributeName;
+use common::aws::{S3, Sqs, describe};
+use common::db::Checkpoint;
+use common::exit::{Failure, SetupResult};
+use common::keys::KeyMapping;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use settings::{Command, RunArgs, Settings};
+
+pub struct Clients {
+    pub s3: S3,
+    pub sqs: Sqs,
+    pub db: PgPool,
+}
+
+/// Connects to everything and checks it before anything is listed or sent; every problem here
+/// is a setup failure (exit code 2). Prepares the database (index on `avatars(path)` built
+/// concurrently, bookkeeping tables) before anything else.
+pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
+    settings.storage.mapping().setup()?;
+    let db_options = settings.database.connect_options().setup()?;
+    let config = common::aws::sdk_config().await.setup()?;
+    let s3 = common::aws::s3_client(&config, settings.storage.s3_force_path_style);
+    let sqs = common::aws::sqs_client(&config);
+    let db = common::db::connect(db_options, 4).await.setup()?;
+    common::aws::check_bucket(
+        &s3,
+        "SOURCE_BUCKET_NAME",
+        &settings.storage.source_bucket_name,
+    )
+    .await
+    .setup()?;
+    common::aws::check_bucket(
+        &s3,
+        "DESTINATION_BUCKET_NAME",
+        &settings.storage.destination_bucket_name,
+    )
+    .await
+    .setup()?;
+    common::aws::check_queue(&sqs, &settings.queue.queue_url)
+        .await
+        .setup()?;
+    common::db::prepare(&db)
+        .await
+        .context("preparing the database")
+        .setup()?;
+    Ok(Clients { s3, sqs, db })
+}
+
+/// What one run of the feeder did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Objects listed by this run.
+    pub listed: u64,
+    /// Messages sent by this run.
+    pub enqueued: u64,
+    /// The key this run resumed after, when it resumed from a checkpoint.
+    pub resumed_after: Option<String>,
+    /// Whether the whole prefix has now been listed and enqueued.
+    pub finished: bool,
+}
+
+/// Lists and enqueues until the prefix is exhausted or `shutdown` fires (then the current page
+/// is finished and checkpointed first).
+pub async fn feed(
+    settings: &Settings,
+    args: &RunArgs,
+    clients: &Clients,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let mapping = settings.storage.mapping()?;
+    let (bucket, prefix) = (
+        mapping.source_bucket.as_str(),
+        mapping.source_prefix.as_str(),
+    );
+    let mut checkpoint = common::db::load_checkpoint(&clients.db, bucket, prefix)
+        .await
+        .context("reading the feeder checkpoint")?;
+    if args.restart {
+        checkpoint = Checkpoint::default();
+    } else if checkpoint.finished {
+        println!(
+            "feeder: s3://{bucket}/{prefix} was already listed completely ({} objects); nothing to do \
+             (use `feeder run --restart` to list it again)",
+            checkpoint.listed
+        );
+        return Ok(Summary {
+            listed: 0,
+            enqueued: 0,
+            resumed_after: checkpoint.last_key,
+            finished: true,
+        });
+    }
+    let resumed_after = checkpoint.last_key.clone();
+    if let Some(key) = &resumed_after {
+        tracing::info!(
+            after = key,
+            listed_before = checkpoint.listed,
+            "resuming from the checkpoint"
+        );
+    }
+    let (mut pages, lister) = list::spawn(
+        clients.s3.clone(),
+        bucket.to_owned(),
+        prefix.to_owned(),
+        resumed_after.clone(),
+        args.page_size,
+        shutdown.clone(),
+    );
+    let mut summary = Summary {
+        listed: 0,
+        enqueued: 0,
+        resumed_after,
+        finished: false,
+    };
+    while let Some(page) = pages.recv().await {
+        let page = page?;
+        wait_for_room(
+            clients,
+            &settings.queue.queue_url,
+            args.max_backlog,
+            &shutdown,
+        )
+        .await?;
+        let sent = enqueue::enqueue(
+            &clients.sqs,
+            &settings.queue.queue_url,
+            &page.objects,
+            args.send_concurrency.get(),
+        )
+        .await
+        .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
+        summary.listed += page.objects.len() as u64;
+        summary.enqueued += sent;
+        checkpoint.listed += page.objects.len() as i64;
+        checkpoint.pages += 1;
+        checkpoint.last_key = page.objects.last().map(|o| o.key.clone());
+        common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
+            .await
+            .context("saving the feeder checkpoint")?;
+        tracing::info!(
+            listed = checkpoint.listed,
+            last_key = checkpoint.last_key.as_deref(),
+            "page enqueued"
+        );
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+    drop(pages);
+    let _ = lister.await;
+    if !shutdown.is_cancelled() {
+        checkpoint.finished = true;
+        common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
+            .await
+            .context("saving the feeder checkpoint")?;
+        summary.finished = true;
+    }
+    print_summary(&mapping, &summary, &checkpoint, started.elapsed());
+    Ok(summary)
+}
+
+fn print_summary(
+    mapping: &KeyMapping,
+    summary: &Summary,
+    checkpoint: &Checkpoint,
+    elapsed: Duration,
+) {
+    let secs = elapsed.as_secs_f64();
+    let resumed = summary
+        .resumed_after
+        .as_ref()
+        .map(|k| format!(" (resumed after {k:?})"))
+        .unwrap_or_default();
+    let state = if summary.finished {
+        "done"
+    } else {
+        "interrupted: run again to resume"
+    };
+    println!(
+        "feeder: {state}: listed {} objects under s3://{}/{}{resumed}, enqueued {} messages in {secs:.1}s \
+         ({:.0}/s); {} listed in all",
+        summary.listed,
+        mapping.source_bucket,
+        mapping.source_prefix,
+        summary.enqueued,
+        summary.enqueued as f64 / secs.max(0.001),
+        checkpoint.listed,
+    );
+}
+
+/// With a backlog limit, waits until the queue holds no more than it.
+async fn wait_for_room(
+    clients: &Clients,
+    queue_url: &str,
+    max_backlog: u64,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if max_backlog == 0 {
+        return Ok(());
+    }
+    let mut logged = false;
+    loop {
+        let depth = queue_depth(&clients.sqs, queue_url).await?;
+        if depth.visible + depth.in_flight <= max_backlog || shutdown.is_cancelled() {
+            return Ok(());
+        }
+        if !logged {
+            tracing::info!(
+                backlog = depth.visible + depth.in_flight,
+                max_backlog,
+                "queue backlog above the limit: waiting"
+            );
+            logged = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueDepth {
+    pub visible: u64,
+    pub in_flight: u64,
+}
+
+pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDepth> {
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the depth of {queue_url}: {}", describe(&e)))?;
+    let get = |name: QueueAttributeName| {
+        out.attributes()
+            .and_then(|a| a.get(&name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(QueueDepth {
+        visible: get(QueueAttributeName::ApproximateNumberOfMessages),
+        in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+    })
+}

@@ -1,0 +1,85 @@
+//! The feeder's settings: flags and environment variables of the same name.
+
+use std::num::NonZeroUsize;
+
+use clap::{Parser, Subcommand};
+use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
+
+/// Feeds the migration: lists every object under SOURCE_PREFIX and enqueues one message per
+/// object for the consumers, checkpointing in PostgreSQL so that a restart resumes where it
+/// stopped. Also the operator's entry point: `status`, `verify`, `failures`.
+///
+/// Every option is also an environment variable (shown in brackets); a `.env` file in the
+/// working directory is read first.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "feeder", version)]
+pub struct Settings {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    #[command(flatten)]
+    pub queue: QueueArgs,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// List the source prefix and enqueue every object (the default). Exits 0 with a summary.
+    Run(RunArgs),
+    /// Show the listing checkpoint, the queue and dead-letter queue depths, how many rows are
+    /// legacy or modern, and the failures recorded so far. Counting rows scans the table.
+    Status,
+    /// Check that every row's path names an existing object. Rows pointing at a missing legacy
+    /// object are recorded (reason row_object_missing). Exit 0 when every row resolves, 3 when
+    /// some do not.
+    Verify(VerifyArgs),
+    /// List what was set aside for the operator: source missing, destination conflict,
+    /// malformed message, rows whose object is missing, ...
+    Failures,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Keys per ListObjectsV2 page (1-1000). The checkpoint is saved after each fully enqueued
+    /// page, so a restart repeats at most one page.
+    #[arg(long, env = "PAGE_SIZE", default_value = "1000", value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub page_size: i32,
+
+    /// SendMessageBatch calls (of ten messages each) in flight at once.
+    #[arg(long, env = "SEND_CONCURRENCY", default_value = "16")]
+    pub send_concurrency: NonZeroUsize,
+
+    /// Pause listing while the queue holds more than this many messages (visible plus in
+    /// flight), so the backlog never outgrows what consumers drain within the queue's
+    /// retention period. 0 (the default): no limit.
+    #[arg(long, env = "MAX_BACKLOG", default_value = "0")]
+    pub max_backlog: u64,
+
+    /// Ignore the checkpoint and list from the start (messages for objects already moved are
+    /// harmless: consumers find them done).
+    #[arg(long)]
+    pub restart: bool,
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        Self {
+            page_size: 1000,
+            send_concurrency: NonZeroUsize::new(16).unwrap(),
+            max_backlog: 0,
+            restart: false,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// HEAD requests in flight at once.
+    #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
+    pub concurrency: NonZeroUsize,
+}
