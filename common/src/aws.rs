@@ -49,9 +49,9 @@ pub async fn check_bucket(s3: &S3, variable: &str, bucket: &str) -> anyhow::Resu
             Some(404) => {
                 anyhow!("{variable}: bucket {bucket:?} does not exist: create it or fix {variable}")
             }
-            Some(403) => anyhow!(
-                "{variable}: access to bucket {bucket:?} denied: check the credentials and the bucket policy"
-            ),
+            Some(403) => {
+                anyhow!("{variable}: access to bucket {bucket:?} denied: check the credentials and the bucket policy")
+            }
             _ => anyhow!(
                 "{variable}: cannot reach bucket {bucket:?} ({}): check AWS_ENDPOINT_URL, the network and the region",
                 describe(&err)

@@ -47,10 +47,7 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow:
 /// Prepares the database idempotently: the bookkeeping tables and a valid index on
 /// `avatars(path)`. Safe to call from every process at once.
 pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
-    let mut conn = pool
-        .acquire()
-        .await
-        .context("cannot get a database connection")?;
+    let mut conn = pool.acquire().await.context("cannot get a database connection")?;
     let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('avatars')::text")
         .fetch_one(&mut *conn)
         .await
@@ -63,20 +60,15 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
 
     // Polled, not blocking: see the module documentation.
     loop {
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(PREPARE_LOCK_KEY)
-            .fetch_one(&mut *conn)
-            .await?;
+        let got: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(PREPARE_LOCK_KEY).fetch_one(&mut *conn).await?;
         if got {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let result = prepare_locked(&mut conn).await;
-    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(PREPARE_LOCK_KEY)
-        .execute(&mut *conn)
-        .await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(PREPARE_LOCK_KEY).execute(&mut *conn).await;
     result?;
     unlock?;
     Ok(())
@@ -119,28 +111,15 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
     .fetch_one(&mut *conn)
     .await?;
     if ours_invalid {
-        tracing::warn!(
-            index = PATH_INDEX,
-            "dropping an invalid index left by an interrupted build"
-        );
-        sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS {PATH_INDEX}"))
-            .execute(&mut *conn)
-            .await?;
+        tracing::warn!(index = PATH_INDEX, "dropping an invalid index left by an interrupted build");
+        sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS {PATH_INDEX}")).execute(&mut *conn).await?;
     }
-    tracing::info!(
-        index = PATH_INDEX,
-        "creating the index on avatars(path) concurrently"
-    );
-    sqlx::raw_sql(&format!(
-        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {PATH_INDEX} ON avatars (path)"
-    ))
-    .execute(&mut *conn)
-    .await
-    .context("cannot create the index on avatars(path)")?;
-    anyhow::ensure!(
-        path_index_valid(conn).await?,
-        "the index on avatars(path) is not valid after building it"
-    );
+    tracing::info!(index = PATH_INDEX, "creating the index on avatars(path) concurrently");
+    sqlx::raw_sql(&format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {PATH_INDEX} ON avatars (path)"))
+        .execute(&mut *conn)
+        .await
+        .context("cannot create the index on avatars(path)")?;
+    anyhow::ensure!(path_index_valid(conn).await?, "the index on avatars(path) is not valid after building it");
     Ok(())
 }
 
@@ -159,15 +138,11 @@ pub async fn path_index_valid(conn: &mut PgConnection) -> anyhow::Result<bool> {
 
 /// Rewrites every row whose path is an `old` to its `new`, compare-and-set, in one statement.
 /// Returns, for each `old` path, how many rows it rewrote.
-pub async fn rewrite_paths(
-    pool: &PgPool,
-    pairs: &[(String, String)],
-) -> sqlx::Result<HashMap<String, u64>> {
+pub async fn rewrite_paths(pool: &PgPool, pairs: &[(String, String)]) -> sqlx::Result<HashMap<String, u64>> {
     let mut sorted: Vec<&(String, String)> = pairs.iter().collect();
     // One lock order for every batch keeps concurrent batches from deadlocking.
     sorted.sort();
-    let (old, new): (Vec<&str>, Vec<&str>) =
-        sorted.iter().map(|(o, n)| (o.as_str(), n.as_str())).unzip();
+    let (old, new): (Vec<&str>, Vec<&str>) = sorted.iter().map(|(o, n)| (o.as_str(), n.as_str())).unzip();
     let rewritten: Vec<String> = sqlx::query_scalar(
         "UPDATE avatars AS a SET path = v.new_path
          FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[])) AS v(old_path, new_path)
@@ -216,12 +191,7 @@ impl Reason {
 }
 
 /// Records a failure; recording it again bumps its count.
-pub async fn record_failure(
-    pool: &PgPool,
-    subject: &str,
-    reason: Reason,
-    detail: &str,
-) -> sqlx::Result<()> {
+pub async fn record_failure(pool: &PgPool, subject: &str, reason: Reason, detail: &str) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO avatar_migration_failures (subject, reason, detail) VALUES ($1, $2, $3)
          ON CONFLICT (subject, reason) DO UPDATE
@@ -252,12 +222,7 @@ pub async fn list_failures(pool: &PgPool) -> sqlx::Result<Vec<FailureRecord>> {
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| FailureRecord {
-            subject: r.get(0),
-            reason: r.get(1),
-            detail: r.get(2),
-            occurrences: r.get(3),
-        })
+        .map(|r| FailureRecord { subject: r.get(0), reason: r.get(1), detail: r.get(2), occurrences: r.get(3) })
         .collect())
 }
 
@@ -271,11 +236,7 @@ pub struct Checkpoint {
     pub finished: bool,
 }
 
-pub async fn load_checkpoint(
-    pool: &PgPool,
-    bucket: &str,
-    prefix: &str,
-) -> sqlx::Result<Checkpoint> {
+pub async fn load_checkpoint(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Checkpoint> {
     let row = sqlx::query(
         "SELECT last_key, listed, pages, finished FROM avatar_migration_checkpoint
          WHERE source_bucket = $1 AND source_prefix = $2",
@@ -285,21 +246,11 @@ pub async fn load_checkpoint(
     .fetch_optional(pool)
     .await?;
     Ok(row
-        .map(|r| Checkpoint {
-            last_key: r.get(0),
-            listed: r.get(1),
-            pages: r.get(2),
-            finished: r.get(3),
-        })
+        .map(|r| Checkpoint { last_key: r.get(0), listed: r.get(1), pages: r.get(2), finished: r.get(3) })
         .unwrap_or_default())
 }
 
-pub async fn save_checkpoint(
-    pool: &PgPool,
-    bucket: &str,
-    prefix: &str,
-    cp: &Checkpoint,
-) -> sqlx::Result<()> {
+pub async fn save_checkpoint(pool: &PgPool, bucket: &str, prefix: &str, cp: &Checkpoint) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO avatar_migration_checkpoint (source_bucket, source_prefix, last_key, listed, pages, finished)
          VALUES ($1, $2, $3, $4, $5, $6)

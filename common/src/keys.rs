@@ -26,15 +26,10 @@ impl FromStr for Prefix {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
-            return Err(
-                "a prefix must not be empty (moving a whole bucket is not supported)".into(),
-            );
+            return Err("a prefix must not be empty (moving a whole bucket is not supported)".into());
         }
         if s.len() > 512 {
-            return Err(format!(
-                "a prefix must be at most 512 bytes, this one is {}",
-                s.len()
-            ));
+            return Err(format!("a prefix must be at most 512 bytes, this one is {}", s.len()));
         }
         if s.chars().any(char::is_control) {
             return Err("a prefix must not contain control characters".into());
@@ -77,20 +72,13 @@ impl KeyMapping {
                  starts with the other"
             ));
         }
-        Ok(Self {
-            source_bucket,
-            source_prefix,
-            destination_bucket,
-            destination_prefix,
-        })
+        Ok(Self { source_bucket, source_prefix, destination_bucket, destination_prefix })
     }
 
     /// The destination key for a source key, or `None` when the key is not under the source
     /// prefix.
     pub fn destination_key(&self, source_key: &str) -> Option<String> {
-        source_key
-            .strip_prefix(self.source_prefix.as_str())
-            .map(|rest| format!("{}{rest}", self.destination_prefix))
+        source_key.strip_prefix(self.source_prefix.as_str()).map(|rest| format!("{}{rest}", self.destination_prefix))
     }
 
     /// The `x-amz-copy-source` header value for a key of the source bucket.
@@ -101,12 +89,7 @@ impl KeyMapping {
 
 /// Everything but unreserved characters and `/` is percent-encoded, as S3 expects of
 /// `x-amz-copy-source`.
-const COPY_SOURCE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~')
-    .remove(b'/');
+const COPY_SOURCE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/');
 
 pub fn copy_source(bucket: &str, key: &str) -> String {
     format!("{bucket}/{}", utf8_percent_encode(key, COPY_SOURCE))
@@ -129,14 +112,8 @@ mod tests {
     #[test]
     fn maps_keys_under_the_source_prefix() {
         let m = mapping();
-        assert_eq!(
-            m.destination_key("image/avatar-1.png").as_deref(),
-            Some("avatar/avatar-1.png")
-        );
-        assert_eq!(
-            m.destination_key("image/a/b c+d.png").as_deref(),
-            Some("avatar/a/b c+d.png")
-        );
+        assert_eq!(m.destination_key("image/avatar-1.png").as_deref(), Some("avatar/avatar-1.png"));
+        assert_eq!(m.destination_key("image/a/b c+d.png").as_deref(), Some("avatar/a/b c+d.png"));
         assert_eq!(m.destination_key("image/").as_deref(), Some("avatar/"));
     }
 
@@ -151,14 +128,8 @@ mod tests {
 
     #[test]
     fn copy_source_encodes_awkward_keys() {
-        assert_eq!(
-            copy_source("b", "image/a b+c%d&e=f.png"),
-            "b/image/a%20b%2Bc%25d%26e%3Df.png"
-        );
-        assert_eq!(
-            copy_source("b", "image/é/ü~x_y-z.png"),
-            "b/image/%C3%A9/%C3%BC~x_y-z.png"
-        );
+        assert_eq!(copy_source("b", "image/a b+c%d&e=f.png"), "b/image/a%20b%2Bc%25d%26e%3Df.png");
+        assert_eq!(copy_source("b", "image/é/ü~x_y-z.png"), "b/image/%C3%A9/%C3%BC~x_y-z.png");
     }
 
     #[test]

@@ -35,12 +35,7 @@ pub enum MessageError {
 
 impl ObjectMessage {
     pub fn new(key: String, size: i64, etag: String) -> Self {
-        Self {
-            v: VERSION,
-            key,
-            size,
-            etag,
-        }
+        Self { v: VERSION, key, size, etag }
     }
 
     pub fn to_body(&self) -> String {
@@ -52,13 +47,11 @@ impl ObjectMessage {
         struct Versioned {
             v: u32,
         }
-        let versioned: Versioned =
-            serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
+        let versioned: Versioned = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
         if versioned.v != VERSION {
             return Err(MessageError::UnsupportedVersion(versioned.v));
         }
-        let msg: ObjectMessage =
-            serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
+        let msg: ObjectMessage = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
         if msg.key.is_empty() {
             return Err(MessageError::EmptyKey);
         }
@@ -77,35 +70,20 @@ mod tests {
     fn round_trips() {
         let m = ObjectMessage::new("image/a b.png".into(), 1503, "\"9b2c\"".into());
         let body = m.to_body();
-        assert_eq!(
-            body,
-            r#"{"v":1,"key":"image/a b.png","size":1503,"etag":"\"9b2c\""}"#
-        );
+        assert_eq!(body, r#"{"v":1,"key":"image/a b.png","size":1503,"etag":"\"9b2c\""}"#);
         assert_eq!(ObjectMessage::parse(&body).unwrap(), m);
     }
 
     #[test]
     fn rejects_malformed_bodies_without_panicking() {
-        assert!(matches!(
-            ObjectMessage::parse("not json"),
-            Err(MessageError::NotJson(_))
-        ));
-        assert!(matches!(
-            ObjectMessage::parse("{}"),
-            Err(MessageError::NotJson(_))
-        ));
-        assert!(matches!(
-            ObjectMessage::parse(r#"{"v":1,"key":"k"}"#),
-            Err(MessageError::NotJson(_))
-        ));
+        assert!(matches!(ObjectMessage::parse("not json"), Err(MessageError::NotJson(_))));
+        assert!(matches!(ObjectMessage::parse("{}"), Err(MessageError::NotJson(_))));
+        assert!(matches!(ObjectMessage::parse(r#"{"v":1,"key":"k"}"#), Err(MessageError::NotJson(_))));
         assert_eq!(
             ObjectMessage::parse(r#"{"v":2,"key":"k","size":1,"etag":"e"}"#),
             Err(MessageError::UnsupportedVersion(2))
         );
-        assert_eq!(
-            ObjectMessage::parse(r#"{"v":1,"key":"","size":1,"etag":"e"}"#),
-            Err(MessageError::EmptyKey)
-        );
+        assert_eq!(ObjectMessage::parse(r#"{"v":1,"key":"","size":1,"etag":"e"}"#), Err(MessageError::EmptyKey));
         assert_eq!(
             ObjectMessage::parse(r#"{"v":1,"key":"k","size":-1,"etag":"e"}"#),
             Err(MessageError::NegativeSize(-1))

@@ -18,9 +18,7 @@ pub fn load_dotenv() -> anyhow::Result<()> {
     match dotenvy::dotenv() {
         Ok(_) => Ok(()),
         Err(err) if err.not_found() => Ok(()),
-        Err(err) => Err(anyhow::anyhow!(
-            "cannot read .env: {err}: fix or remove the file"
-        )),
+        Err(err) => Err(anyhow::anyhow!("cannot read .env: {err}: fix or remove the file")),
     }
 }
 
@@ -58,8 +56,7 @@ impl StorageArgs {
             ("SOURCE_BUCKET_NAME", &self.source_bucket_name),
             ("DESTINATION_BUCKET_NAME", &self.destination_bucket_name),
         ] {
-            check_bucket_name(value)
-                .with_context(|| format!("{name} is not a valid bucket name"))?;
+            check_bucket_name(value).with_context(|| format!("{name} is not a valid bucket name"))?;
         }
         KeyMapping::new(
             self.source_bucket_name.clone(),
@@ -73,15 +70,10 @@ impl StorageArgs {
 
 fn check_bucket_name(name: &str) -> anyhow::Result<()> {
     let ok = (3..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
-    anyhow::ensure!(
-        ok,
-        "{name:?}: 3 to 63 lowercase letters, digits, '-' or '.'"
-    );
+    anyhow::ensure!(ok, "{name:?}: 3 to 63 lowercase letters, digits, '-' or '.'");
     Ok(())
 }
 
@@ -99,10 +91,7 @@ fn parse_queue_url(s: &str) -> Result<String, String> {
     if (s.starts_with("https://") || s.starts_with("http://")) && s.len() > 8 {
         Ok(s.to_owned())
     } else {
-        Err(
-            "QUEUE_URL must be the queue's http(s) URL, as `aws sqs get-queue-url` prints it"
-                .into(),
-        )
+        Err("QUEUE_URL must be the queue's http(s) URL, as `aws sqs get-queue-url` prints it".into())
     }
 }
 
@@ -147,14 +136,10 @@ mod tests {
 
     #[test]
     fn database_url_errors_never_echo_the_secret() {
-        let args = DatabaseArgs {
-            database_url: SecretString::from("mysql://u:hunter2@h/db"),
-        };
+        let args = DatabaseArgs { database_url: SecretString::from("mysql://u:hunter2@h/db") };
         let err = format!("{:#}", args.connect_options().unwrap_err());
         assert!(!err.contains("hunter2"), "{err}");
-        assert!(
-            format!("{args:?}").contains("REDACTED") || !format!("{args:?}").contains("hunter2")
-        );
+        assert!(format!("{args:?}").contains("REDACTED") || !format!("{args:?}").contains("hunter2"));
     }
 
     #[test]

@@ -20,25 +20,17 @@ pub struct Acker {
 impl Acker {
     pub fn spawn(sqs: Sqs, queue_url: String) -> (Self, tokio::task::JoinHandle<()>) {
         // Ten is the most SQS takes per batch; 20 ms bounds the latency a lone message adds.
-        let (batcher, handle) = Batcher::spawn(
-            10,
-            Duration::from_millis(20),
-            4,
-            move |handles: Vec<String>| {
-                let sqs = sqs.clone();
-                let queue_url = queue_url.clone();
-                async move { delete_batch(&sqs, &queue_url, handles).await }
-            },
-        );
+        let (batcher, handle) = Batcher::spawn(10, Duration::from_millis(20), 4, move |handles: Vec<String>| {
+            let sqs = sqs.clone();
+            let queue_url = queue_url.clone();
+            async move { delete_batch(&sqs, &queue_url, handles).await }
+        });
         (Self { batcher }, handle)
     }
 
     /// Deletes the message with this receipt handle.
     pub async fn ack(&self, receipt_handle: String) -> Result<(), String> {
-        self.batcher
-            .submit(receipt_handle)
-            .await
-            .unwrap_or_else(|| Err("the acknowledger has stopped".into()))
+        self.batcher.submit(receipt_handle).await.unwrap_or_else(|| Err("the acknowledger has stopped".into()))
     }
 }
 
@@ -54,13 +46,7 @@ async fn delete_batch(sqs: &Sqs, queue_url: &str, handles: Vec<String>) -> Vec<R
                 .expect("id and receipt handle are set")
         })
         .collect::<Vec<_>>();
-    let out = match sqs
-        .delete_message_batch()
-        .queue_url(queue_url)
-        .set_entries(Some(entries))
-        .send()
-        .await
-    {
+    let out = match sqs.delete_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await {
         Ok(out) => out,
         Err(err) => {
             let why = format!("DeleteMessageBatch: {}", describe(&err));
@@ -69,17 +55,8 @@ async fn delete_batch(sqs: &Sqs, queue_url: &str, handles: Vec<String>) -> Vec<R
     };
     let mut results: Vec<Result<(), String>> = handles.iter().map(|_| Ok(())).collect();
     for failed in out.failed() {
-        if let Some(slot) = failed
-            .id()
-            .parse::<usize>()
-            .ok()
-            .and_then(|i| results.get_mut(i))
-        {
-            *slot = Err(format!(
-                "delete failed: {}: {}",
-                failed.code(),
-                failed.message().unwrap_or_default()
-            ));
+        if let Some(slot) = failed.id().parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
+            *slot = Err(format!("delete failed: {}: {}", failed.code(), failed.message().unwrap_or_default()));
         }
     }
     results
@@ -94,9 +71,7 @@ pub fn keep_invisible(
     timeout: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let secs = i32::try_from(timeout.as_secs())
-            .unwrap_or(43_200)
-            .clamp(1, 43_200);
+        let secs = i32::try_from(timeout.as_secs()).unwrap_or(43_200).clamp(1, 43_200);
         let mut tick = tokio::time::interval(timeout / 2);
         tick.tick().await; // the first tick is immediate; the receive already set the timeout
         loop {

@@ -21,20 +21,13 @@ pub struct Batcher<I, O> {
 
 impl<I, O> Clone for Batcher<I, O> {
     fn clone(&self) -> Self {
-        Self {
-            tx: self.tx.clone(),
-        }
+        Self { tx: self.tx.clone() }
     }
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// `flush` gets a batch and returns one result per item, in order.
-    pub fn spawn<F, Fut>(
-        max: usize,
-        max_wait: Duration,
-        parallel: usize,
-        flush: F,
-    ) -> (Self, JoinHandle<()>)
+    pub fn spawn<F, Fut>(max: usize, max_wait: Duration, parallel: usize, flush: F) -> (Self, JoinHandle<()>)
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
@@ -57,15 +50,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         _ = &mut deadline => break,
                     }
                 }
-                let permit = slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore never closed");
+                let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
                 let flush = flush.clone();
                 tasks.spawn(async move {
-                    let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) =
-                        batch.into_iter().unzip();
+                    let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
                     let results = flush(items).await;
                     debug_assert_eq!(results.len(), replies.len());
                     for (reply, result) in replies.into_iter().zip(results) {
@@ -97,11 +85,10 @@ mod tests {
     async fn each_item_gets_its_own_result_in_batches_of_at_most_max() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let (batcher, handle) =
-            Batcher::spawn(4, Duration::from_millis(10), 2, move |items: Vec<u32>| {
-                seen.lock().unwrap().push(items.len());
-                async move { items.into_iter().map(|i| i * 10).collect::<Vec<_>>() }
-            });
+        let (batcher, handle) = Batcher::spawn(4, Duration::from_millis(10), 2, move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items.len());
+            async move { items.into_iter().map(|i| i * 10).collect::<Vec<_>>() }
+        });
         let results = futures::future::join_all((0..10).map(|i| {
             let b = batcher.clone();
             async move { b.submit(i).await }
@@ -117,12 +104,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lone_item_is_flushed_after_max_wait() {
-        let (batcher, _h) = Batcher::spawn(
-            100,
-            Duration::from_secs(1),
-            1,
-            |items: Vec<u8>| async move { items },
-        );
+        let (batcher, _h) = Batcher::spawn(100, Duration::from_secs(1), 1, |items: Vec<u8>| async move { items });
         let start = tokio::time::Instant::now();
         assert_eq!(batcher.submit(7).await, Some(7));
         assert!(start.elapsed() >= Duration::from_secs(1));

@@ -29,14 +29,8 @@ pub enum Copied {
 pub enum CopyError {
     #[error("source object s3://{bucket}/{key} does not exist")]
     SourceMissing { bucket: String, key: String },
-    #[error(
-        "destination s3://{bucket}/{key} already holds different content ({detail}); left as it is"
-    )]
-    Conflict {
-        bucket: String,
-        key: String,
-        detail: String,
-    },
+    #[error("destination s3://{bucket}/{key} already holds different content ({detail}); left as it is")]
+    Conflict { bucket: String, key: String, detail: String },
     #[error("object of {0} bytes is larger than a single copy allows (5 GiB)")]
     TooLarge(i64),
     #[error("{0}")]
@@ -49,14 +43,9 @@ struct Head {
 
 async fn head(s3: &S3, bucket: &str, key: &str) -> Result<Option<Head>, CopyError> {
     match s3.head_object().bucket(bucket).key(key).send().await {
-        Ok(out) => Ok(Some(Head {
-            etag: out.e_tag().unwrap_or_default().to_owned(),
-        })),
+        Ok(out) => Ok(Some(Head { etag: out.e_tag().unwrap_or_default().to_owned() })),
         Err(err) if status(&err) == Some(404) => Ok(None),
-        Err(err) => Err(CopyError::Transient(format!(
-            "HEAD s3://{bucket}/{key}: {}",
-            describe(&err)
-        ))),
+        Err(err) => Err(CopyError::Transient(format!("HEAD s3://{bucket}/{key}: {}", describe(&err)))),
     }
 }
 
@@ -97,16 +86,12 @@ pub async fn ensure_copied(
         let code = describe(&err);
         match status(&err) {
             Some(404) if !code.starts_with("NoSuchBucket") => {
-                return Err(CopyError::SourceMissing {
-                    bucket: src_bucket.clone(),
-                    key: source_key.to_owned(),
-                });
+                return Err(CopyError::SourceMissing { bucket: src_bucket.clone(), key: source_key.to_owned() });
             }
             // The destination appeared meanwhile, or the source changed since it was listed.
             Some(412) => {
                 if let Some(dest) = head(s3, dst_bucket, destination_key).await? {
-                    return compare(s3, mapping, source_key, listed_etag, destination_key, dest)
-                        .await;
+                    return compare(s3, mapping, source_key, listed_etag, destination_key, dest).await;
                 }
                 match head(s3, src_bucket, source_key).await? {
                     None => {
@@ -117,9 +102,7 @@ pub async fn ensure_copied(
                     }
                     Some(src) if src.etag != etag => etag = src.etag,
                     Some(_) => {
-                        return Err(CopyError::Transient(format!(
-                            "copy precondition failed: {code}"
-                        )));
+                        return Err(CopyError::Transient(format!("copy precondition failed: {code}")));
                     }
                 }
             }
@@ -130,9 +113,7 @@ pub async fn ensure_copied(
             }
         }
     }
-    Err(CopyError::Transient(format!(
-        "source s3://{src_bucket}/{source_key} keeps changing"
-    )))
+    Err(CopyError::Transient(format!("source s3://{src_bucket}/{source_key} keeps changing")))
 }
 
 /// The destination exists: done if it holds what the source holds, a conflict otherwise.
@@ -155,10 +136,7 @@ async fn compare(
         Err(CopyError::Conflict {
             bucket: mapping.destination_bucket.clone(),
             key: destination_key.to_owned(),
-            detail: format!(
-                "destination ETag {} differs from source ETag {source_etag}",
-                dest.etag
-            ),
+            detail: format!("destination ETag {} differs from source ETag {source_etag}", dest.etag),
         })
     }
 }

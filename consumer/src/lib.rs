@@ -38,42 +38,21 @@ pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
     let config = common::aws::sdk_config().await.setup()?;
     let s3 = common::aws::s3_client(&config, settings.storage.s3_force_path_style);
     let sqs = common::aws::sqs_client(&config);
-    let db = common::db::connect(db_options, settings.database_max_connections)
+    let db = common::db::connect(db_options, settings.database_max_connections).await.setup()?;
+    common::aws::check_bucket(&s3, "SOURCE_BUCKET_NAME", &settings.storage.source_bucket_name).await.setup()?;
+    common::aws::check_bucket(&s3, "DESTINATION_BUCKET_NAME", &settings.storage.destination_bucket_name)
         .await
         .setup()?;
-    common::aws::check_bucket(
-        &s3,
-        "SOURCE_BUCKET_NAME",
-        &settings.storage.source_bucket_name,
-    )
-    .await
-    .setup()?;
-    common::aws::check_bucket(
-        &s3,
-        "DESTINATION_BUCKET_NAME",
-        &settings.storage.destination_bucket_name,
-    )
-    .await
-    .setup()?;
-    common::aws::check_queue(&sqs, &settings.queue.queue_url)
-        .await
-        .setup()?;
+    common::aws::check_queue(&sqs, &settings.queue.queue_url).await.setup()?;
     // Never rewrite a row before the index on `path` is valid: prepare (idempotent, serialized
     // with any other consumer or feeder doing the same) returns only once it is.
-    common::db::prepare(&db)
-        .await
-        .context("preparing the database")
-        .setup()?;
+    common::db::prepare(&db).await.context("preparing the database").setup()?;
     Ok(Clients { s3, sqs, db })
 }
 
 /// Runs until `shutdown` fires (or the queue stays idle, with `--exit-when-idle`), then lets
 /// in-flight objects finish and returns what was done.
-pub async fn run(
-    settings: Settings,
-    clients: Clients,
-    shutdown: CancellationToken,
-) -> Result<Arc<Stats>, Failure> {
+pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationToken) -> Result<Arc<Stats>, Failure> {
     let started = Instant::now();
     let mapping = settings.storage.mapping().setup()?;
     let stats = Arc::new(Stats::default());
@@ -83,8 +62,7 @@ pub async fn run(
         settings.db_batch_max_wait(),
         settings.database_max_connections.max(2) as usize - 1,
     );
-    let (acker, acker_task) =
-        ack::Acker::spawn(clients.sqs.clone(), settings.queue.queue_url.clone());
+    let (acker, acker_task) = ack::Acker::spawn(clients.sqs.clone(), settings.queue.queue_url.clone());
     let worker = Arc::new(process::Worker {
         s3: clients.s3.clone(),
         sqs: clients.sqs.clone(),
@@ -101,9 +79,7 @@ pub async fn run(
     let _ = rewriter_task.await;
     let _ = acker_task.await;
     if !drained {
-        tracing::warn!(
-            "shutdown grace period over with objects still in flight: their messages come back later"
-        );
+        tracing::warn!("shutdown grace period over with objects still in flight: their messages come back later");
     }
     stats.print_summary(started.elapsed());
     Ok(stats)

@@ -15,9 +15,7 @@ async fn main() -> ExitCode {
 }
 
 async fn start(settings: Settings) -> Result<(), Failure> {
-    let shutdown = common::shutdown::on_signals()
-        .map_err(anyhow::Error::from)
-        .setup()?;
+    let shutdown = common::shutdown::on_signals().map_err(anyhow::Error::from).setup()?;
     let clients = consumer::connect(&settings).await?;
     consumer::run(settings, clients, shutdown).await.map(|_| ())
 }

@@ -66,11 +66,7 @@ impl Stats {
 
 enum Outcome {
     Done,
-    SetAside {
-        subject: String,
-        reason: Reason,
-        detail: String,
-    },
+    SetAside { subject: String, reason: Reason, detail: String },
     RetryLater(String),
 }
 
@@ -88,12 +84,7 @@ impl Worker {
         let span = tracing::info_span!("object", message_id = %id, key = %key);
         async {
             // A slow object keeps its message invisible until it is done.
-            let keeper = keep_invisible(
-                self.sqs.clone(),
-                self.queue_url.clone(),
-                receipt.clone(),
-                self.visibility,
-            );
+            let keeper = keep_invisible(self.sqs.clone(), self.queue_url.clone(), receipt.clone(), self.visibility);
             let outcome = match parsed {
                 Ok(msg) => self.move_object(&msg).await,
                 Err(err) => Outcome::SetAside {
@@ -114,22 +105,10 @@ impl Worker {
             return Outcome::SetAside {
                 subject: msg.key.clone(),
                 reason: Reason::OutsidePrefix,
-                detail: format!(
-                    "key is not under SOURCE_PREFIX {:?}",
-                    self.mapping.source_prefix.as_str()
-                ),
+                detail: format!("key is not under SOURCE_PREFIX {:?}", self.mapping.source_prefix.as_str()),
             };
         };
-        match ensure_copied(
-            &self.s3,
-            &self.mapping,
-            &msg.key,
-            &msg.etag,
-            msg.size,
-            &destination,
-        )
-        .await
-        {
+        match ensure_copied(&self.s3, &self.mapping, &msg.key, &msg.etag, msg.size, &destination).await {
             Ok(Copied::Copied) => self.stats.copied.fetch_add(1, Relaxed),
             Ok(Copied::AlreadyPresent) => self.stats.already_present.fetch_add(1, Relaxed),
             Err(err) => {
@@ -139,11 +118,7 @@ impl Worker {
                     CopyError::TooLarge(_) => Reason::TooLarge,
                     CopyError::Transient(why) => return Outcome::RetryLater(why.clone()),
                 };
-                return Outcome::SetAside {
-                    subject: msg.key.clone(),
-                    reason,
-                    detail: err.to_string(),
-                };
+                return Outcome::SetAside { subject: msg.key.clone(), reason, detail: err.to_string() };
             }
         };
         // The destination exists: only now may rows point at it (I1).
@@ -160,19 +135,9 @@ impl Worker {
     async fn settle(&self, outcome: Outcome, receipt: String) {
         match outcome {
             Outcome::Done => {}
-            Outcome::SetAside {
-                subject,
-                reason,
-                detail,
-            } => {
-                tracing::warn!(
-                    reason = reason.as_str(),
-                    detail,
-                    "set aside for the operator"
-                );
-                if let Err(err) =
-                    common::db::record_failure(&self.db, &subject, reason, &detail).await
-                {
+            Outcome::SetAside { subject, reason, detail } => {
+                tracing::warn!(reason = reason.as_str(), detail, "set aside for the operator");
+                if let Err(err) = common::db::record_failure(&self.db, &subject, reason, &detail).await {
                     self.stats.retry_later.fetch_add(1, Relaxed);
                     tracing::warn!(error = %err, "cannot record the failure: the message comes back later");
                     return;
@@ -181,10 +146,7 @@ impl Worker {
             }
             Outcome::RetryLater(why) => {
                 self.stats.retry_later.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    error = why,
-                    "not done: the message comes back after its visibility timeout"
-                );
+                tracing::warn!(error = why, "not done: the message comes back after its visibility timeout");
                 return;
             }
         }
@@ -192,10 +154,7 @@ impl Worker {
             Ok(()) => {
                 self.stats.acked.fetch_add(1, Relaxed);
             }
-            Err(why) => tracing::warn!(
-                error = why,
-                "message not deleted: it comes back, harmlessly"
-            ),
+            Err(why) => tracing::warn!(error = why, "message not deleted: it comes back, harmlessly"),
         }
     }
 }

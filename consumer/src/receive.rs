@@ -37,12 +37,7 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
     let receivers = concurrency.div_ceil(MAX_PER_RECEIVE);
     let loops = TaskTracker::new();
     for _ in 0..receivers {
-        let (worker, permits, tracker, stop) = (
-            worker.clone(),
-            permits.clone(),
-            tracker.clone(),
-            stop.clone(),
-        );
+        let (worker, permits, tracker, stop) = (worker.clone(), permits.clone(), tracker.clone(), stop.clone());
         let last_message_ms = last_message_ms.clone();
         let settings = settings.clone();
         loops.spawn(async move {
@@ -78,7 +73,8 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
                 if messages.is_empty() {
                     drop(held);
                     if let Some(idle) = settings.exit_when_idle {
-                        let quiet_ms = (epoch.elapsed().as_millis() as u64).saturating_sub(last_message_ms.load(Relaxed));
+                        let quiet_ms =
+                            (epoch.elapsed().as_millis() as u64).saturating_sub(last_message_ms.load(Relaxed));
                         let in_flight = !tracker.is_empty();
                         if !in_flight && quiet_ms >= idle * 1000 {
                             tracing::info!(idle_secs = idle, "queue idle: draining and exiting");

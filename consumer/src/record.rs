@@ -18,40 +18,24 @@ pub struct Rewriter {
 }
 
 impl Rewriter {
-    pub fn spawn(
-        pool: PgPool,
-        max: usize,
-        max_wait: Duration,
-        parallel: usize,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (batcher, handle) = Batcher::spawn(
-            max,
-            max_wait,
-            parallel,
-            move |pairs: Vec<(String, String)>| {
-                let pool = pool.clone();
-                async move {
-                    match common::db::rewrite_paths(&pool, &pairs).await {
-                        Ok(counts) => pairs
-                            .iter()
-                            .map(|(old, _)| Ok(counts.get(old).copied().unwrap_or(0)))
-                            .collect(),
-                        Err(err) => {
-                            let why = format!("rewriting rows: {err}");
-                            pairs.iter().map(|_| Err(why.clone())).collect()
-                        }
+    pub fn spawn(pool: PgPool, max: usize, max_wait: Duration, parallel: usize) -> (Self, tokio::task::JoinHandle<()>) {
+        let (batcher, handle) = Batcher::spawn(max, max_wait, parallel, move |pairs: Vec<(String, String)>| {
+            let pool = pool.clone();
+            async move {
+                match common::db::rewrite_paths(&pool, &pairs).await {
+                    Ok(counts) => pairs.iter().map(|(old, _)| Ok(counts.get(old).copied().unwrap_or(0))).collect(),
+                    Err(err) => {
+                        let why = format!("rewriting rows: {err}");
+                        pairs.iter().map(|_| Err(why.clone())).collect()
                     }
                 }
-            },
-        );
+            }
+        });
         (Self { batcher }, handle)
     }
 
     /// Points every row at `old` to `new`; returns how many rows this call changed.
     pub async fn rewrite(&self, old: String, new: String) -> Result<u64, String> {
-        self.batcher
-            .submit((old, new))
-            .await
-            .unwrap_or_else(|| Err("the row rewriter has stopped".into()))
+        self.batcher.submit((old, new)).await.unwrap_or_else(|| Err("the row rewriter has stopped".into()))
     }
 }

@@ -76,8 +76,6 @@ impl Settings {
 
     /// The long-poll wait, shortened to the idle limit so that an idle exit is not late.
     pub fn wait_time(&self) -> u64 {
-        self.exit_when_idle.map_or(self.wait_time_seconds, |idle| {
-            idle.min(self.wait_time_seconds)
-        })
+        self.exit_when_idle.map_or(self.wait_time_seconds, |idle| idle.min(self.wait_time_seconds))
     }
 }

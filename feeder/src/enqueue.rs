@@ -22,12 +22,7 @@ const BATCH: usize = 10;
 const ATTEMPTS: u32 = 8;
 
 /// Sends one message per object; returns how many were sent.
-pub async fn enqueue(
-    sqs: &Sqs,
-    queue_url: &str,
-    objects: &[Listed],
-    concurrency: usize,
-) -> anyhow::Result<u64> {
+pub async fn enqueue(sqs: &Sqs, queue_url: &str, objects: &[Listed], concurrency: usize) -> anyhow::Result<u64> {
     futures::stream::iter(objects.chunks(BATCH))
         .map(|chunk| send_batch(sqs, queue_url, chunk))
         .buffer_unordered(concurrency)
@@ -46,31 +41,17 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Listed]) -> anyhow::Res
                 let o = &chunk[i];
                 SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .message_body(
-                        ObjectMessage::new(o.key.clone(), o.size, o.etag.clone()).to_body(),
-                    )
+                    .message_body(ObjectMessage::new(o.key.clone(), o.size, o.etag.clone()).to_body())
                     .build()
                     .expect("id and body are set")
             })
             .collect::<Vec<_>>();
-        match sqs
-            .send_message_batch()
-            .queue_url(queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-        {
+        match sqs.send_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await {
             Ok(out) => {
                 let mut still = Vec::new();
                 for failed in out.failed() {
-                    let i: usize = failed
-                        .id()
-                        .parse()
-                        .context("SQS answered with an unknown entry id")?;
-                    let key = &chunk
-                        .get(i)
-                        .context("SQS answered with an unknown entry id")?
-                        .key;
+                    let i: usize = failed.id().parse().context("SQS answered with an unknown entry id")?;
+                    let key = &chunk.get(i).context("SQS answered with an unknown entry id")?.key;
                     if failed.sender_fault() {
                         bail!(
                             "SQS refused the message for key {key:?}: {}: {}",
@@ -83,33 +64,18 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Listed]) -> anyhow::Res
                 if still.is_empty() {
                     return Ok(chunk.len() as u64);
                 }
-                tracing::warn!(
-                    failed = still.len(),
-                    attempt,
-                    "batch entries failed; sending them again"
-                );
+                tracing::warn!(failed = still.len(), attempt, "batch entries failed; sending them again");
                 pending = still;
             }
             Err(err) => {
-                tracing::warn!(
-                    error = describe(&err),
-                    attempt,
-                    "SendMessageBatch failed; sending again"
-                );
+                tracing::warn!(error = describe(&err), attempt, "SendMessageBatch failed; sending again");
                 if attempt == ATTEMPTS {
-                    bail!(
-                        "SendMessageBatch failed {ATTEMPTS} times: {}",
-                        describe(&err)
-                    );
+                    bail!("SendMessageBatch failed {ATTEMPTS} times: {}", describe(&err));
                 }
             }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }
-    bail!(
-        "{} messages still refused after {ATTEMPTS} attempts (first key {:?})",
-        pending.len(),
-        chunk[pending[0]].key
-    )
+    bail!("{} messages still refused after {ATTEMPTS} attempts (first key {:?})", pending.len(), chunk[pending[0]].key)
 }

@@ -38,27 +38,12 @@ pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
     let s3 = common::aws::s3_client(&config, settings.storage.s3_force_path_style);
     let sqs = common::aws::sqs_client(&config);
     let db = common::db::connect(db_options, 4).await.setup()?;
-    common::aws::check_bucket(
-        &s3,
-        "SOURCE_BUCKET_NAME",
-        &settings.storage.source_bucket_name,
-    )
-    .await
-    .setup()?;
-    common::aws::check_bucket(
-        &s3,
-        "DESTINATION_BUCKET_NAME",
-        &settings.storage.destination_bucket_name,
-    )
-    .await
-    .setup()?;
-    common::aws::check_queue(&sqs, &settings.queue.queue_url)
+    common::aws::check_bucket(&s3, "SOURCE_BUCKET_NAME", &settings.storage.source_bucket_name).await.setup()?;
+    common::aws::check_bucket(&s3, "DESTINATION_BUCKET_NAME", &settings.storage.destination_bucket_name)
         .await
         .setup()?;
-    common::db::prepare(&db)
-        .await
-        .context("preparing the database")
-        .setup()?;
+    common::aws::check_queue(&sqs, &settings.queue.queue_url).await.setup()?;
+    common::db::prepare(&db).await.context("preparing the database").setup()?;
     Ok(Clients { s3, sqs, db })
 }
 
@@ -85,35 +70,22 @@ pub async fn feed(
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let mapping = settings.storage.mapping()?;
-    let (bucket, prefix) = (
-        mapping.source_bucket.as_str(),
-        mapping.source_prefix.as_str(),
-    );
-    let mut checkpoint = common::db::load_checkpoint(&clients.db, bucket, prefix)
-        .await
-        .context("reading the feeder checkpoint")?;
+    let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
+    let mut checkpoint =
+        common::db::load_checkpoint(&clients.db, bucket, prefix).await.context("reading the feeder checkpoint")?;
     if args.restart {
         checkpoint = Checkpoint::default();
     } else if checkpoint.finished {
         println!(
             "feeder: s3://{bucket}/{prefix} was already listed completely ({} objects); nothing to do \
-             (use `feeder run --restart` to list it again)",
+             (use `feeder --restart true` to list it again)",
             checkpoint.listed
         );
-        return Ok(Summary {
-            listed: 0,
-            enqueued: 0,
-            resumed_after: checkpoint.last_key,
-            finished: true,
-        });
+        return Ok(Summary { listed: 0, enqueued: 0, resumed_after: checkpoint.last_key, finished: true });
     }
     let resumed_after = checkpoint.last_key.clone();
     if let Some(key) = &resumed_after {
-        tracing::info!(
-            after = key,
-            listed_before = checkpoint.listed,
-            "resuming from the checkpoint"
-        );
+        tracing::info!(after = key, listed_before = checkpoint.listed, "resuming from the checkpoint");
     }
     let (mut pages, lister) = list::spawn(
         clients.s3.clone(),
@@ -123,29 +95,14 @@ pub async fn feed(
         args.page_size,
         shutdown.clone(),
     );
-    let mut summary = Summary {
-        listed: 0,
-        enqueued: 0,
-        resumed_after,
-        finished: false,
-    };
+    let mut summary = Summary { listed: 0, enqueued: 0, resumed_after, finished: false };
     while let Some(page) = pages.recv().await {
         let page = page?;
-        wait_for_room(
-            clients,
-            &settings.queue.queue_url,
-            args.max_backlog,
-            &shutdown,
-        )
-        .await?;
-        let sent = enqueue::enqueue(
-            &clients.sqs,
-            &settings.queue.queue_url,
-            &page.objects,
-            args.send_concurrency.get(),
-        )
-        .await
-        .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
+        wait_for_room(clients, &settings.queue.queue_url, args.max_backlog, &shutdown).await?;
+        let sent =
+            enqueue::enqueue(&clients.sqs, &settings.queue.queue_url, &page.objects, args.send_concurrency.get())
+                .await
+                .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
         summary.listed += page.objects.len() as u64;
         summary.enqueued += sent;
         checkpoint.listed += page.objects.len() as i64;
@@ -154,11 +111,7 @@ pub async fn feed(
         common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
             .await
             .context("saving the feeder checkpoint")?;
-        tracing::info!(
-            listed = checkpoint.listed,
-            last_key = checkpoint.last_key.as_deref(),
-            "page enqueued"
-        );
+        tracing::info!(listed = checkpoint.listed, last_key = checkpoint.last_key.as_deref(), "page enqueued");
         if shutdown.is_cancelled() {
             break;
         }
@@ -176,23 +129,10 @@ pub async fn feed(
     Ok(summary)
 }
 
-fn print_summary(
-    mapping: &KeyMapping,
-    summary: &Summary,
-    checkpoint: &Checkpoint,
-    elapsed: Duration,
-) {
+fn print_summary(mapping: &KeyMapping, summary: &Summary, checkpoint: &Checkpoint, elapsed: Duration) {
     let secs = elapsed.as_secs_f64();
-    let resumed = summary
-        .resumed_after
-        .as_ref()
-        .map(|k| format!(" (resumed after {k:?})"))
-        .unwrap_or_default();
-    let state = if summary.finished {
-        "done"
-    } else {
-        "interrupted: run again to resume"
-    };
+    let resumed = summary.resumed_after.as_ref().map(|k| format!(" (resumed after {k:?})")).unwrap_or_default();
+    let state = if summary.finished { "done" } else { "interrupted: run again to resume" };
     println!(
         "feeder: {state}: listed {} objects under s3://{}/{}{resumed}, enqueued {} messages in {secs:.1}s \
          ({:.0}/s); {} listed in all",
@@ -252,10 +192,7 @@ pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDept
         .await
         .map_err(|e| anyhow::anyhow!("reading the depth of {queue_url}: {}", describe(&e)))?;
     let get = |name: QueueAttributeName| {
-        out.attributes()
-            .and_then(|a| a.get(&name))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        out.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
     Ok(QueueDepth {
         visible: get(QueueAttributeName::ApproximateNumberOfMessages),

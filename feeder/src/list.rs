@@ -31,10 +31,7 @@ pub fn spawn(
     start_after: Option<String>,
     page_size: i32,
     stop: CancellationToken,
-) -> (
-    mpsc::Receiver<anyhow::Result<Page>>,
-    tokio::task::JoinHandle<()>,
-) {
+) -> (mpsc::Receiver<anyhow::Result<Page>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(2);
     let handle = tokio::spawn(async move {
         let mut token: Option<String> = None;
@@ -42,11 +39,7 @@ pub fn spawn(
             if stop.is_cancelled() {
                 return;
             }
-            let mut request = s3
-                .list_objects_v2()
-                .bucket(&bucket)
-                .prefix(&prefix)
-                .max_keys(page_size);
+            let mut request = s3.list_objects_v2().bucket(&bucket).prefix(&prefix).max_keys(page_size);
             request = match (&token, &start_after) {
                 (Some(t), _) => request.continuation_token(t),
                 (None, Some(after)) => request.start_after(after),

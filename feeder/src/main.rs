@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::exit::{Failure, SetupResult, report};
-use feeder::{Command, RunArgs, Settings};
+use feeder::{Command, Settings};
 
 /// Exit code of `feeder verify` when some rows do not resolve.
 const UNRESOLVED: u8 = 3;
@@ -23,24 +23,12 @@ async fn main() -> ExitCode {
 
 /// Returns false when `verify` found rows that do not resolve.
 async fn start(settings: Settings) -> Result<bool, Failure> {
-    let shutdown = common::shutdown::on_signals()
-        .map_err(anyhow::Error::from)
-        .setup()?;
+    let shutdown = common::shutdown::on_signals().map_err(anyhow::Error::from).setup()?;
     let clients = feeder::connect(&settings).await?;
-    let resolved = match settings
-        .command
-        .clone()
-        .unwrap_or(Command::Run(RunArgs::default()))
-    {
-        Command::Run(args) => feeder::feed(&settings, &args, &clients, shutdown)
-            .await
-            .map(|_| true),
-        Command::Status => feeder::operator::status(&settings, &clients)
-            .await
-            .map(|_| true),
-        Command::Verify(args) => feeder::operator::verify(&settings, &args, &clients)
-            .await
-            .map(|v| v.all_resolve()),
+    let resolved = match settings.command.clone().unwrap_or(Command::Run) {
+        Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
+        Command::Status => feeder::operator::status(&settings, &clients).await.map(|_| true),
+        Command::Verify(args) => feeder::operator::verify(&settings, &args, &clients).await.map(|v| v.all_resolve()),
         Command::Failures => feeder::operator::failures(&clients).await.map(|_| true),
     }?;
     Ok(resolved)

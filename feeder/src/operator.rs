@@ -45,22 +45,17 @@ enum Side {
 }
 
 /// Checks that every row's path names an existing object.
-pub async fn verify(
-    settings: &Settings,
-    args: &VerifyArgs,
-    clients: &Clients,
-) -> anyhow::Result<Verification> {
+pub async fn verify(settings: &Settings, args: &VerifyArgs, clients: &Clients) -> anyhow::Result<Verification> {
     let mapping = settings.storage.mapping()?;
     let mut result = Verification::default();
     let mut after_id: i64 = i64::MIN;
     loop {
-        let rows =
-            sqlx::query("SELECT id::bigint, path FROM avatars WHERE id > $1 ORDER BY id LIMIT $2")
-                .bind(after_id)
-                .bind(VERIFY_PAGE)
-                .fetch_all(&clients.db)
-                .await
-                .context("reading avatars")?;
+        let rows = sqlx::query("SELECT id::bigint, path FROM avatars WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after_id)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&clients.db)
+            .await
+            .context("reading avatars")?;
         let Some(last) = rows.last() else { break };
         after_id = last.get(0);
         let rows: Vec<(i64, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -75,14 +70,7 @@ pub async fn verify(
                 } else {
                     return Ok::<_, anyhow::Error>((id, path, Side::Other, false));
                 };
-                let exists = match clients
-                    .s3
-                    .head_object()
-                    .bucket(bucket)
-                    .key(&path)
-                    .send()
-                    .await
-                {
+                let exists = match clients.s3.head_object().bucket(bucket).key(&path).send().await {
                     Ok(_) => true,
                     Err(err) if common::aws::status(&err) == Some(404) => false,
                     Err(err) => anyhow::bail!("HEAD s3://{bucket}/{path}: {}", describe(&err)),
@@ -110,10 +98,7 @@ pub async fn verify(
                     &clients.db,
                     &path,
                     Reason::RowObjectMissing,
-                    &format!(
-                        "row id {id} points at s3://{}/{path}, which does not exist",
-                        mapping.source_bucket
-                    ),
+                    &format!("row id {id} points at s3://{}/{path}, which does not exist", mapping.source_bucket),
                 )
                 .await?;
             }
@@ -136,40 +121,23 @@ pub async fn verify(
 /// Prints where the migration stands.
 pub async fn status(settings: &Settings, clients: &Clients) -> anyhow::Result<()> {
     let mapping = settings.storage.mapping()?;
-    let cp = common::db::load_checkpoint(
-        &clients.db,
-        &mapping.source_bucket,
-        mapping.source_prefix.as_str(),
-    )
-    .await?;
+    let cp = common::db::load_checkpoint(&clients.db, &mapping.source_bucket, mapping.source_prefix.as_str()).await?;
     println!(
         "listing:  {} objects in {} pages enqueued{}{}",
         cp.listed,
         cp.pages,
-        if cp.finished {
-            ", complete"
-        } else {
-            ", not complete"
-        },
-        cp.last_key
-            .map(|k| format!(", last key {k:?}"))
-            .unwrap_or_default()
+        if cp.finished { ", complete" } else { ", not complete" },
+        cp.last_key.map(|k| format!(", last key {k:?}")).unwrap_or_default()
     );
     let depth = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
     let dlq = match dead_letter_queue(clients, &settings.queue.queue_url).await? {
         Some(url) => {
             let d = queue_depth(&clients.sqs, &url).await?;
-            format!(
-                "{} messages in the dead-letter queue",
-                d.visible + d.in_flight
-            )
+            format!("{} messages in the dead-letter queue", d.visible + d.in_flight)
         }
         None => "no dead-letter queue configured".to_owned(),
     };
-    println!(
-        "queue:    {} waiting, {} in flight; {dlq}",
-        depth.visible, depth.in_flight
-    );
+    println!("queue:    {} waiting, {} in flight; {dlq}", depth.visible, depth.in_flight);
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE left(path, length($1)) = $1),
                 count(*) FILTER (WHERE left(path, length($2)) = $2),
@@ -181,27 +149,13 @@ pub async fn status(settings: &Settings, clients: &Clients) -> anyhow::Result<()
     .fetch_one(&clients.db)
     .await?;
     let (legacy, modern, all): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    println!(
-        "rows:     {all} in all: {legacy} legacy, {modern} modern, {} other",
-        all - legacy - modern
-    );
+    println!("rows:     {all} in all: {legacy} legacy, {modern} modern, {} other", all - legacy - modern);
     let mut by_reason = BTreeMap::new();
     for f in common::db::list_failures(&clients.db).await? {
         *by_reason.entry(f.reason).or_insert(0u64) += 1;
     }
-    let failures = by_reason
-        .iter()
-        .map(|(r, n)| format!("{n} {r}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    println!(
-        "set aside: {}",
-        if failures.is_empty() {
-            "none".to_owned()
-        } else {
-            failures
-        }
-    );
+    let failures = by_reason.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
+    println!("set aside: {}", if failures.is_empty() { "none".to_owned() } else { failures });
     Ok(())
 }
 
@@ -213,24 +167,12 @@ async fn dead_letter_queue(clients: &Clients, queue_url: &str) -> anyhow::Result
         .attribute_names(QueueAttributeName::RedrivePolicy)
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "reading the redrive policy of {queue_url}: {}",
-                describe(&e)
-            )
-        })?;
-    let Some(policy) = out
-        .attributes()
-        .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
-    else {
+        .map_err(|e| anyhow::anyhow!("reading the redrive policy of {queue_url}: {}", describe(&e)))?;
+    let Some(policy) = out.attributes().and_then(|a| a.get(&QueueAttributeName::RedrivePolicy)) else {
         return Ok(None);
     };
-    let policy: serde_json::Value =
-        serde_json::from_str(policy).context("the queue's RedrivePolicy is not JSON")?;
-    let Some(name) = policy["deadLetterTargetArn"]
-        .as_str()
-        .and_then(|arn| arn.rsplit(':').next())
-    else {
+    let policy: serde_json::Value = serde_json::from_str(policy).context("the queue's RedrivePolicy is not JSON")?;
+    let Some(name) = policy["deadLetterTargetArn"].as_str().and_then(|arn| arn.rsplit(':').next()) else {
         return Ok(None);
     };
     let url = clients
@@ -247,10 +189,7 @@ async fn dead_letter_queue(clients: &Clients, queue_url: &str) -> anyhow::Result
 pub async fn failures(clients: &Clients) -> anyhow::Result<()> {
     let all = common::db::list_failures(&clients.db).await?;
     for f in &all {
-        println!(
-            "{}\t{}\t{}\t{}",
-            f.reason, f.subject, f.occurrences, f.detail
-        );
+        println!("{}\t{}\t{}\t{}", f.reason, f.subject, f.occurrences, f.detail);
     }
     eprintln!("{} set aside", all.len());
     Ok(())

@@ -25,12 +25,15 @@ pub struct Settings {
 
     #[command(flatten)]
     pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// List the source prefix and enqueue every object (the default). Exits 0 with a summary.
-    Run(RunArgs),
+    Run,
     /// Show the listing checkpoint, the queue and dead-letter queue depths, how many rows are
     /// legacy or modern, and the failures recorded so far. Counting rows scans the table.
     Status,
@@ -43,6 +46,7 @@ pub enum Command {
     Failures,
 }
 
+/// Options of `run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// Keys per ListObjectsV2 page (1-1000). The checkpoint is saved after each fully enqueued
@@ -62,24 +66,19 @@ pub struct RunArgs {
 
     /// Ignore the checkpoint and list from the start (messages for objects already moved are
     /// harmless: consumers find them done).
-    #[arg(long)]
+    #[arg(long, env = "RESTART", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
     pub restart: bool,
 }
 
 impl Default for RunArgs {
     fn default() -> Self {
-        Self {
-            page_size: 1000,
-            send_concurrency: NonZeroUsize::new(16).unwrap(),
-            max_backlog: 0,
-            restart: false,
-        }
+        Self { page_size: 1000, send_concurrency: NonZeroUsize::new(16).unwrap(), max_backlog: 0, restart: false }
     }
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VerifyArgs {
-    /// HEAD requests in flight at once.
+    /// HEAD requests in flight at once while verifying.
     #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
 }

@@ -1,0 +1,150 @@
+//! The feeder against the real local services: pagination, the checkpoint, setup errors.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use feeder::{Clients, RunArgs, Settings};
+use testkit::{Env, binary, keys_of, wait_until};
+use tokio_util::sync::CancellationToken;
+
+async fn clients(env: &Env) -> Clients {
+    common::db::prepare(&env.db).await.unwrap();
+    Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() }
+}
+
+fn settings(env: &Env) -> Settings {
+    Settings::try_parse_from(env.args("feeder")).unwrap()
+}
+
+fn run_args(page_size: i32) -> RunArgs {
+    RunArgs { page_size, ..RunArgs::default() }
+}
+
+#[tokio::test]
+async fn lists_every_page_and_nothing_outside_the_source_prefix() {
+    let env = Env::new().await;
+    let keys: Vec<String> = (0..2345).map(|i| format!("image/avatar-{i}.png")).collect();
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    for outside in ["imagex/avatar-1.png", "Image/avatar-1.png", "avatar/avatar-1.png", "image"] {
+        env.put(&env.source_bucket, outside, b"png").await;
+    }
+    let summary =
+        feeder::feed(&settings(&env), &run_args(1000), &clients(&env).await, CancellationToken::new()).await.unwrap();
+    assert_eq!((summary.listed, summary.enqueued, summary.finished), (2345, 2345, true));
+    let bodies = env.drain().await;
+    let enqueued: BTreeSet<String> = keys_of(&bodies).into_iter().collect();
+    assert_eq!(bodies.len(), 2345, "one message per object");
+    assert_eq!(enqueued, keys.into_iter().collect::<BTreeSet<_>>());
+    let first = common::message::ObjectMessage::parse(&bodies[0]).unwrap();
+    assert_eq!(first.size, 3);
+    assert!(first.etag.len() > 2, "the listed ETag travels with the message");
+}
+
+#[tokio::test]
+async fn a_finished_listing_is_not_repeated_unless_restarted() {
+    let env = Env::new().await;
+    let keys: Vec<String> = (0..25).map(|i| format!("image/{i}.png")).collect();
+    env.put_many(&env.source_bucket, &keys, b"x").await;
+    let (settings, clients) = (settings(&env), clients(&env).await);
+    let first = feeder::feed(&settings, &run_args(10), &clients, CancellationToken::new()).await.unwrap();
+    assert_eq!(first.listed, 25);
+    let again = feeder::feed(&settings, &run_args(10), &clients, CancellationToken::new()).await.unwrap();
+    assert_eq!((again.listed, again.finished), (0, true));
+    let restart = RunArgs { restart: true, ..run_args(10) };
+    let restarted = feeder::feed(&settings, &restart, &clients, CancellationToken::new()).await.unwrap();
+    assert_eq!(restarted.listed, 25);
+    assert_eq!(env.drain().await.len(), 50);
+}
+
+#[tokio::test]
+async fn a_killed_feeder_resumes_from_its_checkpoint() {
+    let env = Env::new().await;
+    let keys: Vec<String> = (0..500).map(|i| format!("image/avatar-{i:04}.png")).collect();
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    // The backlog limit holds the feeder after its second page (100 messages > 50), so it is
+    // surely mid-listing when killed.
+    let mut child = Command::new(binary("feeder"))
+        .envs(env.vars())
+        .env("PAGE_SIZE", "50")
+        .env("MAX_BACKLOG", "50")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("two pages checkpointed", Duration::from_secs(60), || async {
+        let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await;
+        cp.is_ok_and(|cp| cp.listed >= 100)
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap();
+    assert!(!cp.finished && cp.listed >= 100 && cp.listed < 500, "killed mid-listing: {cp:?}");
+    let remaining = 500 - cp.listed;
+    let last = &keys[cp.listed as usize - 1];
+
+    let output = Command::new(binary("feeder")).envs(env.vars()).env("PAGE_SIZE", "50").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(&format!("listed {remaining} objects")), "the restart lists only what remained: {stdout}");
+    assert!(stdout.contains(&format!("resumed after {last:?}")), "{stdout}");
+    let enqueued: BTreeSet<String> = keys_of(&env.drain().await).into_iter().collect();
+    assert_eq!(enqueued, keys.into_iter().collect::<BTreeSet<_>>(), "every object enqueued");
+}
+
+/// Runs the feeder with these variables changed; returns (exit code, stderr).
+fn feeder_with(env: &Env, changes: &[(&str, Option<&str>)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(binary("feeder"));
+    cmd.envs(env.vars());
+    for (k, v) in changes {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn setup_problems_exit_2_with_a_line_that_names_them() {
+    let env = Env::new().await;
+    let (code, err) = feeder_with(&env, &[("QUEUE_URL", None)]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("QUEUE_URL"), "{err}");
+
+    let (code, err) = feeder_with(&env, &[("SOURCE_BUCKET_NAME", Some("no-such-bucket-here"))]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("SOURCE_BUCKET_NAME") && err.contains("does not exist"), "{err}");
+
+    let missing_queue = format!("{}-missing", env.queue_url);
+    let (code, err) = feeder_with(&env, &[("QUEUE_URL", Some(&missing_queue))]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("QUEUE_URL") && err.contains("does not exist"), "{err}");
+
+    let (code, err) =
+        feeder_with(&env, &[("DATABASE_URL", Some("postgres://migrator:s3cr3t-pw@127.0.0.1:1/proddatabase"))]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot connect to the database at 127.0.0.1:1/proddatabase"), "{err}");
+    assert!(!err.contains("s3cr3t-pw"), "the password never reaches the output: {err}");
+
+    let (code, err) = feeder_with(&env, &[("DATABASE_URL", Some("mysql://u:s3cr3t-pw@h/db"))]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("DATABASE_URL") && !err.contains("s3cr3t-pw"), "{err}");
+
+    let same_bucket =
+        [("DESTINATION_BUCKET_NAME", Some(env.source_bucket.as_str())), ("DESTINATION_PREFIX", Some("image/new/"))];
+    let (code, err) = feeder_with(&env, &same_bucket);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("overlap"), "{err}");
+
+    let (code, err) = feeder_with(&env, &[("AWS_REGION", None), ("AWS_DEFAULT_REGION", None)]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("AWS_REGION"), "{err}");
+
+    // Nothing was half-done: no message sent, no checkpoint written.
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}

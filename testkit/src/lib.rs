@@ -1,0 +1,349 @@
+//! Test helpers. Each test gets a database, two buckets and a queue (with a dead-letter queue)
+//! of its own, named with a random suffix, on the real local services that
+//! `scripts/local-services up` starts (PostgreSQL and MiniStack, or moto). Nothing here fakes a
+//! service.
+//!
+//! The environment comes from `scripts/local-services env` (`scripts/test` sets it):
+//! `PG_ADMIN_URL`, `AWS_ENDPOINT_URL`, `MOTO_ENDPOINT_URL`, AWS credentials and region.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_sqs::types::QueueAttributeName;
+use sqlx::{PgPool, Row};
+
+pub use common::aws::{S3, Sqs};
+
+const SCHEMA: &str = include_str!("../../add-ons/sre-challenge-addon1.sql");
+
+fn required(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test (it starts the local services)"))
+}
+
+/// A short random suffix: time, process and a counter, so parallel tests never collide.
+pub fn suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mixed = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("{:012x}", mixed & 0xffff_ffff_ffff)
+}
+
+/// The path of one of the workspace's binaries, built beside the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps -> target/<profile>
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with scripts/test (cargo builds every binary)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `cond` until it holds; panics naming `what` after `timeout`. A wait on a condition,
+/// never a fixed sleep.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct Env {
+    pub id: String,
+    pub endpoint: String,
+    pub database_url: String,
+    pub db: PgPool,
+    pub s3: S3,
+    pub sqs: Sqs,
+    pub source_bucket: String,
+    pub destination_bucket: String,
+    pub queue_url: String,
+    pub dlq_url: String,
+}
+
+impl Env {
+    /// A fresh environment on MiniStack.
+    pub async fn new() -> Env {
+        Env::on(&required("AWS_ENDPOINT_URL")).await
+    }
+
+    /// A fresh environment on moto's server mode.
+    pub async fn on_moto() -> Env {
+        Env::on(&required("MOTO_ENDPOINT_URL")).await
+    }
+
+    pub async fn on(endpoint: &str) -> Env {
+        Env::with_visibility(endpoint, 30).await
+    }
+
+    pub async fn with_visibility(endpoint: &str, visibility_timeout: u32) -> Env {
+        let id = suffix();
+        let admin_url = required("PG_ADMIN_URL");
+        let admin = PgPool::connect(&admin_url).await.expect("connect to PG_ADMIN_URL");
+        let database = format!("t_{id}");
+        sqlx::raw_sql(&format!("CREATE DATABASE {database}")).execute(&admin).await.unwrap();
+        admin.close().await;
+        let database_url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{database}"),
+            None => panic!("PG_ADMIN_URL has no database part"),
+        };
+        let db = PgPool::connect(&database_url).await.unwrap();
+        let table = &SCHEMA[SCHEMA.find("CREATE TABLE").unwrap()..];
+        let table = &table[..=table.find(';').unwrap()];
+        sqlx::raw_sql(table).execute(&db).await.unwrap();
+
+        let config = aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).load().await;
+        let s3 = common::aws::s3_client(&config, true);
+        let sqs = common::aws::sqs_client(&config);
+        let (source_bucket, destination_bucket) = (format!("src-{id}"), format!("dst-{id}"));
+        for b in [&source_bucket, &destination_bucket] {
+            s3.create_bucket().bucket(b).send().await.unwrap();
+        }
+        let dlq_url = sqs.create_queue().queue_name(format!("q-{id}-dlq")).send().await.unwrap().queue_url.unwrap();
+        let dlq_arn = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap()[&QueueAttributeName::QueueArn]
+            .clone();
+        let redrive = serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}).to_string();
+        let queue_url = sqs
+            .create_queue()
+            .queue_name(format!("q-{id}"))
+            .attributes(QueueAttributeName::VisibilityTimeout, visibility_timeout.to_string())
+            .attributes(QueueAttributeName::RedrivePolicy, redrive)
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap();
+        Env {
+            id,
+            endpoint: endpoint.to_owned(),
+            database_url,
+            db,
+            s3,
+            sqs,
+            source_bucket,
+            destination_bucket,
+            queue_url,
+            dlq_url,
+        }
+    }
+
+    /// Environment variables for the feeder and consumer binaries.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        [
+            ("SOURCE_BUCKET_NAME", self.source_bucket.as_str()),
+            ("DESTINATION_BUCKET_NAME", self.destination_bucket.as_str()),
+            ("QUEUE_URL", self.queue_url.as_str()),
+            ("DATABASE_URL", self.database_url.as_str()),
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("S3_FORCE_PATH_STYLE", "true"),
+            ("SOURCE_PREFIX", "image/"),
+            ("DESTINATION_PREFIX", "avatar/"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Command-line style arguments (program name first) for the binaries' settings parsers.
+    pub fn args(&self, program: &str) -> Vec<String> {
+        let mut args = vec![program.to_owned()];
+        for (k, v) in self.vars() {
+            if k.starts_with("AWS_") {
+                continue;
+            }
+            args.push(format!("--{}={v}", k.to_lowercase().replace('_', "-")));
+        }
+        args
+    }
+
+    pub async fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        self.put_with(bucket, key, body, None, &[]).await
+    }
+
+    pub async fn put_with(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        metadata: &[(&str, &str)],
+    ) {
+        let mut req = self.s3.put_object().bucket(bucket).key(key).body(ByteStream::from(body.to_vec()));
+        if let Some(ct) = content_type {
+            req = req.content_type(ct);
+        }
+        for (k, v) in metadata {
+            req = req.metadata(*k, *v);
+        }
+        req.send().await.unwrap_or_else(|e| panic!("put s3://{bucket}/{key}: {e:?}"));
+    }
+
+    /// Puts many objects with the same body, 64 at a time.
+    pub async fn put_many(&self, bucket: &str, keys: &[String], body: &[u8]) {
+        for chunk in keys.chunks(64) {
+            let puts = chunk.iter().map(|k| self.put(bucket, k, body));
+            futures::future::join_all(puts).await;
+        }
+    }
+
+    pub async fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        match self.s3.get_object().bucket(bucket).key(key).send().await {
+            Ok(out) => Some(out.body.collect().await.unwrap().into_bytes().to_vec()),
+            Err(e) if common::aws::status(&e) == Some(404) => None,
+            Err(e) => panic!("get s3://{bucket}/{key}: {e:?}"),
+        }
+    }
+
+    /// Content type and user metadata of an object.
+    pub async fn head(&self, bucket: &str, key: &str) -> (Option<String>, HashMap<String, String>) {
+        let out = self.s3.head_object().bucket(bucket).key(key).send().await.unwrap();
+        (out.content_type().map(str::to_owned), out.metadata().cloned().unwrap_or_default())
+    }
+
+    pub async fn exists(&self, bucket: &str, key: &str) -> bool {
+        match self.s3.head_object().bucket(bucket).key(key).send().await {
+            Ok(_) => true,
+            Err(e) if common::aws::status(&e) == Some(404) => false,
+            Err(e) => panic!("head s3://{bucket}/{key}: {e:?}"),
+        }
+    }
+
+    pub async fn keys(&self, bucket: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut pages = self.s3.list_objects_v2().bucket(bucket).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            keys.extend(page.unwrap().contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+        }
+        keys
+    }
+
+    /// Inserts rows with these paths; returns their ids in order.
+    pub async fn insert_rows(&self, paths: &[String]) -> Vec<i32> {
+        sqlx::query_scalar("INSERT INTO avatars (path) SELECT * FROM UNNEST($1::text[]) RETURNING id")
+            .bind(paths)
+            .fetch_all(&self.db)
+            .await
+            .unwrap()
+    }
+
+    pub async fn path_of(&self, id: i32) -> String {
+        sqlx::query_scalar("SELECT path FROM avatars WHERE id = $1").bind(id).fetch_one(&self.db).await.unwrap()
+    }
+
+    /// Rows as (id, path), by id.
+    pub async fn rows(&self) -> Vec<(i32, String)> {
+        sqlx::query("SELECT id, path FROM avatars ORDER BY id")
+            .fetch_all(&self.db)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    pub async fn count_rows_with_prefix(&self, prefix: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM avatars WHERE left(path, length($1)) = $1")
+            .bind(prefix)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    /// (reason, subject) of every recorded failure, sorted.
+    pub async fn failures(&self) -> Vec<(String, String)> {
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('avatar_migration_failures')::text")
+            .fetch_one(&self.db)
+            .await
+            .unwrap();
+        if exists.is_none() {
+            return Vec::new();
+        }
+        sqlx::query("SELECT reason, subject FROM avatar_migration_failures ORDER BY reason, subject")
+            .fetch_all(&self.db)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    pub async fn send_raw(&self, body: &str) {
+        self.sqs.send_message().queue_url(&self.queue_url).message_body(body).send().await.unwrap();
+    }
+
+    /// (visible, in flight) messages of a queue.
+    pub async fn depth(&self, queue_url: &str) -> (u64, u64) {
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        let attrs = out.attributes.unwrap_or_default();
+        let get = |n: QueueAttributeName| attrs.get(&n).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+
+    /// Receives and deletes every visible message; returns their bodies.
+    pub async fn drain(&self) -> Vec<String> {
+        let mut bodies = Vec::new();
+        loop {
+            let out = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.queue_url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(0)
+                .send()
+                .await
+                .unwrap();
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() && self.depth(&self.queue_url).await.0 == 0 {
+                return bodies;
+            }
+            for m in messages {
+                bodies.push(m.body.clone().unwrap_or_default());
+                self.sqs
+                    .delete_message()
+                    .queue_url(&self.queue_url)
+                    .receipt_handle(m.receipt_handle.unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Keys of object messages among `bodies`.
+pub fn keys_of(bodies: &[String]) -> Vec<String> {
+    bodies.iter().map(|b| common::message::ObjectMessage::parse(b).unwrap().key).collect()
+}
