@@ -23,7 +23,8 @@ impl Rewriter {
             let pool = pool.clone();
             async move {
                 match common::db::rewrite_paths(&pool, &pairs).await {
-                    Ok(counts) => pairs.iter().map(|(old, _)| Ok(counts.get(old).copied().unwrap_or(0))).collect(),
+                    // A path twice in one batch (a duplicate delivery) counts its rows once.
+                    Ok(mut counts) => pairs.iter().map(|(old, _)| Ok(counts.remove(old).unwrap_or(0))).collect(),
                     Err(err) => {
                         let why = format!("rewriting rows: {err}");
                         pairs.iter().map(|_| Err(why.clone())).collect()

@@ -30,12 +30,7 @@ pub fn consumer(env: &Env, extra: &[(&str, &str)]) -> Command {
 /// Runs a consumer until it drains the queue; panics unless it exits 0.
 pub fn drain(env: &Env, extra: &[(&str, &str)]) -> Output {
     let out = consumer(env, extra).output().unwrap();
-    assert!(
-        out.status.success(),
-        "consumer failed: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "consumer failed: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     out
 }
 

@@ -6,10 +6,10 @@ mod helpers;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use clap::Parser;
 use helpers::{consumer, drain, feed, legacy_keys, modern, stdout, wait_exit};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use clap::Parser;
 use sqlx::Row;
 use testkit::{Env, wait_until};
 
@@ -105,4 +105,247 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     let verification = feeder::operator::verify(&settings, &args, &clients).await.unwrap();
     assert_eq!((verification.rows, verification.unresolved, verification.legacy_missing), (rows.len() as u64, 1, 1));
     assert_eq!(env.failures().await, vec![("row_object_missing".to_owned(), "image/avatar-gone.png".to_owned())]);
+}
+
+/// I1: a sampler reads rows while the pipeline runs; every path it sees names an object.
+#[tokio::test]
+async fn every_row_resolves_at_every_instant_while_the_pipeline_runs() {
+    let env = Env::new().await;
+    let keys = legacy_keys(0..1500);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    env.insert_rows(&keys).await;
+    feed(&env).await;
+    let mut child = consumer(&env, &[("CONCURRENCY", "16"), ("DB_BATCH_SIZE", "20")]).spawn().unwrap();
+
+    let (mut samples, mut violations, mut seen_legacy, mut seen_modern) = (0u64, Vec::new(), 0u64, 0u64);
+    let mut exited = None;
+    while exited.is_none() || samples < 400 {
+        let rows =
+            sqlx::query("SELECT id, path FROM avatars ORDER BY random() LIMIT 20").fetch_all(&env.db).await.unwrap();
+        let checks = rows.iter().map(|r| {
+            let path: String = r.get(1);
+            let env = &env;
+            async move {
+                let bucket = if path.starts_with("avatar/") { &env.destination_bucket } else { &env.source_bucket };
+                (env.exists(bucket, &path).await, path)
+            }
+        });
+        for (exists, path) in futures::future::join_all(checks).await {
+            samples += 1;
+            if path.starts_with("avatar/") {
+                seen_modern += 1
+            } else {
+                seen_legacy += 1
+            }
+            if !exists {
+                violations.push(path);
+            }
+        }
+        if exited.is_none() {
+            exited = child.try_wait().unwrap();
+        }
+    }
+    assert!(exited.unwrap().success());
+    assert_eq!(violations, Vec::<String>::new(), "rows pointing at nothing");
+    assert!(samples >= 400, "{samples} samples");
+    assert!(seen_legacy > 0 && seen_modern > 0, "sampled during the move: {seen_legacy} legacy, {seen_modern} modern");
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 1500);
+}
+
+/// I3: different content at the destination is never overwritten, and its row keeps the
+/// legacy path; identical content counts as done.
+#[tokio::test]
+async fn never_overwrites_different_content_and_accepts_identical_content() {
+    let env = Env::new().await;
+    env.put(&env.source_bucket, "image/conflict.png", b"legacy bytes").await;
+    env.put(&env.destination_bucket, "avatar/conflict.png", b"newer upload by the live service").await;
+    env.put(&env.source_bucket, "image/same.png", b"same bytes").await;
+    env.put(&env.destination_bucket, "avatar/same.png", b"same bytes").await;
+    let ids = env.insert_rows(&["image/conflict.png".into(), "image/same.png".into()]).await;
+    feed(&env).await;
+    let out = drain(&env, &[]);
+
+    assert_eq!(
+        env.get(&env.destination_bucket, "avatar/conflict.png").await.as_deref(),
+        Some(&b"newer upload by the live service"[..]),
+        "the destination keeps its content"
+    );
+    assert_eq!(env.path_of(ids[0]).await, "image/conflict.png", "the conflicting row is not rewritten");
+    assert_eq!(env.path_of(ids[1]).await, "avatar/same.png", "identical content counts as done");
+    assert_eq!(env.failures().await, vec![("destination_conflict".to_owned(), "image/conflict.png".to_owned())]);
+    assert!(stdout(&out).contains("already present 1"), "{}", stdout(&out));
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0), "both messages settled, not retried forever");
+}
+
+/// I4: a row the live service repoints while the consumer is rewriting keeps the live value.
+#[tokio::test]
+async fn a_row_the_live_service_repoints_during_the_run_keeps_the_live_value() {
+    let env = Env::new().await;
+    env.put(&env.source_bucket, "image/avatar-7.png", b"old").await;
+    env.put(&env.destination_bucket, "avatar/avatar-7-new-upload.png", b"new").await;
+    let ids = env.insert_rows(&["image/avatar-7.png".into()]).await;
+    feed(&env).await;
+
+    // The live service's transaction holds the row while the consumer's UPDATE arrives.
+    let mut live = env.db.begin().await.unwrap();
+    sqlx::query("UPDATE avatars SET path = 'avatar/avatar-7-new-upload.png' WHERE id = $1")
+        .bind(ids[0])
+        .execute(&mut *live)
+        .await
+        .unwrap();
+    let mut child = consumer(&env, &[]).spawn().unwrap();
+    let database = env.database_url.rsplit('/').next().unwrap().to_owned();
+    wait_until("the consumer's UPDATE waits on the live row lock", Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = $1
+             AND wait_event_type = 'Lock' AND query LIKE 'UPDATE avatars AS a%')",
+        )
+        .bind(&database)
+        .fetch_one(&env.db)
+        .await
+        .unwrap()
+    })
+    .await;
+    live.commit().await.unwrap();
+
+    assert!(wait_exit(&mut child, Duration::from_secs(60)).await.success());
+    assert_eq!(env.path_of(ids[0]).await, "avatar/avatar-7-new-upload.png", "the live write stands");
+    assert!(env.exists(&env.destination_bucket, "avatar/avatar-7.png").await, "the object was still copied");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+}
+
+/// I5: a consumer killed with SIGKILL mid-run, then a fresh one: everything completes.
+#[tokio::test]
+async fn a_consumer_killed_mid_run_and_a_fresh_one_lose_nothing() {
+    let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 3).await;
+    let keys = legacy_keys(0..2000);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    env.insert_rows(&keys).await;
+    feed(&env).await;
+    let mut first = consumer(&env, &[("VISIBILITY_TIMEOUT", "3"), ("CONCURRENCY", "8")]).spawn().unwrap();
+    wait_until("some rows rewritten", Duration::from_secs(60), || async {
+        env.count_rows_with_prefix("avatar/").await >= 200
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL, at whatever line it was
+    first.wait().unwrap();
+    let done_at_kill = env.count_rows_with_prefix("avatar/").await;
+    assert!(done_at_kill < 2000, "killed mid-run ({done_at_kill} done)");
+
+    // Idle for longer than the visibility timeout: messages the dead consumer held come back.
+    drain(&env, &[("VISIBILITY_TIMEOUT", "3"), ("EXIT_WHEN_IDLE", "6")]);
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 2000, "every row rewritten");
+    let copied: BTreeSet<String> = env.keys(&env.destination_bucket).await.into_iter().collect();
+    assert_eq!(copied, keys.iter().map(|k| modern(k)).collect::<BTreeSet<_>>());
+    assert_eq!(env.failures().await, vec![]);
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+    assert_eq!(env.depth(&env.dlq_url).await, (0, 0));
+}
+
+/// I5: the same message delivered twice (and again after it was done) changes nothing more.
+#[tokio::test]
+async fn a_message_delivered_twice_is_harmless() {
+    let env = Env::new().await;
+    env.put(&env.source_bucket, "image/twice.png", b"png").await;
+    let ids = env.insert_rows(&["image/twice.png".into(), "image/twice.png".into()]).await;
+    feed(&env).await;
+    let body = common::message::ObjectMessage::new("image/twice.png".into(), 3, String::new()).to_body();
+    env.send_raw(&body).await;
+    let first = drain(&env, &[]);
+    env.send_raw(&body).await; // a late duplicate, after everything was done
+    let second = drain(&env, &[]);
+
+    for id in ids {
+        assert_eq!(env.path_of(id).await, "avatar/twice.png");
+    }
+    assert_eq!(env.get(&env.destination_bucket, "avatar/twice.png").await.as_deref(), Some(&b"png"[..]));
+    assert_eq!(env.failures().await, vec![]);
+    assert!(stdout(&first).contains("rows rewritten 2;"), "{}", stdout(&first));
+    assert!(stdout(&second).contains("already present 1; rows rewritten 0;"), "{}", stdout(&second));
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+}
+
+/// A malformed message is set aside where the operator sees it; the work goes on.
+#[tokio::test]
+async fn a_malformed_message_is_set_aside_and_the_rest_moves_on() {
+    let env = Env::new().await;
+    let keys = legacy_keys(0..5);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    let ids = env.insert_rows(&keys).await;
+    env.send_raw("this is not json").await;
+    env.send_raw(r#"{"v":9,"key":"image/x.png","size":1,"etag":"e"}"#).await;
+    env.send_raw(r#"{"v":1,"key":"elsewhere/x.png","size":1,"etag":"e"}"#).await;
+    env.send_raw(r#"{"v":1,"key":"image/never-existed.png","size":1,"etag":"\"e\""}"#).await;
+    feed(&env).await;
+    drain(&env, &[]);
+
+    for id in ids {
+        assert!(env.path_of(id).await.starts_with("avatar/"));
+    }
+    let failures = env.failures().await;
+    let reasons: Vec<&str> = failures.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["malformed_message", "malformed_message", "outside_prefix", "source_missing"], "{failures:?}");
+    assert_eq!(failures[2].1, "elsewhere/x.png");
+    assert_eq!(failures[3].1, "image/never-existed.png");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0), "recorded, then deleted: not retried forever");
+}
+
+/// SIGTERM: receiving stops, in-flight objects finish, exit 0, nothing half-done.
+#[tokio::test]
+async fn sigterm_lets_in_flight_objects_finish_and_exits_0() {
+    let env = Env::new().await;
+    let keys = legacy_keys(0..1500);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    env.insert_rows(&keys).await;
+    feed(&env).await;
+    let mut child = consumer(&env, &[("CONCURRENCY", "32"), ("EXIT_WHEN_IDLE", "30")]).spawn().unwrap();
+    wait_until("work under way", Duration::from_secs(60), || async {
+        env.count_rows_with_prefix("avatar/").await >= 100
+    })
+    .await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}");
+    let out = child.wait_with_output().unwrap();
+    let summary = stdout(&out);
+
+    // Every object copied has its row rewritten and its message deleted: nothing half-done.
+    let copied = env.keys(&env.destination_bucket).await.len() as i64;
+    let rewritten = env.count_rows_with_prefix("avatar/").await;
+    assert_eq!(copied, rewritten, "{summary}");
+    assert!(rewritten < 1500, "stopped early: {summary}");
+    assert!(summary.contains(&format!("acknowledged {rewritten};")), "{summary}");
+    assert!(summary.contains("left for retry 0;"), "{summary}");
+}
+
+/// Consumers starting together, before any feeder, prepare the database once, online.
+#[tokio::test]
+async fn processes_starting_together_prepare_the_database_once() {
+    let env = Env::new().await;
+    env.insert_rows(&legacy_keys(0..1000)).await;
+    let prepares = (0..4).map(|_| common::db::prepare(&env.db));
+    for result in futures::future::join_all(prepares).await {
+        result.unwrap();
+    }
+    let indexes: Vec<(String, bool)> = sqlx::query(
+        "SELECT c.relname::text, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid = 'avatars'::regclass AND NOT i.indisprimary",
+    )
+    .fetch_all(&env.db)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    assert_eq!(indexes, vec![(common::db::PATH_INDEX.to_owned(), true)]);
+
+    // An index left invalid by an interrupted build is rebuilt.
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1::regclass")
+        .bind(common::db::PATH_INDEX)
+        .execute(&env.db)
+        .await
+        .unwrap();
+    common::db::prepare(&env.db).await.unwrap();
+    let mut conn = env.db.acquire().await.unwrap();
+    assert!(common::db::path_index_valid(&mut conn).await.unwrap());
 }
