@@ -349,3 +349,31 @@ async fn processes_starting_together_prepare_the_database_once() {
     let mut conn = env.db.acquire().await.unwrap();
     assert!(common::db::path_index_valid(&mut conn).await.unwrap());
 }
+
+/// The same pipeline on a second, independent implementation (moto), with two consumers at
+/// once: moto delivers some messages twice under concurrent receivers.
+#[tokio::test]
+async fn the_pipeline_works_on_moto_with_two_consumers() {
+    let env = Env::on_moto().await;
+    let keys = legacy_keys(0..150);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    let mut rows = keys.clone();
+    rows.push("image/avatar-gone.png".into());
+    env.insert_rows(&rows).await;
+    env.put(&env.source_bucket, "image/with space+plus.png", b"awkward").await;
+    env.put(&env.source_bucket, "imagex/outside.png", b"outside").await;
+    assert_eq!(feed(&env).await, 151);
+    let mut a = consumer(&env, &[("CONCURRENCY", "8")]).spawn().unwrap();
+    let mut b = consumer(&env, &[("CONCURRENCY", "8")]).spawn().unwrap();
+    assert!(wait_exit(&mut a, Duration::from_secs(120)).await.success());
+    assert!(wait_exit(&mut b, Duration::from_secs(120)).await.success());
+
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 150);
+    assert_eq!(env.count_rows_with_prefix("image/").await, 1, "the row without an object stays");
+    let copied: BTreeSet<String> = env.keys(&env.destination_bucket).await.into_iter().collect();
+    let mut expected: BTreeSet<String> = keys.iter().map(|k| modern(k)).collect();
+    expected.insert("avatar/with space+plus.png".into());
+    assert_eq!(copied, expected);
+    assert_eq!(env.failures().await, vec![]);
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+}
