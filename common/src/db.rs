@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
 /// Name of the index the migration creates when `avatars(path)` has none.
 pub const PATH_INDEX: &str = "avatars_path_idx";
@@ -267,9 +267,4 @@ pub async fn save_checkpoint(pool: &PgPool, bucket: &str, prefix: &str, cp: &Che
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// Opens a single connection (for tools that need no pool).
-pub async fn connect_one(options: &PgConnectOptions) -> sqlx::Result<PgConnection> {
-    PgConnection::connect_with(options).await
 }

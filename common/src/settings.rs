@@ -25,8 +25,7 @@ pub fn load_dotenv() -> anyhow::Result<()> {
 /// Where objects move from and to.
 #[derive(Args, Debug, Clone)]
 pub struct StorageArgs {
-    /// The legacy bucket objects are moved from. Required. Only read (and, when cleanup is
-    /// enabled, deleted from under SOURCE_PREFIX).
+    /// The legacy bucket objects are moved from. Required. Only read: nothing is deleted from it.
     #[arg(long, env = "SOURCE_BUCKET_NAME")]
     pub source_bucket_name: String,
 

@@ -347,3 +347,25 @@ impl Env {
 pub fn keys_of(bodies: &[String]) -> Vec<String> {
     bodies.iter().map(|b| common::message::ObjectMessage::parse(b).unwrap().key).collect()
 }
+
+/// The variables `env.sample` names (set or commented out) and those `--help` (of the program
+/// and of its subcommands) documents are
+/// the same set, except the SDK's own and the log settings, which `--help` does not list.
+pub fn assert_env_sample_matches_help(program: &str, subcommands: &[&str], sample_path: &str) {
+    let sample = std::fs::read_to_string(sample_path).unwrap();
+    let in_sample: std::collections::BTreeSet<String> = sample
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim())
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+        .filter(|k| !k.starts_with("AWS_") && k != "LOG_FORMAT")
+        .collect();
+    let mut help = String::new();
+    for sub in std::iter::once(None).chain(subcommands.iter().map(Some)) {
+        let out = std::process::Command::new(binary(program)).args(sub).arg("--help").output().unwrap();
+        help.push_str(&String::from_utf8(out.stdout).unwrap());
+    }
+    let in_help: std::collections::BTreeSet<String> =
+        help.split("[env: ").skip(1).map(|s| s.split(['=', ']']).next().unwrap().to_owned()).collect();
+    assert_eq!(in_sample, in_help, "{sample_path} and `{program} --help` disagree");
+}

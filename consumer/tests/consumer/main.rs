@@ -146,6 +146,7 @@ async fn every_row_resolves_at_every_instant_while_the_pipeline_runs() {
         }
     }
     assert!(exited.unwrap().success());
+    child.wait().unwrap();
     assert_eq!(violations, Vec::<String>::new(), "rows pointing at nothing");
     assert!(samples >= 400, "{samples} samples");
     assert!(seen_legacy > 0 && seen_modern > 0, "sampled during the move: {seen_legacy} legacy, {seen_modern} modern");
@@ -376,4 +377,9 @@ async fn the_pipeline_works_on_moto_with_two_consumers() {
     assert_eq!(copied, expected);
     assert_eq!(env.failures().await, vec![]);
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+}
+
+#[test]
+fn env_sample_documents_every_setting() {
+    testkit::assert_env_sample_matches_help("consumer", &[], concat!(env!("CARGO_MANIFEST_DIR"), "/env.sample"));
 }

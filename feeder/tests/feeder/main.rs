@@ -148,3 +148,8 @@ async fn setup_problems_exit_2_with_a_line_that_names_them() {
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
+
+#[test]
+fn env_sample_documents_every_setting() {
+    testkit::assert_env_sample_matches_help("feeder", &["verify"], concat!(env!("CARGO_MANIFEST_DIR"), "/env.sample"));
+}
