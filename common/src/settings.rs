@@ -110,7 +110,12 @@ fn parse_secret(s: &str) -> Result<SecretString, String> {
 impl DatabaseArgs {
     /// Parses the connection string without ever echoing it (it may hold a password).
     pub fn connect_options(&self) -> anyhow::Result<PgConnectOptions> {
-        PgConnectOptions::from_str(self.database_url.expose_secret()).map_err(|_| {
+        let url = self.database_url.expose_secret();
+        anyhow::ensure!(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "DATABASE_URL must be a PostgreSQL connection string: postgres://user:password@host:port/database"
+        );
+        PgConnectOptions::from_str(url).map_err(|_| {
             anyhow::anyhow!(
                 "DATABASE_URL is not a valid PostgreSQL connection string: expected \
                  postgres://user:password@host:port/database"
@@ -135,9 +140,13 @@ mod tests {
 
     #[test]
     fn database_url_errors_never_echo_the_secret() {
-        let args = DatabaseArgs { database_url: SecretString::from("mysql://u:hunter2@h/db") };
-        let err = format!("{:#}", args.connect_options().unwrap_err());
-        assert!(!err.contains("hunter2"), "{err}");
+        for url in ["mysql://u:hunter2@h/db", "postgres://u:hunter2@h:notaport/db", "hunter2"] {
+            let args = DatabaseArgs { database_url: SecretString::from(url) };
+            let err = format!("{:#}", args.connect_options().unwrap_err());
+            assert!(err.contains("DATABASE_URL") && !err.contains("hunter2"), "{err}");
+        }
+        let args = DatabaseArgs { database_url: SecretString::from("postgres://u:hunter2@h:5432/db") };
+        assert!(args.connect_options().is_ok());
         assert!(format!("{args:?}").contains("REDACTED") || !format!("{args:?}").contains("hunter2"));
     }
 

@@ -383,3 +383,84 @@ async fn the_pipeline_works_on_moto_with_two_consumers() {
 fn env_sample_documents_every_setting() {
     testkit::assert_env_sample_matches_help("consumer", &[], concat!(env!("CARGO_MANIFEST_DIR"), "/env.sample"));
 }
+
+/// A transient failure (here the database refusing the rewrite) leaves the message to come
+/// back; once the database accepts it, the object completes. A message that keeps failing
+/// lands in the dead-letter queue after maxReceiveCount (5) receipts instead of looping forever.
+#[tokio::test]
+async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
+    let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 1).await;
+    env.put(&env.source_bucket, "image/flaky.png", b"png").await;
+    let ids = env.insert_rows(&["image/flaky.png".into()]).await;
+    common::db::prepare(&env.db).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'database refuses writes for now'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON avatars FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .execute(&env.db)
+    .await
+    .unwrap();
+    feed(&env).await;
+    let vis = [("VISIBILITY_TIMEOUT", "1"), ("EXIT_WHEN_IDLE", "4")];
+    let out = drain(&env, &vis);
+    assert!(!stdout(&out).contains("left for retry 0;"), "{}", stdout(&out));
+    assert_eq!(env.path_of(ids[0]).await, "image/flaky.png", "not rewritten while the database refuses");
+    assert_eq!(env.depth(&env.dlq_url).await.0, 1, "after 5 receipts the message is in the dead-letter queue");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+    assert_eq!(env.failures().await, vec![], "a transient failure is not recorded as permanent");
+
+    // The database accepts writes again; the same object fed again completes.
+    sqlx::raw_sql("DROP TRIGGER refuse ON avatars").execute(&env.db).await.unwrap();
+    feeder::feed(
+        &feeder::Settings::try_parse_from(env.args("feeder")).unwrap(),
+        &feeder::RunArgs { restart: true, ..feeder::RunArgs::default() },
+        &feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    drain(&env, &vis);
+    assert_eq!(env.path_of(ids[0]).await, "avatar/flaky.png");
+}
+
+/// A slow object keeps its message invisible: a second consumer polling all along never gets
+/// it, although the work outlasts the visibility timeout several times.
+#[tokio::test]
+async fn a_slow_object_keeps_its_message_invisible_while_worked_on() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 2).await;
+    env.put(&env.source_bucket, "image/slow.png", b"png").await;
+    let ids = env.insert_rows(&["image/slow.png".into()]).await;
+    feed(&env).await;
+
+    // The live service holds the row, so the rewrite waits as long as this test wants.
+    let mut live = env.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM avatars WHERE id = $1 FOR UPDATE").bind(ids[0]).execute(&mut *live).await.unwrap();
+    let slow_vars = [("VISIBILITY_TIMEOUT", "2"), ("RUST_LOG", "warn,consumer::ack=debug")];
+    let mut slow = consumer(&env, &slow_vars).spawn().unwrap();
+    let extensions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = extensions.clone();
+    let stderr = slow.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("visibility extended") {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let mut other = consumer(&env, &[("VISIBILITY_TIMEOUT", "2"), ("EXIT_WHEN_IDLE", "60")]).spawn().unwrap();
+    // Four extensions of a 2 s timeout: the work has outlived it about twice over.
+    wait_until("four visibility extensions", Duration::from_secs(60), || async {
+        extensions.load(std::sync::atomic::Ordering::SeqCst) >= 4
+    })
+    .await;
+    live.commit().await.unwrap();
+    assert!(wait_exit(&mut slow, Duration::from_secs(60)).await.success());
+    reader.join().unwrap();
+    kill(Pid::from_raw(other.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut other, Duration::from_secs(60)).await.success());
+    let other_out = other.wait_with_output().unwrap();
+    assert!(stdout(&other_out).contains("received 0 messages"), "{}", stdout(&other_out));
+    assert_eq!(env.path_of(ids[0]).await, "avatar/slow.png");
+}

@@ -1,0 +1,27 @@
+# Both binaries, feeder and consumer, in one small image.
+#   docker build -t avatar-migration .
+#   docker run --env-file .env avatar-migration feeder
+#   docker run --env-file .env avatar-migration consumer
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies are cached across builds in BuildKit cache mounts; only our crates rebuild.
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin feeder --bin consumer \
+    && mkdir -p /out \
+    && cp target/release/feeder target/release/consumer /out/
+
+FROM debian:bookworm-slim
+# CA certificates for TLS to AWS and to PostgreSQL; nothing else.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin migrator
+COPY --from=build /out/feeder /out/consumer /usr/local/bin/
+COPY add-ons/sre-challenge-addon1.sql /usr/share/avatar-migration/
+USER 10001
+ENV LOG_FORMAT=json
+# The consumer is the long-running service; run `feeder` for the one-shot task.
+CMD ["consumer"]
