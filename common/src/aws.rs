@@ -117,3 +117,28 @@ where
         }
     }
 }
+
+/// Messages waiting and in flight in a queue (SQS's approximate counts).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueDepth {
+    pub visible: u64,
+    pub in_flight: u64,
+}
+
+pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDepth> {
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the depth of {queue_url}: {}", describe(&e)))?;
+    let get = |name: QueueAttributeName| {
+        out.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    Ok(QueueDepth {
+        visible: get(QueueAttributeName::ApproximateNumberOfMessages),
+        in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+    })
+}

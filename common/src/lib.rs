@@ -8,5 +8,6 @@ pub mod exit;
 pub mod keys;
 pub mod message;
 pub mod settings;
+pub mod setup;
 pub mod shutdown;
 pub mod telemetry;

@@ -14,40 +14,18 @@ pub mod settings;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
-use common::aws::{S3, Sqs};
 use common::exit::{Failure, SetupResult};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+pub use common::setup::Clients;
 pub use process::Stats;
 pub use settings::Settings;
 
-/// The services a consumer talks to.
-pub struct Clients {
-    pub s3: S3,
-    pub sqs: Sqs,
-    pub db: PgPool,
-}
-
-/// Connects to everything and checks it before any message is touched; every problem here is
-/// a setup failure (exit code 2).
+/// Connects to everything and checks it (see `common::setup::connect`); every problem here is a
+/// setup failure (exit code 2).
 pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
-    settings.storage.mapping().setup()?;
-    let db_options = settings.database.connect_options().setup()?;
-    let config = common::aws::sdk_config().await.setup()?;
-    let s3 = common::aws::s3_client(&config, settings.storage.s3_force_path_style);
-    let sqs = common::aws::sqs_client(&config);
-    let db = common::db::connect(db_options, settings.database_max_connections).await.setup()?;
-    common::aws::check_bucket(&s3, "SOURCE_BUCKET_NAME", &settings.storage.source_bucket_name).await.setup()?;
-    common::aws::check_bucket(&s3, "DESTINATION_BUCKET_NAME", &settings.storage.destination_bucket_name)
+    common::setup::connect(&settings.storage, &settings.queue, &settings.database, settings.database_max_connections)
         .await
-        .setup()?;
-    common::aws::check_queue(&sqs, &settings.queue.queue_url).await.setup()?;
-    // Never rewrite a row before the index on `path` is valid: prepare (idempotent, serialized
-    // with any other consumer or feeder doing the same) returns only once it is.
-    common::db::prepare(&db).await.context("preparing the database").setup()?;
-    Ok(Clients { s3, sqs, db })
 }
 
 /// Runs until `shutdown` fires (or the queue stays idle, with `--exit-when-idle`), then lets

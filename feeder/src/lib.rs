@@ -12,39 +12,19 @@ pub mod settings;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aws_sdk_sqs::types::QueueAttributeName;
-use common::aws::{S3, Sqs, describe};
+use common::aws::queue_depth;
 use common::db::Checkpoint;
-use common::exit::{Failure, SetupResult};
+use common::exit::Failure;
 use common::keys::KeyMapping;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+pub use common::setup::Clients;
 pub use settings::{Command, RunArgs, Settings};
 
-pub struct Clients {
-    pub s3: S3,
-    pub sqs: Sqs,
-    pub db: PgPool,
-}
-
-/// Connects to everything and checks it before anything is listed or sent; every problem here
-/// is a setup failure (exit code 2). Prepares the database (index on `avatars(path)` built
-/// concurrently, bookkeeping tables) before anything else.
+/// Connects to everything and checks it (see `common::setup::connect`); every problem here is a
+/// setup failure (exit code 2).
 pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
-    settings.storage.mapping().setup()?;
-    let db_options = settings.database.connect_options().setup()?;
-    let config = common::aws::sdk_config().await.setup()?;
-    let s3 = common::aws::s3_client(&config, settings.storage.s3_force_path_style);
-    let sqs = common::aws::sqs_client(&config);
-    let db = common::db::connect(db_options, 4).await.setup()?;
-    common::aws::check_bucket(&s3, "SOURCE_BUCKET_NAME", &settings.storage.source_bucket_name).await.setup()?;
-    common::aws::check_bucket(&s3, "DESTINATION_BUCKET_NAME", &settings.storage.destination_bucket_name)
-        .await
-        .setup()?;
-    common::aws::check_queue(&sqs, &settings.queue.queue_url).await.setup()?;
-    common::db::prepare(&db).await.context("preparing the database").setup()?;
-    Ok(Clients { s3, sqs, db })
+    common::setup::connect(&settings.storage, &settings.queue, &settings.database, 4).await
 }
 
 /// What one run of the feeder did.
@@ -174,28 +154,4 @@ async fn wait_for_room(
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct QueueDepth {
-    pub visible: u64,
-    pub in_flight: u64,
-}
-
-pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDepth> {
-    let out = sqs
-        .get_queue_attributes()
-        .queue_url(queue_url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the depth of {queue_url}: {}", describe(&e)))?;
-    let get = |name: QueueAttributeName| {
-        out.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    Ok(QueueDepth {
-        visible: get(QueueAttributeName::ApproximateNumberOfMessages),
-        in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-    })
 }

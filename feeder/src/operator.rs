@@ -15,7 +15,9 @@ use futures::{StreamExt, TryStreamExt};
 use sqlx::Row;
 
 use crate::settings::VerifyArgs;
-use crate::{Clients, Settings, queue_depth};
+use common::aws::queue_depth;
+
+use crate::{Clients, Settings};
 
 /// Rows read per page by `verify`.
 const VERIFY_PAGE: i64 = 1000;

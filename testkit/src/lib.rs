@@ -295,21 +295,8 @@ impl Env {
 
     /// (visible, in flight) messages of a queue.
     pub async fn depth(&self, queue_url: &str) -> (u64, u64) {
-        let out = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(queue_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .unwrap();
-        let attrs = out.attributes.unwrap_or_default();
-        let get = |n: QueueAttributeName| attrs.get(&n).and_then(|v| v.parse().ok()).unwrap_or(0);
-        (
-            get(QueueAttributeName::ApproximateNumberOfMessages),
-            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        )
+        let d = common::aws::queue_depth(&self.sqs, queue_url).await.unwrap();
+        (d.visible, d.in_flight)
     }
 
     /// Receives and deletes every visible message; returns their bodies.

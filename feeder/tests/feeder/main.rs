@@ -153,3 +153,40 @@ async fn setup_problems_exit_2_with_a_line_that_names_them() {
 fn env_sample_documents_every_setting() {
     testkit::assert_env_sample_matches_help("feeder", &["verify"], concat!(env!("CARGO_MANIFEST_DIR"), "/env.sample"));
 }
+
+#[tokio::test]
+async fn settings_come_from_a_dot_env_file_and_a_malformed_one_is_named() {
+    let env = Env::new().await;
+    env.put(&env.source_bucket, "image/from-dotenv.png", b"png").await;
+    let dir = std::env::temp_dir().join(format!("feeder-dotenv-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dotenv: String = env.vars().iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    std::fs::write(dir.join(".env"), dotenv).unwrap();
+    let mut cmd = Command::new(binary("feeder"));
+    for (k, _) in env.vars() {
+        cmd.env_remove(k);
+    }
+    let out = cmd.current_dir(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listed 1 objects"));
+
+    std::fs::write(dir.join(".env"), "QUEUE_URL='unterminated\n").unwrap();
+    let out = Command::new(binary("feeder")).current_dir(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(".env"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn help_explains_settings_and_never_shows_the_database_url() {
+    let out = Command::new(binary("feeder"))
+        .arg("--help")
+        .env("DATABASE_URL", "postgres://migrator:s3cr3t-pw@db/proddatabase")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(help.contains("[env: SOURCE_BUCKET_NAME") && help.contains("status") && help.contains("verify"), "{help}");
+    assert!(!help.contains("s3cr3t-pw"), "{help}");
+}
