@@ -65,6 +65,8 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     rows.extend(modern_keys.iter().cloned());
     // A row whose legacy object does not exist.
     rows.push("image/avatar-gone.png".into());
+    // A row with neither prefix: left alone, and not judged by verify.
+    rows.push("uploads/elsewhere.png".into());
     let ids = env.insert_rows(&rows).await;
     // Objects without a row, and keys outside the prefix.
     env.put_many(&env.source_bucket, &legacy_keys(200..205), b"no-row").await;
@@ -103,7 +105,10 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     let clients = feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() };
     let args = feeder::settings::VerifyArgs { concurrency: 8.try_into().unwrap() };
     let verification = feeder::operator::verify(&settings, &args, &clients).await.unwrap();
-    assert_eq!((verification.rows, verification.unresolved, verification.legacy_missing), (rows.len() as u64, 1, 1));
+    assert_eq!(
+        (verification.rows, verification.other_prefix, verification.unresolved, verification.legacy_missing),
+        (rows.len() as u64, 1, 1, 1)
+    );
     assert_eq!(env.failures().await, vec![("row_object_missing".to_owned(), "image/avatar-gone.png".to_owned())]);
 }
 
