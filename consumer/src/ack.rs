@@ -19,8 +19,9 @@ pub struct Acker {
 
 impl Acker {
     pub fn spawn(sqs: Sqs, queue_url: String) -> (Self, tokio::task::JoinHandle<()>) {
-        // Ten is the most SQS takes per batch; 20 ms bounds the latency a lone message adds.
-        let (batcher, handle) = Batcher::spawn(10, Duration::from_millis(20), 4, move |handles: Vec<String>| {
+        // Ten is the most SQS takes per batch. No lingering: while four calls are in flight the
+        // next batch fills up by itself, and a lone message is not held back.
+        let (batcher, handle) = Batcher::spawn(10, Duration::ZERO, 4, move |handles: Vec<String>| {
             let sqs = sqs.clone();
             let queue_url = queue_url.clone();
             async move { delete_batch(&sqs, &queue_url, handles).await }

@@ -1,6 +1,6 @@
 //! A small batcher: callers submit one item and await its own result; a background task
-//! gathers items into batches of at most `max` or whatever arrived within `max_wait`, and
-//! runs up to `parallel` flushes at once. Used for the row rewrites (one `UPDATE` per batch)
+//! gathers items into batches of at most `max` (what arrived within `max_wait`, plus whatever
+//! arrives while all `parallel` flush slots are busy) and runs up to `parallel` flushes at once. Used for the row rewrites (one `UPDATE` per batch)
 //! and the message deletes (one `DeleteMessageBatch` per ten).
 //!
 //! Promises: every submitted item gets exactly its own result; when every `Batcher` handle is
@@ -39,18 +39,35 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             let mut tasks = tokio::task::JoinSet::new();
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
+                // Linger up to `max_wait` for company (0: take only what is already waiting).
                 let deadline = tokio::time::sleep(max_wait);
                 tokio::pin!(deadline);
+                let mut closed = false;
                 while batch.len() < max {
                     tokio::select! {
+                        biased;
                         next = rx.recv() => match next {
                             Some(entry) => batch.push(entry),
-                            None => break,
+                            None => { closed = true; break }
                         },
                         _ = &mut deadline => break,
                     }
                 }
-                let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
+                // While every flush slot is busy, keep gathering: batches grow with the load
+                // and cost no latency when there is none.
+                let permit = loop {
+                    if batch.len() >= max || closed {
+                        break slots.clone().acquire_owned().await.expect("semaphore never closed");
+                    }
+                    tokio::select! {
+                        biased;
+                        permit = slots.clone().acquire_owned() => break permit.expect("semaphore never closed"),
+                        next = rx.recv() => match next {
+                            Some(entry) => batch.push(entry),
+                            None => closed = true,
+                        },
+                    }
+                };
                 let flush = flush.clone();
                 tasks.spawn(async move {
                     let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
@@ -100,6 +117,43 @@ mod tests {
         let sizes = sizes.lock().unwrap();
         assert!(sizes.iter().all(|&n| n <= 4), "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_lingering_items_gather_while_every_slot_is_busy() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let (batcher, handle) = Batcher::spawn(100, Duration::ZERO, 1, move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items.len());
+            let mut gate = gate.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await; // the one slot stays busy until released
+                items
+            }
+        });
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.submit(0).await }
+        });
+        tokio::task::yield_now().await;
+        let rest: Vec<_> = (1..6)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.submit(i).await })
+            })
+            .collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        release.send(true).unwrap();
+        assert_eq!(first.await.unwrap(), Some(0), "a lone item is flushed at once");
+        for (i, r) in rest.into_iter().enumerate() {
+            assert_eq!(r.await.unwrap(), Some(i as u32 + 1));
+        }
+        drop(batcher);
+        handle.await.unwrap();
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 5], "the five gathered while the slot was busy");
     }
 
     #[tokio::test(start_paused = true)]

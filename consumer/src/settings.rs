@@ -56,8 +56,10 @@ pub struct Settings {
     #[arg(long, env = "DB_BATCH_SIZE", default_value = "100")]
     pub db_batch_size: NonZeroUsize,
 
-    /// Milliseconds a rewrite waits for others to share its UPDATE.
-    #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "20")]
+    /// Milliseconds a rewrite lingers for others to share its UPDATE. 0 (the default): no
+    /// lingering; batches still grow with the load, since rewrites gather while every
+    /// connection is busy. Raise it for fewer, larger UPDATEs at the cost of latency.
+    #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "0")]
     pub db_batch_max_wait_ms: u64,
 
     /// Database connections this process opens at most.
