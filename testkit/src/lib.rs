@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::QueueAttributeName;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 pub use common::aws::{S3, Sqs};
 
@@ -254,13 +254,7 @@ impl Env {
 
     /// Rows as (id, path), by id.
     pub async fn rows(&self) -> Vec<(i32, String)> {
-        sqlx::query("SELECT id, path FROM avatars ORDER BY id")
-            .fetch_all(&self.db)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect()
+        sqlx::query_as("SELECT id, path FROM avatars ORDER BY id").fetch_all(&self.db).await.unwrap()
     }
 
     pub async fn count_rows_with_prefix(&self, prefix: &str) -> i64 {
@@ -280,13 +274,7 @@ impl Env {
         if exists.is_none() {
             return Vec::new();
         }
-        sqlx::query("SELECT reason, subject FROM avatar_migration_failures ORDER BY reason, subject")
-            .fetch_all(&self.db)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect()
+        common::db::list_failures(&self.db).await.unwrap().into_iter().map(|f| (f.reason, f.subject)).collect()
     }
 
     pub async fn send_raw(&self, body: &str) {
