@@ -28,7 +28,10 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
     let per_receive = MAX_PER_RECEIVE.min(concurrency);
     let permits = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
-    // Receiving stops on shutdown, or when this process decides the queue is drained.
+    // Receiving stops on shutdown, or when this process decides the queue is drained. A drain
+    // lets receives already waiting finish (and works on what they bring): cutting a long poll
+    // short can leave its messages invisible until their visibility timeout. SIGTERM does cut
+    // them short, to stop promptly; those messages come back later, nothing is lost.
     let stop = shutdown.child_token();
     let epoch = Instant::now();
     let last_message_ms = Arc::new(AtomicU64::new(0));
@@ -38,6 +41,7 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
     let loops = TaskTracker::new();
     for _ in 0..receivers {
         let (worker, permits, tracker, stop) = (worker.clone(), permits.clone(), tracker.clone(), stop.clone());
+        let shutdown = shutdown.clone();
         let last_message_ms = last_message_ms.clone();
         let settings = settings.clone();
         loops.spawn(async move {
@@ -47,6 +51,8 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
                     _ = stop.cancelled() => break,
                 };
                 let received = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
                     r = worker.sqs.receive_message()
                         .queue_url(&worker.queue_url)
                         .max_number_of_messages(per_receive as i32)
@@ -54,7 +60,6 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
                         .visibility_timeout(settings.visibility_timeout as i32)
                         .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                         .send() => r,
-                    _ = stop.cancelled() => break,
                 };
                 let messages = match received {
                     Ok(out) => out.messages.unwrap_or_default(),

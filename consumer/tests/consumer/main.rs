@@ -454,6 +454,11 @@ async fn a_slow_object_keeps_its_message_invisible_while_worked_on() {
             }
         }
     });
+    // The second consumer starts once the slow one holds the message.
+    wait_until("the slow consumer holds the message", Duration::from_secs(60), || async {
+        env.depth(&env.queue_url).await == (0, 1)
+    })
+    .await;
     let mut other = consumer(&env, &[("VISIBILITY_TIMEOUT", "2"), ("EXIT_WHEN_IDLE", "60")]).spawn().unwrap();
     // Four extensions of a 2 s timeout: the work has outlived it about twice over.
     wait_until("four visibility extensions", Duration::from_secs(60), || async {

@@ -190,3 +190,34 @@ fn help_explains_settings_and_never_shows_the_database_url() {
     assert!(help.contains("[env: SOURCE_BUCKET_NAME") && help.contains("status") && help.contains("verify"), "{help}");
     assert!(!help.contains("s3cr3t-pw"), "{help}");
 }
+
+#[tokio::test]
+async fn sigterm_stops_the_feeder_at_a_checkpoint_with_exit_0() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let env = Env::new().await;
+    let keys: Vec<String> = (0..300).map(|i| format!("image/avatar-{i:04}.png")).collect();
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    // Held by the backlog limit after two pages, as an operator would see it mid-run.
+    let child = Command::new(binary("feeder"))
+        .envs(env.vars())
+        .env("PAGE_SIZE", "50")
+        .env("MAX_BACKLOG", "50")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("two pages checkpointed", Duration::from_secs(60), || async {
+        common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.is_ok_and(|cp| cp.listed >= 100)
+    })
+    .await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("interrupted: run again to resume"), "{stdout}");
+    let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap();
+    assert!(!cp.finished, "{cp:?}");
+    let enqueued = keys_of(&env.drain().await).len() as i64;
+    assert_eq!(enqueued, cp.listed, "what the checkpoint says was enqueued, and nothing half-sent");
+}
