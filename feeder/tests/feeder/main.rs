@@ -58,26 +58,31 @@ async fn a_finished_listing_is_not_repeated_unless_restarted() {
     assert_eq!(env.drain().await.len(), 50);
 }
 
+/// Starts the feeder with pages of 50 and a backlog limit of 50: it enqueues two pages, then
+/// waits for room that never comes (no consumer runs), surely mid-listing. Returns once those
+/// two pages are checkpointed.
+async fn feeder_held_mid_listing(env: &Env, stdout: Stdio) -> std::process::Child {
+    let child = Command::new(binary("feeder"))
+        .envs(env.vars())
+        .env("PAGE_SIZE", "50")
+        .env("MAX_BACKLOG", "50")
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("two pages checkpointed", Duration::from_secs(60), || async {
+        common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.is_ok_and(|cp| cp.listed >= 100)
+    })
+    .await;
+    child
+}
+
 #[tokio::test]
 async fn a_killed_feeder_resumes_from_its_checkpoint() {
     let env = Env::new().await;
     let keys: Vec<String> = (0..500).map(|i| format!("image/avatar-{i:04}.png")).collect();
     env.put_many(&env.source_bucket, &keys, b"png").await;
-    // The backlog limit holds the feeder after its second page (100 messages > 50), so it is
-    // surely mid-listing when killed.
-    let mut child = Command::new(binary("feeder"))
-        .envs(env.vars())
-        .env("PAGE_SIZE", "50")
-        .env("MAX_BACKLOG", "50")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("two pages checkpointed", Duration::from_secs(60), || async {
-        let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await;
-        cp.is_ok_and(|cp| cp.listed >= 100)
-    })
-    .await;
+    let mut child = feeder_held_mid_listing(&env, Stdio::null()).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap();
@@ -198,19 +203,7 @@ async fn sigterm_stops_the_feeder_at_a_checkpoint_with_exit_0() {
     let env = Env::new().await;
     let keys: Vec<String> = (0..300).map(|i| format!("image/avatar-{i:04}.png")).collect();
     env.put_many(&env.source_bucket, &keys, b"png").await;
-    // Held by the backlog limit after two pages, as an operator would see it mid-run.
-    let child = Command::new(binary("feeder"))
-        .envs(env.vars())
-        .env("PAGE_SIZE", "50")
-        .env("MAX_BACKLOG", "50")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("two pages checkpointed", Duration::from_secs(60), || async {
-        common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.is_ok_and(|cp| cp.listed >= 100)
-    })
-    .await;
+    let child = feeder_held_mid_listing(&env, Stdio::piped()).await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
