@@ -90,7 +90,11 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
                 }
                 last_message_ms.store(epoch.elapsed().as_millis() as u64, Relaxed);
                 for message in messages {
-                    let permit = held.split(1).expect("one permit per message received");
+                    let Some(permit) = held.split(1) else {
+                        // More messages than asked for: leave the extra ones to come back.
+                        tracing::warn!("the queue returned more messages than asked for; the rest come back later");
+                        break;
+                    };
                     let worker = worker.clone();
                     tracker.spawn(async move {
                         worker.handle(message).await;
