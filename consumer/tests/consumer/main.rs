@@ -414,6 +414,11 @@ async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
     assert_eq!(env.depth(&env.dlq_url).await.0, 1, "after 5 receipts the message is in the dead-letter queue");
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
     assert_eq!(env.failures().await, vec![], "a transient failure is not recorded as permanent");
+    // The operator sees it: `feeder status` follows the redrive policy to the dead-letter queue.
+    let status = std::process::Command::new(testkit::binary("feeder")).envs(env.vars()).arg("status").output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("1 messages in the dead-letter queue"), "{status}");
+    assert!(status.contains("rows:     1 in all: 1 legacy, 0 modern"), "{status}");
 
     // The database accepts writes again; the same object fed again completes.
     sqlx::raw_sql("DROP TRIGGER refuse ON avatars").execute(&env.db).await.unwrap();
