@@ -84,6 +84,16 @@ pub async fn check_queue(sqs: &Sqs, queue_url: &str) -> anyhow::Result<i32> {
         .map(|v| v.unwrap_or(30))
 }
 
+/// The ETag of an object, `None` when there is no object at that key (404); any other failure
+/// is an error naming the object.
+pub async fn head_etag(s3: &S3, bucket: &str, key: &str) -> Result<Option<String>, String> {
+    match s3.head_object().bucket(bucket).key(key).send().await {
+        Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_owned())),
+        Err(err) if status(&err) == Some(404) => Ok(None),
+        Err(err) => Err(format!("HEAD s3://{bucket}/{key}: {}", describe(&err))),
+    }
+}
+
 /// The HTTP status of a service's answer, when there was one.
 pub fn status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
     err.raw_response().map(|r| r.status().as_u16())

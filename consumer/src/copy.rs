@@ -11,7 +11,7 @@
 //! - the object is never downloaded.
 
 use aws_sdk_s3::types::MetadataDirective;
-use common::aws::{S3, describe, status};
+use common::aws::{S3, describe, head_etag, status};
 use common::keys::KeyMapping;
 
 /// The largest object a single `CopyObject` can copy (5 GiB).
@@ -42,11 +42,8 @@ struct Head {
 }
 
 async fn head(s3: &S3, bucket: &str, key: &str) -> Result<Option<Head>, CopyError> {
-    match s3.head_object().bucket(bucket).key(key).send().await {
-        Ok(out) => Ok(Some(Head { etag: out.e_tag().unwrap_or_default().to_owned() })),
-        Err(err) if status(&err) == Some(404) => Ok(None),
-        Err(err) => Err(CopyError::Transient(format!("HEAD s3://{bucket}/{key}: {}", describe(&err)))),
-    }
+    let etag = head_etag(s3, bucket, key).await.map_err(CopyError::Transient)?;
+    Ok(etag.map(|etag| Head { etag }))
 }
 
 /// Puts `source_key` at `destination_key` unless it is already there.

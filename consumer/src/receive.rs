@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::MessageSystemAttributeName;
 use common::aws::describe;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +57,6 @@ pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: Cancellatio
                         .max_number_of_messages(per_receive as i32)
                         .wait_time_seconds(settings.wait_time() as i32)
                         .visibility_timeout(settings.visibility_timeout as i32)
-                        .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                         .send() => r,
                 };
                 let messages = match received {

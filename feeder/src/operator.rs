@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use aws_sdk_sqs::types::QueueAttributeName;
-use common::aws::describe;
+use common::aws::{describe, head_etag};
 use common::db::Reason;
 use futures::{StreamExt, TryStreamExt};
 use sqlx::Row;
@@ -74,11 +74,7 @@ pub async fn verify(settings: &Settings, args: &VerifyArgs, clients: &Clients) -
                     // Neither prefix: which bucket it names is not ours to guess; counted apart.
                     return Ok::<_, anyhow::Error>((id, path, Side::Other, false));
                 };
-                let exists = match clients.s3.head_object().bucket(bucket).key(&path).send().await {
-                    Ok(_) => true,
-                    Err(err) if common::aws::status(&err) == Some(404) => false,
-                    Err(err) => anyhow::bail!("HEAD s3://{bucket}/{path}: {}", describe(&err)),
-                };
+                let exists = head_etag(&clients.s3, bucket, &path).await.map_err(anyhow::Error::msg)?.is_some();
                 Ok((id, path, side, exists))
             }
         }))

@@ -223,11 +223,7 @@ impl Env {
     }
 
     pub async fn exists(&self, bucket: &str, key: &str) -> bool {
-        match self.s3.head_object().bucket(bucket).key(key).send().await {
-            Ok(_) => true,
-            Err(e) if common::aws::status(&e) == Some(404) => false,
-            Err(e) => panic!("head s3://{bucket}/{key}: {e:?}"),
-        }
+        common::aws::head_etag(&self.s3, bucket, key).await.unwrap_or_else(|e| panic!("{e}")).is_some()
     }
 
     pub async fn keys(&self, bucket: &str) -> Vec<String> {
