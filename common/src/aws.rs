@@ -94,6 +94,108 @@ pub async fn head_etag(s3: &S3, bucket: &str, key: &str) -> Result<Option<String
     }
 }
 
+/// What an AWS error means for the work at hand. README: "What each error means".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Try again later: throttling, 5xx, timeouts, the network, a refreshed credential.
+    Transient,
+    /// This one object cannot be moved as things stand (access denied to it, archived, key too
+    /// long, its encryption key unusable): record it with its reason, go on with the others.
+    Permanent,
+    /// Nothing can be moved: a missing bucket or queue, unknown credentials. Stop the process
+    /// with the error; messages wait in the queue.
+    Fatal,
+}
+
+/// Codes any retry may cure. S3's and SQS's error codes are mostly unmodeled in the SDK, so
+/// they are matched by their documented names.
+const TRANSIENT_CODES: &[&str] = &[
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "OperationAborted",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "ServiceUnavailable",
+    "InternalError",
+    "InternalFailure",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+];
+
+/// Codes that mean the whole run is misconfigured.
+const FATAL_CODES: &[&str] = &[
+    "NoSuchBucket",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "MissingAuthenticationToken",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "QueueDoesNotExist",
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "NonExistentQueue",
+];
+
+/// Why S3 refuses one object for good, as a failure reason.
+pub fn permanent_object_reason(code: &str, status: Option<u16>) -> Option<crate::db::Reason> {
+    use crate::db::Reason;
+    Some(match code {
+        "InvalidObjectState" | "ObjectNotInActiveTierError" => Reason::ObjectArchived,
+        "KeyTooLongError" | "KeyTooLong" => Reason::KeyTooLong,
+        c if c.starts_with("KMS.") || c == "KMSAccessDenied" => Reason::EncryptionKeyUnusable,
+        "AccessDenied" => Reason::AccessDenied,
+        // A HEAD's error has no body, hence no code: its status says it all.
+        "" if status == Some(403) => Reason::AccessDenied,
+        _ => return None,
+    })
+}
+
+fn error_code<E, R>(err: &SdkError<E, R>) -> &str
+where
+    E: ProvideErrorMetadata,
+{
+    err.as_service_error().and_then(ProvideErrorMetadata::code).unwrap_or_default()
+}
+
+/// Classifies an S3 error met while moving one object.
+pub fn classify_object_error<E>(err: &SdkError<E, HttpResponse>) -> ErrorClass
+where
+    E: ProvideErrorMetadata,
+{
+    let code = error_code(err);
+    if TRANSIENT_CODES.contains(&code) {
+        ErrorClass::Transient
+    } else if FATAL_CODES.contains(&code) {
+        ErrorClass::Fatal
+    } else if permanent_object_reason(code, status(err)).is_some() {
+        ErrorClass::Permanent
+    } else {
+        ErrorClass::Transient
+    }
+}
+
+/// Classifies an SQS error: access denied to the queue is fatal (every message would meet it).
+pub fn classify_queue_error<E>(err: &SdkError<E, HttpResponse>) -> ErrorClass
+where
+    E: ProvideErrorMetadata,
+{
+    let code = error_code(err);
+    if TRANSIENT_CODES.contains(&code) {
+        ErrorClass::Transient
+    } else if FATAL_CODES.contains(&code)
+        || code.starts_with("AccessDenied")
+        || code == "KMS.AccessDeniedException"
+        || status(err) == Some(403)
+    {
+        ErrorClass::Fatal
+    } else {
+        ErrorClass::Transient
+    }
+}
+
 /// The HTTP status of a service's answer, when there was one.
 pub fn status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
     err.raw_response().map(|r| r.status().as_u16())
@@ -128,11 +230,19 @@ where
     }
 }
 
-/// Messages waiting and in flight in a queue (SQS's approximate counts).
-#[derive(Debug, Default, Clone, Copy)]
+/// Messages waiting, in flight and delayed in a queue (SQS's approximate counts).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueDepth {
     pub visible: u64,
     pub in_flight: u64,
+    pub delayed: u64,
+}
+
+impl QueueDepth {
+    /// Every message of the queue, whatever its state.
+    pub fn total(&self) -> u64 {
+        self.visible + self.in_flight + self.delayed
+    }
 }
 
 pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDepth> {
@@ -141,6 +251,7 @@ pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDept
         .queue_url(queue_url)
         .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
         .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("reading the depth of {queue_url}: {}", describe(&e)))?;
@@ -150,5 +261,6 @@ pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDept
     Ok(QueueDepth {
         visible: get(QueueAttributeName::ApproximateNumberOfMessages),
         in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        delayed: get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
     })
 }

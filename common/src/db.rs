@@ -58,6 +58,9 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
          or point DATABASE_URL at the production database"
     );
 
+    // Building an index concurrently waits for every older transaction and takes one pass
+    // over the table: the migration's short timeouts do not apply to preparation.
+    sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0").execute(&mut *conn).await?;
     // Polled, not blocking: see the module documentation.
     loop {
         let got: bool =
@@ -69,6 +72,11 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     }
     let result = prepare_locked(&mut conn).await;
     let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(PREPARE_LOCK_KEY).execute(&mut *conn).await;
+    // Back to the session's timeouts (DB_LOCK_TIMEOUT, DB_STATEMENT_TIMEOUT) before the
+    // connection returns to the pool; a connection that cannot be reset is not returned.
+    if sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout").execute(&mut *conn).await.is_err() {
+        conn.detach();
+    }
     result?;
     unlock?;
     Ok(())
@@ -136,28 +144,48 @@ pub async fn path_index_valid(conn: &mut PgConnection) -> anyhow::Result<bool> {
     .await?)
 }
 
-/// Rewrites every row whose path is an `old` to its `new`, compare-and-set, in one statement.
-/// Returns, for each `old` path, how many rows it rewrote.
-pub async fn rewrite_paths(pool: &PgPool, pairs: &[(String, String)]) -> sqlx::Result<HashMap<String, u64>> {
-    let mut sorted: Vec<&(String, String)> = pairs.iter().collect();
-    // One lock order for every batch keeps concurrent batches from deadlocking.
-    sorted.sort();
-    let (old, new): (Vec<&str>, Vec<&str>) = sorted.iter().map(|(o, n)| (o.as_str(), n.as_str())).unzip();
-    let rewritten: Vec<String> = sqlx::query_scalar(
-        "UPDATE avatars AS a SET path = v.new_path
-         FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[])) AS v(old_path, new_path)
-         WHERE a.path = v.old_path
-         RETURNING v.old_path",
+/// What a rewrite did for one old path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewritten {
+    /// Rows this statement pointed at the new path.
+    pub rows: u64,
+    /// Rows still at the old path because another transaction holds them (skipped, never
+    /// waited for); the object's message must come back for them.
+    pub held: u64,
+}
+
+/// Rewrites every row whose path is an `old` to its `new`, compare-and-set (I4), in one
+/// statement. Rows another transaction holds are skipped (`FOR UPDATE SKIP LOCKED`), never
+/// waited for: a live transaction on one row must not stall the batch, and the batch must not
+/// hold the other rows' locks while it waits (the live service's writes would queue behind
+/// it). Returns, for each `old` path, what was done.
+pub async fn rewrite_paths(pool: &PgPool, pairs: &[(String, String)]) -> sqlx::Result<HashMap<String, Rewritten>> {
+    let (old, new): (Vec<&str>, Vec<&str>) = pairs.iter().map(|(o, n)| (o.as_str(), n.as_str())).unzip();
+    // `pointing` reads the statement's snapshot, taken before the update: the rows at the old
+    // path, held or not. What was not rewritten among them is held by someone else.
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "WITH v AS (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[]) AS u(old_path, new_path)),
+         held AS (SELECT a.id, v.old_path, v.new_path FROM avatars a JOIN v ON a.path = v.old_path
+                  ORDER BY a.id FOR UPDATE OF a SKIP LOCKED),
+         moved AS (UPDATE avatars a SET path = held.new_path FROM held
+                   WHERE a.id = held.id AND a.path = held.old_path
+                   RETURNING held.old_path)
+         SELECT v.old_path,
+                (SELECT count(*) FROM moved WHERE moved.old_path = v.old_path),
+                (SELECT count(*) FROM avatars a WHERE a.path = v.old_path)
+         FROM v",
     )
     .bind(&old)
     .bind(&new)
     .fetch_all(pool)
     .await?;
-    let mut counts = HashMap::new();
-    for old in rewritten {
-        *counts.entry(old).or_insert(0) += 1;
-    }
-    Ok(counts)
+    Ok(rows
+        .into_iter()
+        .map(|(old, rows, pointing)| {
+            let rows = rows as u64;
+            (old, Rewritten { rows, held: (pointing as u64).saturating_sub(rows) })
+        })
+        .collect())
 }
 
 /// Why an object (or message) was set aside for the operator.
@@ -175,6 +203,18 @@ pub enum Reason {
     RowObjectMissing,
     /// Larger than one CopyObject can copy (5 GiB); multipart copy is not implemented.
     TooLarge,
+    /// The destination exists with the same size but its identity with the source could not
+    /// be proven without reading more than `COMPARE_MAX_BYTES`; left as it is.
+    DestinationUnproven,
+    /// S3 denies access to this object (403 AccessDenied on it).
+    AccessDenied,
+    /// The object is archived (Glacier, Deep Archive, Intelligent-Tiering archive): restore it
+    /// first (`InvalidObjectState`).
+    ObjectArchived,
+    /// The destination key would be longer than S3 allows (`KeyTooLongError`).
+    KeyTooLong,
+    /// The object's KMS key is disabled, missing or not granted (`KMS.*`).
+    EncryptionKeyUnusable,
 }
 
 impl Reason {
@@ -186,6 +226,11 @@ impl Reason {
             Reason::OutsidePrefix => "outside_prefix",
             Reason::RowObjectMissing => "row_object_missing",
             Reason::TooLarge => "too_large",
+            Reason::DestinationUnproven => "destination_unproven",
+            Reason::AccessDenied => "access_denied",
+            Reason::ObjectArchived => "object_archived",
+            Reason::KeyTooLong => "key_too_long",
+            Reason::EncryptionKeyUnusable => "encryption_key_unusable",
         }
     }
 }

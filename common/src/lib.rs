@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod db;
 pub mod exit;
+pub mod identity;
 pub mod keys;
 pub mod message;
 pub mod settings;

@@ -4,6 +4,7 @@
 //! hidden from `--help` and never printed, not even in error messages.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -101,6 +102,19 @@ pub struct DatabaseArgs {
     /// Required. A secret: never printed.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
     pub database_url: SecretString,
+
+    /// Longest wait for a lock in any statement of the migration (PostgreSQL `lock_timeout`),
+    /// e.g. `200ms`, `1s`. Rows the live service holds are skipped, not waited for; this bounds
+    /// every other wait, so a production write never queues behind the migration for longer.
+    /// A statement that hits it is retried later. Index preparation is exempt.
+    #[arg(long, env = "DB_LOCK_TIMEOUT", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub db_lock_timeout: Duration,
+
+    /// Longest run of any statement of the migration (PostgreSQL `statement_timeout`), e.g.
+    /// `30s`. A statement cut short is retried later. Index preparation and the operator's full
+    /// counts (`feeder status`) are exempt.
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub db_statement_timeout: Duration,
 }
 
 fn parse_secret(s: &str) -> Result<SecretString, String> {
@@ -115,13 +129,22 @@ impl DatabaseArgs {
             url.starts_with("postgres://") || url.starts_with("postgresql://"),
             "DATABASE_URL must be a PostgreSQL connection string: postgres://user:password@host:port/database"
         );
-        PgConnectOptions::from_str(url).map_err(|_| {
+        let options = PgConnectOptions::from_str(url).map_err(|_| {
             anyhow::anyhow!(
                 "DATABASE_URL is not a valid PostgreSQL connection string: expected \
                  postgres://user:password@host:port/database"
             )
-        })
+        })?;
+        Ok(options.options([
+            ("lock_timeout", millis(self.db_lock_timeout)),
+            ("statement_timeout", millis(self.db_statement_timeout)),
+        ]))
     }
+}
+
+/// A duration as PostgreSQL reads it, in milliseconds (0 would mean no limit: at least 1 ms).
+fn millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
 }
 
 #[cfg(test)]
@@ -138,14 +161,22 @@ mod tests {
         assert!(check_bucket_name("a b c").is_err());
     }
 
+    fn database_args(url: &str) -> DatabaseArgs {
+        DatabaseArgs {
+            database_url: SecretString::from(url),
+            db_lock_timeout: Duration::from_millis(200),
+            db_statement_timeout: Duration::from_secs(30),
+        }
+    }
+
     #[test]
     fn database_url_errors_never_echo_the_secret() {
         for url in ["mysql://u:hunter2@h/db", "postgres://u:hunter2@h:notaport/db", "hunter2"] {
-            let args = DatabaseArgs { database_url: SecretString::from(url) };
+            let args = database_args(url);
             let err = format!("{:#}", args.connect_options().unwrap_err());
             assert!(err.contains("DATABASE_URL") && !err.contains("hunter2"), "{err}");
         }
-        let args = DatabaseArgs { database_url: SecretString::from("postgres://u:hunter2@h:5432/db") };
+        let args = database_args("postgres://u:hunter2@h:5432/db");
         assert!(args.connect_options().is_ok());
         assert!(format!("{args:?}").contains("REDACTED") || !format!("{args:?}").contains("hunter2"));
     }

@@ -1,5 +1,5 @@
 //! Acknowledge stage: deletes the messages whose objects are done, ten per
-//! `DeleteMessageBatch`, and keeps a slow object's message invisible while it is worked on.
+//! `DeleteMessageBatch`.
 //!
 //! Promises: only messages handed to [`Acker::ack`] are deleted; every entry a batch reports
 //! as failed is reported back to its own caller (the message simply comes back later, which
@@ -61,33 +61,4 @@ async fn delete_batch(sqs: &Sqs, queue_url: &str, handles: Vec<String>) -> Vec<R
         }
     }
     results
-}
-
-/// Extends a message's visibility every half timeout until dropped, so a slow object is not
-/// handed to a second consumer while this one still works on it.
-pub fn keep_invisible(
-    sqs: Sqs,
-    queue_url: String,
-    receipt_handle: String,
-    timeout: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let secs = i32::try_from(timeout.as_secs()).unwrap_or(43_200).clamp(1, 43_200);
-        let mut tick = tokio::time::interval(timeout / 2);
-        tick.tick().await; // the first tick is immediate; the receive already set the timeout
-        loop {
-            tick.tick().await;
-            match sqs
-                .change_message_visibility()
-                .queue_url(&queue_url)
-                .receipt_handle(&receipt_handle)
-                .visibility_timeout(secs)
-                .send()
-                .await
-            {
-                Ok(_) => tracing::debug!(secs, "visibility extended"),
-                Err(err) => tracing::warn!(error = describe(&err), "cannot extend visibility"),
-            }
-        }
-    })
 }

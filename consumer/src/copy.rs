@@ -2,16 +2,24 @@
 //! (I3).
 //!
 //! Promises:
-//! - a destination that already exists is compared, never overwritten: same ETag as the
-//!   source means done (an earlier delivery copied it), anything else is a conflict;
-//! - the copy itself carries `If-None-Match: *` (closes the race with a live upload on real S3)
-//!   and `x-amz-copy-source-if-match` on the source ETag; the local emulators ignore the first,
-//!   which is why the destination is checked before copying;
+//! - a destination that already exists is compared, never overwritten: it counts as done only
+//!   when it holds exactly the source's bytes (`common::identity`: size, full-object checksum,
+//!   equal ETag, or a bounded streamed comparison), a conflict when it holds other bytes, and
+//!   `destination_unproven` when it is too large to compare within `COMPARE_MAX_BYTES`;
+//! - the copy itself carries `If-None-Match: *` (closes the race with a live upload where the
+//!   server enforces it: AWS, SeaweedFS) and `x-amz-copy-source-if-match` on the source ETag;
+//!   servers that ignore the first are covered by the destination check before the copy;
 //! - content type and user metadata are copied as they are (`MetadataDirective=COPY`);
-//! - the object is never downloaded.
+//! - the object is never downloaded, except for the bounded comparison;
+//! - every S3 error is classified (`common::aws::ErrorClass`): retried later, recorded for this
+//!   object with its reason, or fatal for the process.
 
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::types::MetadataDirective;
-use common::aws::{S3, describe, head_etag, status};
+use common::aws::{ErrorClass, S3, classify_object_error, describe, permanent_object_reason, status};
+use common::db::Reason;
+use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
 
 /// The largest object a single `CopyObject` can copy (5 GiB).
@@ -21,119 +29,171 @@ pub const MAX_SINGLE_COPY: i64 = 5 * 1024 * 1024 * 1024;
 pub enum Copied {
     /// This call created the destination object.
     Copied,
-    /// The destination already held the same content.
+    /// The destination already held the same bytes.
     AlreadyPresent,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("source object s3://{bucket}/{key} does not exist")]
-    SourceMissing { bucket: String, key: String },
-    #[error("destination s3://{bucket}/{key} already holds different content ({detail}); left as it is")]
-    Conflict { bucket: String, key: String, detail: String },
-    #[error("object of {0} bytes is larger than a single copy allows (5 GiB)")]
-    TooLarge(i64),
+    /// Permanent for this object: recorded with this reason, the message deleted.
+    #[error("{detail}")]
+    SetAside { reason: Reason, detail: String },
+    /// Nothing can be moved (a bucket is gone, the credentials are refused): stop.
+    #[error("{0}")]
+    Fatal(String),
+    /// Try again later: the message comes back.
     #[error("{0}")]
     Transient(String),
 }
 
-struct Head {
-    etag: String,
-}
-
-async fn head(s3: &S3, bucket: &str, key: &str) -> Result<Option<Head>, CopyError> {
-    let etag = head_etag(s3, bucket, key).await.map_err(CopyError::Transient)?;
-    Ok(etag.map(|etag| Head { etag }))
-}
-
-/// Puts `source_key` at `destination_key` unless it is already there.
-pub async fn ensure_copied(
-    s3: &S3,
-    mapping: &KeyMapping,
-    source_key: &str,
-    listed_etag: &str,
-    size: i64,
-    destination_key: &str,
-) -> Result<Copied, CopyError> {
-    let (dst_bucket, src_bucket) = (&mapping.destination_bucket, &mapping.source_bucket);
-    if let Some(dest) = head(s3, dst_bucket, destination_key).await? {
-        return compare(s3, mapping, source_key, listed_etag, destination_key, dest).await;
-    }
-    if size > MAX_SINGLE_COPY {
-        return Err(CopyError::TooLarge(size));
-    }
-    let mut etag = listed_etag.to_owned();
-    // Two attempts: the second only when the source was replaced since it was listed, to copy
-    // what the legacy row shows today.
-    for _ in 0..2 {
-        let sent = s3
-            .copy_object()
-            .bucket(dst_bucket)
-            .key(destination_key)
-            .copy_source(mapping.copy_source(source_key))
-            .copy_source_if_match(&etag)
-            .if_none_match("*")
-            .metadata_directive(MetadataDirective::Copy)
-            .send()
-            .await;
-        let err = match sent {
-            Ok(_) => return Ok(Copied::Copied),
-            Err(err) => err,
-        };
-        let code = describe(&err);
-        match status(&err) {
-            Some(404) if !code.starts_with("NoSuchBucket") => {
-                return Err(CopyError::SourceMissing { bucket: src_bucket.clone(), key: source_key.to_owned() });
-            }
-            // The destination appeared meanwhile, or the source changed since it was listed.
-            Some(412) => {
-                if let Some(dest) = head(s3, dst_bucket, destination_key).await? {
-                    return compare(s3, mapping, source_key, listed_etag, destination_key, dest).await;
-                }
-                match head(s3, src_bucket, source_key).await? {
-                    None => {
-                        return Err(CopyError::SourceMissing {
-                            bucket: src_bucket.clone(),
-                            key: source_key.to_owned(),
-                        });
-                    }
-                    Some(src) if src.etag != etag => etag = src.etag,
-                    Some(_) => {
-                        return Err(CopyError::Transient(format!("copy precondition failed: {code}")));
-                    }
-                }
-            }
-            _ => {
-                return Err(CopyError::Transient(format!(
-                    "copy s3://{src_bucket}/{source_key} -> s3://{dst_bucket}/{destination_key}: {code}"
-                )));
+impl CopyError {
+    /// Classifies an S3 error met at `step` (which names the request and the object).
+    fn from_s3<E>(step: &str, err: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let detail = format!("{step}: {}", describe(err));
+        match classify_object_error(err) {
+            ErrorClass::Transient => CopyError::Transient(detail),
+            ErrorClass::Fatal => CopyError::Fatal(detail),
+            ErrorClass::Permanent => {
+                let code = err.as_service_error().and_then(|e| e.code()).unwrap_or_default();
+                let reason = permanent_object_reason(code, status(err)).unwrap_or(Reason::AccessDenied);
+                CopyError::SetAside { reason, detail }
             }
         }
     }
-    Err(CopyError::Transient(format!("source s3://{src_bucket}/{source_key} keeps changing")))
 }
 
-/// The destination exists: done if it holds what the source holds, a conflict otherwise.
-async fn compare(
-    s3: &S3,
-    mapping: &KeyMapping,
-    source_key: &str,
-    listed_etag: &str,
-    destination_key: &str,
-    dest: Head,
-) -> Result<Copied, CopyError> {
-    let source_etag = match head(s3, &mapping.source_bucket, source_key).await? {
-        Some(src) => src.etag,
-        // The source is gone (cleaned up after an earlier copy): compare with what was listed.
-        None => listed_etag.to_owned(),
-    };
-    if dest.etag == source_etag {
-        Ok(Copied::AlreadyPresent)
-    } else {
-        Err(CopyError::Conflict {
-            bucket: mapping.destination_bucket.clone(),
-            key: destination_key.to_owned(),
-            detail: format!("destination ETag {} differs from source ETag {source_etag}", dest.etag),
-        })
+/// Copies objects of one mapping.
+pub struct Copier {
+    pub s3: S3,
+    pub mapping: KeyMapping,
+    /// Largest object compared byte by byte when metadata cannot prove identity.
+    pub compare_max_bytes: u64,
+}
+
+impl Copier {
+    async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectHead>, CopyError> {
+        head_object(&self.s3, bucket, key)
+            .await
+            .map_err(|e| CopyError::from_s3(&format!("HEAD s3://{bucket}/{key}"), &e))
+    }
+
+    /// Puts `source_key` at `destination_key` unless it is already there.
+    pub async fn ensure_copied(
+        &self,
+        source_key: &str,
+        listed_etag: &str,
+        size: i64,
+        destination_key: &str,
+    ) -> Result<Copied, CopyError> {
+        let (dst_bucket, src_bucket) = (&self.mapping.destination_bucket, &self.mapping.source_bucket);
+        if let Some(dest) = self.head(dst_bucket, destination_key).await? {
+            return self.compare(source_key, listed_etag, destination_key, dest).await;
+        }
+        if size > MAX_SINGLE_COPY {
+            return Err(CopyError::SetAside {
+                reason: Reason::TooLarge,
+                detail: format!("object of {size} bytes is larger than a single copy allows (5 GiB)"),
+            });
+        }
+        let source_missing = || CopyError::SetAside {
+            reason: Reason::SourceMissing,
+            detail: format!("source object s3://{src_bucket}/{source_key} does not exist"),
+        };
+        let mut etag = listed_etag.to_owned();
+        // Two attempts: the second only when the source was replaced since it was listed, to
+        // copy what the legacy row shows today.
+        for _ in 0..2 {
+            let sent = self
+                .s3
+                .copy_object()
+                .bucket(dst_bucket)
+                .key(destination_key)
+                .copy_source(self.mapping.copy_source(source_key))
+                .copy_source_if_match(&etag)
+                .if_none_match("*")
+                .metadata_directive(MetadataDirective::Copy)
+                .send()
+                .await;
+            let err = match sent {
+                Ok(_) => return Ok(Copied::Copied),
+                Err(err) => err,
+            };
+            let code = err.as_service_error().and_then(|e| e.code()).unwrap_or_default();
+            match status(&err) {
+                Some(404) if code != "NoSuchBucket" => return Err(source_missing()),
+                // The destination appeared meanwhile, or the source changed since it was listed.
+                Some(412) => {
+                    if let Some(dest) = self.head(dst_bucket, destination_key).await? {
+                        return self.compare(source_key, listed_etag, destination_key, dest).await;
+                    }
+                    match self.head(src_bucket, source_key).await? {
+                        None => return Err(source_missing()),
+                        Some(src) if src.etag != etag => etag = src.etag,
+                        Some(_) => {
+                            return Err(CopyError::Transient(format!("copy precondition failed: {}", describe(&err))));
+                        }
+                    }
+                }
+                _ => {
+                    let step = format!("copy s3://{src_bucket}/{source_key} -> s3://{dst_bucket}/{destination_key}");
+                    return Err(CopyError::from_s3(&step, &err));
+                }
+            }
+        }
+        Err(CopyError::Transient(format!("source s3://{src_bucket}/{source_key} keeps changing")))
+    }
+
+    /// The destination exists: done if it holds the source's bytes, set aside otherwise.
+    async fn compare(
+        &self,
+        source_key: &str,
+        listed_etag: &str,
+        destination_key: &str,
+        dest: ObjectHead,
+    ) -> Result<Copied, CopyError> {
+        let (dst_bucket, src_bucket) = (&self.mapping.destination_bucket, &self.mapping.source_bucket);
+        let Some(source) = self.head(src_bucket, source_key).await? else {
+            // The source is gone (cleaned up after an earlier copy?): only the listed ETag is
+            // left to compare with.
+            if !listed_etag.is_empty() && dest.etag == listed_etag {
+                return Ok(Copied::AlreadyPresent);
+            }
+            return Err(CopyError::SetAside {
+                reason: Reason::SourceMissing,
+                detail: format!(
+                    "source object s3://{src_bucket}/{source_key} does not exist, and s3://{dst_bucket}/\
+                     {destination_key} cannot be compared with it"
+                ),
+            });
+        };
+        let identity = same_content(
+            &self.s3,
+            (src_bucket, source_key, &source),
+            (dst_bucket, destination_key, &dest),
+            self.compare_max_bytes,
+        )
+        .await
+        .map_err(|e| {
+            CopyError::from_s3(&format!("comparing s3://{dst_bucket}/{destination_key} with its source"), &e)
+        })?;
+        match identity {
+            Identity::Same(how) => {
+                tracing::debug!(how, "the destination already holds the same bytes");
+                Ok(Copied::AlreadyPresent)
+            }
+            Identity::Different(why) => Err(CopyError::SetAside {
+                reason: Reason::DestinationConflict,
+                detail: format!(
+                    "destination s3://{dst_bucket}/{destination_key} holds other content ({why}); left as it is"
+                ),
+            }),
+            Identity::Unproven(why) => Err(CopyError::SetAside {
+                reason: Reason::DestinationUnproven,
+                detail: format!("destination s3://{dst_bucket}/{destination_key} exists: {why}; left as it is"),
+            }),
+        }
     }
 }

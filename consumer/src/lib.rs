@@ -6,6 +6,7 @@
 pub mod ack;
 pub mod batch;
 pub mod copy;
+pub mod lease;
 pub mod process;
 pub mod receive;
 pub mod record;
@@ -28,8 +29,10 @@ pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
         .await
 }
 
-/// Runs until `shutdown` fires (or the queue stays idle, with `--exit-when-idle`), then lets
-/// in-flight objects finish and returns what was done.
+/// Runs until `shutdown` fires (or the queue is empty, with `--exit-when-idle`), then lets
+/// in-flight objects finish within the grace period and returns what was done. An error that
+/// stops every object (a bucket or the queue gone, credentials or a grant refused) ends the
+/// run with that error, after the same grace period.
 pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationToken) -> Result<Arc<Stats>, Failure> {
     let started = Instant::now();
     let mapping = settings.storage.mapping().setup()?;
@@ -41,24 +44,40 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         settings.database_max_connections.max(2) as usize - 1,
     );
     let (acker, acker_task) = ack::Acker::spawn(clients.sqs.clone(), settings.queue.queue_url.clone());
+    // SIGTERM, or an error that stops everything.
+    let stop = shutdown.child_token();
+    let halt = Arc::new(process::Halt::new(stop.clone()));
     let worker = Arc::new(process::Worker {
-        s3: clients.s3.clone(),
         sqs: clients.sqs.clone(),
         db: clients.db.clone(),
         queue_url: settings.queue.queue_url.clone(),
-        mapping,
+        copier: copy::Copier { s3: clients.s3.clone(), mapping, compare_max_bytes: settings.compare_max_bytes },
         rewriter,
         acker,
         visibility: settings.visibility_timeout(),
         stats: stats.clone(),
+        halt: halt.clone(),
     });
-    let drained = receive::run(&settings, worker.clone(), shutdown).await;
-    drop(worker); // the last handles on the batchers: they flush and stop
-    let _ = rewriter_task.await;
-    let _ = acker_task.await;
-    if !drained {
-        tracing::warn!("shutdown grace period over with objects still in flight: their messages come back later");
+    let ended = receive::run(&settings.receive_config(), worker, halt.clone(), stop).await;
+    match ended {
+        receive::Ended::Finished => {
+            // Every worker is done and dropped its handles on the batchers: they flush and stop.
+            let _ = rewriter_task.await;
+            let _ = acker_task.await;
+        }
+        receive::Ended::Abandoned(unfinished) => {
+            // A flush may be stuck (a statement, a slow call): the grace period is over.
+            rewriter_task.abort();
+            acker_task.abort();
+            tracing::warn!(
+                unfinished,
+                "shutdown grace period over with objects still in flight: their messages come back later"
+            );
+        }
     }
     stats.print_summary(started.elapsed());
-    Ok(stats)
+    match halt.take() {
+        Some(err) => Err(Failure::Run(err)),
+        None => Ok(stats),
+    }
 }

@@ -10,28 +10,55 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use aws_sdk_sqs::types::Message;
-use common::aws::{S3, Sqs};
-use common::db::Reason;
-use common::keys::KeyMapping;
+use common::aws::Sqs;
+use common::db::{Reason, Rewritten};
 use common::message::ObjectMessage;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::ack::{Acker, keep_invisible};
-use crate::copy::{Copied, CopyError, ensure_copied};
+use crate::ack::Acker;
+use crate::copy::{Copied, Copier, CopyError};
+use crate::lease::Lease;
 use crate::record::Rewriter;
 
 pub struct Worker {
-    pub s3: S3,
     pub sqs: Sqs,
     pub db: PgPool,
     pub queue_url: String,
-    pub mapping: KeyMapping,
+    pub copier: Copier,
     pub rewriter: Rewriter,
     pub acker: Acker,
     pub visibility: Duration,
     pub stats: std::sync::Arc<Stats>,
+    pub halt: std::sync::Arc<Halt>,
+}
+
+/// Stops the whole process on an error no retry can fix (a bucket gone, credentials refused,
+/// the database role lacking a grant), keeping the first such error for the exit message.
+pub struct Halt {
+    stop: CancellationToken,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
+impl Halt {
+    pub fn new(stop: CancellationToken) -> Self {
+        Self { stop, error: Mutex::new(None) }
+    }
+
+    pub fn halt(&self, err: anyhow::Error) {
+        tracing::error!(error = format!("{err:#}"), "stopping: this error stops every object, not just one");
+        self.error.lock().expect("never poisoned").get_or_insert(err);
+        self.stop.cancel();
+    }
+
+    /// The error that stopped the process, if one did.
+    pub fn take(&self) -> Option<anyhow::Error> {
+        self.error.lock().expect("never poisoned").take()
+    }
 }
 
 /// What this process did, for the summary line and for tests.
@@ -66,8 +93,14 @@ impl Stats {
 
 enum Outcome {
     Done,
-    SetAside { subject: String, reason: Reason, detail: String },
+    SetAside {
+        subject: String,
+        reason: Reason,
+        detail: String,
+    },
     RetryLater(String),
+    /// Nothing can be moved: stop the process (the message comes back).
+    Fatal(String),
 }
 
 impl Worker {
@@ -84,7 +117,7 @@ impl Worker {
         let span = tracing::info_span!("object", message_id = %id, key = %key);
         async {
             // A slow object keeps its message invisible until it is done.
-            let keeper = keep_invisible(self.sqs.clone(), self.queue_url.clone(), receipt.clone(), self.visibility);
+            let lease = Lease::start(self.sqs.clone(), self.queue_url.clone(), receipt.clone(), self.visibility);
             let outcome = match parsed {
                 Ok(msg) => self.move_object(&msg).await,
                 Err(err) => Outcome::SetAside {
@@ -93,7 +126,7 @@ impl Worker {
                     detail: format!("{err}; body: {}", truncate(body, 2048)),
                 },
             };
-            keeper.abort();
+            drop(lease);
             self.settle(outcome, receipt).await;
         }
         .instrument(span)
@@ -101,34 +134,38 @@ impl Worker {
     }
 
     async fn move_object(&self, msg: &ObjectMessage) -> Outcome {
-        let Some(destination) = self.mapping.destination_key(&msg.key) else {
+        let mapping = &self.copier.mapping;
+        let Some(destination) = mapping.destination_key(&msg.key) else {
             return Outcome::SetAside {
                 subject: msg.key.clone(),
                 reason: Reason::OutsidePrefix,
-                detail: format!("key is not under SOURCE_PREFIX {:?}", self.mapping.source_prefix.as_str()),
+                detail: format!("key is not under SOURCE_PREFIX {:?}", mapping.source_prefix.as_str()),
             };
         };
-        match ensure_copied(&self.s3, &self.mapping, &msg.key, &msg.etag, msg.size, &destination).await {
+        match self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination).await {
             Ok(Copied::Copied) => self.stats.copied.fetch_add(1, Relaxed),
             Ok(Copied::AlreadyPresent) => self.stats.already_present.fetch_add(1, Relaxed),
-            Err(err) => {
-                let reason = match &err {
-                    CopyError::SourceMissing { .. } => Reason::SourceMissing,
-                    CopyError::Conflict { .. } => Reason::DestinationConflict,
-                    CopyError::TooLarge(_) => Reason::TooLarge,
-                    CopyError::Transient(why) => return Outcome::RetryLater(why.clone()),
-                };
-                return Outcome::SetAside { subject: msg.key.clone(), reason, detail: err.to_string() };
+            Err(CopyError::SetAside { reason, detail }) => {
+                return Outcome::SetAside { subject: msg.key.clone(), reason, detail };
             }
+            Err(CopyError::Transient(why)) => return Outcome::RetryLater(why),
+            Err(CopyError::Fatal(why)) => return Outcome::Fatal(why),
         };
         // The destination exists: only now may rows point at it (I1).
         match self.rewriter.rewrite(msg.key.clone(), destination).await {
-            Ok(rows) => {
+            Ok(Rewritten { rows, held: 0 }) => {
                 self.stats.rows_rewritten.fetch_add(rows, Relaxed);
                 tracing::debug!(rows, "object moved");
                 Outcome::Done
             }
-            Err(why) => Outcome::RetryLater(why),
+            Ok(Rewritten { rows, held }) => {
+                self.stats.rows_rewritten.fetch_add(rows, Relaxed);
+                Outcome::RetryLater(format!(
+                    "{held} row(s) at the old path are held by another transaction (skipped, not waited for)"
+                ))
+            }
+            Err(err) if err.is_fatal() => Outcome::Fatal(err.to_string()),
+            Err(err) => Outcome::RetryLater(err.to_string()),
         }
     }
 
@@ -147,6 +184,11 @@ impl Worker {
             Outcome::RetryLater(why) => {
                 self.stats.retry_later.fetch_add(1, Relaxed);
                 tracing::warn!(error = why, "not done: the message comes back after its visibility timeout");
+                return;
+            }
+            Outcome::Fatal(why) => {
+                self.stats.retry_later.fetch_add(1, Relaxed);
+                self.halt.halt(anyhow::anyhow!(why));
                 return;
             }
         }

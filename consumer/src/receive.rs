@@ -1,110 +1,278 @@
 //! Receive stage: long-polls the queue and hands each message to a worker task, never more
 //! in flight than `CONCURRENCY`.
 //!
-//! Promises: the permits for a receive are taken *before* the receive, so a process never
-//! holds messages it has no room to work on (they would sit invisible); on shutdown (or idle
-//! exit) receiving stops first, then in-flight objects get `SHUTDOWN_GRACE_SECONDS` to finish.
+//! Promises:
+//! - the permits for a receive are taken *before* the receive, so a process never holds
+//!   messages it has no room to work on (they would sit invisible);
+//! - an idle exit (`EXIT_WHEN_IDLE`) happens only when the *queue* is empty: nothing visible,
+//!   in flight (held by any consumer, dead or alive) or delayed, on every check over the idle
+//!   window; an empty receive alone proves nothing (a crashed consumer's messages are
+//!   invisible until their visibility timeout);
+//! - on shutdown receiving stops first, then in-flight objects get `SHUTDOWN_GRACE_SECONDS`
+//!   to finish; what is still unfinished then is abandoned (its lease ends, its message comes
+//!   back), so shutdown is bounded;
+//! - a receive error that no retry can cure (the queue is gone, access denied, bad
+//!   credentials) stops the process with that error; anything else is retried with backoff.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use common::aws::describe;
+use aws_sdk_sqs::types::Message;
+use common::aws::{ErrorClass, Sqs, classify_queue_error, describe, queue_depth};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::process::Worker;
-use crate::settings::Settings;
+use crate::process::{Halt, Worker};
 
 /// SQS returns at most ten messages per receive.
 const MAX_PER_RECEIVE: usize = 10;
 
-/// Receives until `shutdown` fires or the queue stays idle; returns whether every in-flight
-/// object finished within the grace period.
-pub async fn run(settings: &Settings, worker: Arc<Worker>, shutdown: CancellationToken) -> bool {
-    let concurrency = settings.concurrency.get();
-    let per_receive = MAX_PER_RECEIVE.min(concurrency);
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let tracker = TaskTracker::new();
-    // Receiving stops on shutdown, or when this process decides the queue is drained. A drain
-    // lets receives already waiting finish (and works on what they bring): cutting a long poll
-    // short can leave its messages invisible until their visibility timeout. SIGTERM does cut
-    // them short, to stop promptly; those messages come back later, nothing is lost.
-    let stop = shutdown.child_token();
-    let epoch = Instant::now();
-    let last_message_ms = Arc::new(AtomicU64::new(0));
+/// How the receive loop runs; built once from the settings.
+#[derive(Debug, Clone)]
+pub struct ReceiveConfig {
+    pub queue_url: String,
+    /// Objects in flight at most.
+    pub concurrency: usize,
+    /// Long-poll wait of each receive.
+    pub wait: Duration,
+    /// How long a received message stays invisible (extended while worked on).
+    pub visibility: Duration,
+    /// Drain and exit once the queue has been empty this long.
+    pub exit_when_idle: Option<Duration>,
+    /// How long in-flight objects get after receiving stopped.
+    pub grace: Duration,
+}
 
-    // Enough receivers to keep every permit busy when each receive brings ten messages.
-    let receivers = concurrency.div_ceil(MAX_PER_RECEIVE);
+/// How receiving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every object received was finished.
+    Finished,
+    /// The grace period ran out: this many objects were abandoned; their messages come back.
+    Abandoned(usize),
+}
+
+/// When the last thing happened (a message received, an object finished), for the idle exit.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { epoch: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        Duration::from_millis((self.epoch.elapsed().as_millis() as u64).saturating_sub(self.last_ms.load(Relaxed)))
+    }
+}
+
+/// Receives until `stop` fires (SIGTERM, or a fatal error through `halt`) or the queue stays
+/// empty (with an idle exit), then gives in-flight objects the grace period.
+pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, halt: Arc<Halt>, stop: CancellationToken) -> Ended {
+    let permits = Arc::new(Semaphore::new(config.concurrency));
+    let tracker = TaskTracker::new();
+    let activity = Arc::new(Activity::new());
+    // A drain (idle exit) lets receives already waiting finish and works on what they bring:
+    // cutting a long poll short can leave its messages invisible until their visibility
+    // timeout. `stop` (SIGTERM, a fatal error) does cut them short; those messages come back.
+    let drain = stop.child_token();
+    // Cancelled when the grace period is over: unfinished objects are dropped at their next
+    // await, which is safe at any line (I5).
+    let abandon = CancellationToken::new();
+
     let loops = TaskTracker::new();
-    for _ in 0..receivers {
-        let (worker, permits, tracker, stop) = (worker.clone(), permits.clone(), tracker.clone(), stop.clone());
-        let shutdown = shutdown.clone();
-        let last_message_ms = last_message_ms.clone();
-        let settings = settings.clone();
-        loops.spawn(async move {
-            while !stop.is_cancelled() {
-                let mut held = tokio::select! {
-                    p = permits.clone().acquire_many_owned(per_receive as u32) => p.expect("semaphore never closed"),
-                    _ = stop.cancelled() => break,
-                };
-                let received = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break,
-                    r = worker.sqs.receive_message()
-                        .queue_url(&worker.queue_url)
-                        .max_number_of_messages(per_receive as i32)
-                        .wait_time_seconds(settings.wait_time() as i32)
-                        .visibility_timeout(settings.visibility_timeout as i32)
-                        .send() => r,
-                };
-                let messages = match received {
-                    Ok(out) => out.messages.unwrap_or_default(),
-                    Err(err) => {
-                        // The queue is unreachable or throttling: wait a little and try again;
-                        // nothing is lost, messages stay in the queue.
-                        tracing::warn!(error = describe(&err), "receive failed; retrying in 1 s");
-                        drop(held);
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = stop.cancelled() => break,
-                        }
-                        continue;
-                    }
-                };
-                if messages.is_empty() {
-                    drop(held);
-                    if let Some(idle) = settings.exit_when_idle {
-                        let quiet_ms =
-                            (epoch.elapsed().as_millis() as u64).saturating_sub(last_message_ms.load(Relaxed));
-                        let in_flight = !tracker.is_empty();
-                        if !in_flight && quiet_ms >= idle * 1000 {
-                            tracing::info!(idle_secs = idle, "queue idle: draining and exiting");
-                            stop.cancel();
-                        }
-                    }
-                    continue;
-                }
-                last_message_ms.store(epoch.elapsed().as_millis() as u64, Relaxed);
-                for message in messages {
-                    let Some(permit) = held.split(1) else {
-                        // More messages than asked for: leave the extra ones to come back.
-                        tracing::warn!("the queue returned more messages than asked for; the rest come back later");
-                        break;
-                    };
-                    let worker = worker.clone();
-                    tracker.spawn(async move {
-                        worker.handle(message).await;
-                        drop(permit);
-                    });
-                }
-            }
-        });
+    // Enough receivers to keep every permit busy when each receive brings ten messages.
+    for _ in 0..config.concurrency.div_ceil(MAX_PER_RECEIVE) {
+        let receiver = Receiver {
+            config: config.clone(),
+            worker: worker.clone(),
+            halt: halt.clone(),
+            permits: permits.clone(),
+            tracker: tracker.clone(),
+            activity: activity.clone(),
+            abandon: abandon.clone(),
+        };
+        let (stop, drain) = (stop.clone(), drain.clone());
+        loops.spawn(async move { receiver.run(stop, drain).await });
+    }
+    if let Some(idle) = config.exit_when_idle {
+        let watcher = IdleWatcher {
+            sqs: worker.sqs.clone(),
+            queue_url: config.queue_url.clone(),
+            idle,
+            activity: activity.clone(),
+            tracker: tracker.clone(),
+        };
+        loops.spawn(async move { watcher.run(drain).await });
     }
     loops.close();
     loops.wait().await;
     tracker.close();
-    let grace = Duration::from_secs(settings.shutdown_grace_seconds);
-    tokio::time::timeout(grace, tracker.wait()).await.is_ok()
+    if tokio::time::timeout(config.grace, tracker.wait()).await.is_ok() {
+        return Ended::Finished;
+    }
+    let unfinished = tracker.len();
+    abandon.cancel();
+    tracker.wait().await;
+    Ended::Abandoned(unfinished)
+}
+
+/// One long-polling loop.
+struct Receiver {
+    config: ReceiveConfig,
+    worker: Arc<Worker>,
+    halt: Arc<Halt>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    activity: Arc<Activity>,
+    abandon: CancellationToken,
+}
+
+impl Receiver {
+    async fn run(self, stop: CancellationToken, drain: CancellationToken) {
+        let per_receive = MAX_PER_RECEIVE.min(self.config.concurrency);
+        // Receive errors back off from 1 s to 20 s: long enough not to hammer a struggling
+        // queue, short enough to resume promptly after a network blip.
+        let mut backoff = Duration::from_secs(1);
+        while !drain.is_cancelled() {
+            let mut held = tokio::select! {
+                p = self.permits.clone().acquire_many_owned(per_receive as u32) => p.expect("semaphore never closed"),
+                _ = drain.cancelled() => break,
+            };
+            let received = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                r = self.receive(per_receive) => r,
+            };
+            let messages = match received {
+                Ok(messages) => {
+                    backoff = Duration::from_secs(1);
+                    messages
+                }
+                Err(err) => match classify_queue_error(&err) {
+                    ErrorClass::Fatal => {
+                        self.halt.halt(anyhow::anyhow!(
+                            "receiving from {}: {}: no retry can fix this (check QUEUE_URL, the queue and the \
+                             credentials)",
+                            self.config.queue_url,
+                            describe(&err)
+                        ));
+                        break;
+                    }
+                    _ => {
+                        // The queue is unreachable or throttling: nothing is lost, messages wait.
+                        tracing::warn!(error = describe(&err), retry_in = ?backoff, "receive failed");
+                        drop(held);
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = drain.cancelled() => break,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(20));
+                        continue;
+                    }
+                },
+            };
+            if messages.is_empty() {
+                continue;
+            }
+            self.activity.touch();
+            for message in messages {
+                let Some(permit) = held.split(1) else {
+                    // More messages than asked for: leave the extra ones to come back.
+                    tracing::warn!("the queue returned more messages than asked for; the rest come back later");
+                    break;
+                };
+                let (worker, activity, abandon) = (self.worker.clone(), self.activity.clone(), self.abandon.clone());
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = worker.handle(message) => {}
+                        _ = abandon.cancelled() => {}
+                    }
+                    activity.touch();
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    async fn receive(
+        &self,
+        max: usize,
+    ) -> Result<Vec<Message>, aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::receive_message::ReceiveMessageError>>
+    {
+        let out = self
+            .worker
+            .sqs
+            .receive_message()
+            .queue_url(&self.config.queue_url)
+            .max_number_of_messages(max as i32)
+            .wait_time_seconds(self.config.wait.as_secs() as i32)
+            .visibility_timeout(self.config.visibility.as_secs().min(43_200) as i32)
+            .send()
+            .await?;
+        Ok(out.messages.unwrap_or_default())
+    }
+}
+
+/// Decides the idle exit: nothing in flight here, nothing received for the idle window, and
+/// the queue read empty (visible, in flight, delayed) on every check over that window.
+struct IdleWatcher {
+    sqs: Sqs,
+    queue_url: String,
+    idle: Duration,
+    activity: Arc<Activity>,
+    tracker: TaskTracker,
+}
+
+impl IdleWatcher {
+    async fn run(self, drain: CancellationToken) {
+        let every = (self.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut empty_since: Option<Instant> = None;
+        let mut told = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = drain.cancelled() => return,
+            }
+            if !self.tracker.is_empty() || self.activity.quiet_for() < self.idle {
+                empty_since = None;
+                continue;
+            }
+            match queue_depth(&self.sqs, &self.queue_url).await {
+                Ok(depth) if depth.total() == 0 => {
+                    let since = *empty_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.idle {
+                        tracing::info!(idle_secs = self.idle.as_secs_f64(), "queue empty: draining and exiting");
+                        drain.cancel();
+                        return;
+                    }
+                }
+                Ok(depth) => {
+                    empty_since = None;
+                    if !told {
+                        tracing::info!(
+                            visible = depth.visible,
+                            in_flight = depth.in_flight,
+                            delayed = depth.delayed,
+                            "nothing received, but the queue is not empty: waiting for those messages to \
+                             come back or be deleted"
+                        );
+                        told = true;
+                    }
+                }
+                Err(err) => {
+                    empty_since = None;
+                    tracing::warn!(error = format!("{err:#}"), "cannot read the queue depth; not exiting");
+                }
+            }
+        }
+    }
 }

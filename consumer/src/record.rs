@@ -1,42 +1,86 @@
 //! Record stage: rewrites the rows that point at a copied object, compare-and-set (I4),
 //! batched into one `UPDATE` per batch.
 //!
-//! Promises: a row is rewritten only while its path is still the old one, so a row the live
-//! service repointed meanwhile keeps the live value; a rewrite is only ever asked for after the
-//! destination object exists (I1); a failed batch fails every object in it, and their messages
-//! come back later (the `UPDATE` is idempotent: I5).
+//! Promises:
+//! - a row is rewritten only while its path is still the old one, so a row the live service
+//!   repointed meanwhile keeps the live value; a rewrite is only ever asked for after the
+//!   destination object exists (I1);
+//! - a live transaction holding a row never stalls anything: that row is skipped (its object's
+//!   message comes back later) and the others proceed; every statement runs under the
+//!   session's `lock_timeout` and `statement_timeout` (`DB_LOCK_TIMEOUT`,
+//!   `DB_STATEMENT_TIMEOUT`);
+//! - a batch that fails (a deadlock, a trigger, a constraint, a timeout) is retried row by row
+//!   at once, so one bad row fails only its own object; the `UPDATE` is idempotent (I5).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::db::Rewritten;
 use sqlx::PgPool;
 
 use crate::batch::Batcher;
 
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RewriteError {
+    #[error("rewriting rows: {0}")]
+    Database(#[source] Arc<sqlx::Error>),
+    #[error("the row rewriter has stopped")]
+    Stopped,
+}
+
+impl RewriteError {
+    /// An error no retry can fix: the role lacks a grant, the table is gone.
+    pub fn is_fatal(&self) -> bool {
+        let RewriteError::Database(err) = self else { return false };
+        let code = err.as_database_error().and_then(|e| e.code());
+        // 42501 insufficient_privilege, 42P01 undefined_table, 42703 undefined_column.
+        matches!(code.as_deref(), Some("42501" | "42P01" | "42703"))
+    }
+}
+
+type Pair = (String, String);
+
 #[derive(Clone)]
 pub struct Rewriter {
-    batcher: Batcher<(String, String), Result<u64, String>>,
+    batcher: Batcher<Pair, Result<Rewritten, RewriteError>>,
 }
 
 impl Rewriter {
     pub fn spawn(pool: PgPool, max: usize, max_wait: Duration, parallel: usize) -> (Self, tokio::task::JoinHandle<()>) {
-        let (batcher, handle) = Batcher::spawn(max, max_wait, parallel, move |pairs: Vec<(String, String)>| {
+        let (batcher, handle) = Batcher::spawn(max, max_wait, parallel, move |pairs: Vec<Pair>| {
             let pool = pool.clone();
-            async move {
-                match common::db::rewrite_paths(&pool, &pairs).await {
-                    // A path twice in one batch (a duplicate delivery) counts its rows once.
-                    Ok(mut counts) => pairs.iter().map(|(old, _)| Ok(counts.remove(old).unwrap_or(0))).collect(),
-                    Err(err) => {
-                        let why = format!("rewriting rows: {err}");
-                        pairs.iter().map(|_| Err(why.clone())).collect()
-                    }
-                }
-            }
+            async move { rewrite_batch(&pool, &pairs).await }
         });
         (Self { batcher }, handle)
     }
 
-    /// Points every row at `old` to `new`; returns how many rows this call changed.
-    pub async fn rewrite(&self, old: String, new: String) -> Result<u64, String> {
-        self.batcher.submit((old, new)).await.unwrap_or_else(|| Err("the row rewriter has stopped".into()))
+    /// Points every row at `old` to `new`, unless another transaction holds it.
+    pub async fn rewrite(&self, old: String, new: String) -> Result<Rewritten, RewriteError> {
+        self.batcher.submit((old, new)).await.unwrap_or(Err(RewriteError::Stopped))
+    }
+}
+
+async fn rewrite_batch(pool: &PgPool, pairs: &[Pair]) -> Vec<Result<Rewritten, RewriteError>> {
+    match common::db::rewrite_paths(pool, pairs).await {
+        Ok(mut done) => {
+            // A path twice in one batch (a duplicate delivery) counts its rows once.
+            pairs.iter().map(|(old, _)| Ok(done.remove(old).unwrap_or_default())).collect()
+        }
+        // The server refused the statement (not the connection): one row may be to blame, so
+        // each row gets its own statement and the others go through.
+        Err(err @ sqlx::Error::Database(_)) if pairs.len() > 1 => {
+            tracing::warn!(error = %err, rows = pairs.len(), "batch rewrite failed; rewriting row by row");
+            let singles = pairs.iter().map(|pair| async move {
+                let result = common::db::rewrite_paths(pool, std::slice::from_ref(pair)).await;
+                result
+                    .map(|mut done| done.remove(&pair.0).unwrap_or_default())
+                    .map_err(|e| RewriteError::Database(Arc::new(e)))
+            });
+            futures::future::join_all(singles).await
+        }
+        Err(err) => {
+            let err = RewriteError::Database(Arc::new(err));
+            pairs.iter().map(|_| Err(err.clone())).collect()
+        }
     }
 }

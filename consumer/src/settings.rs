@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
 
+use crate::receive::ReceiveConfig;
+
 /// Moves legacy avatars: receives one message per object from SQS, copies the object
 /// server-side into the destination bucket (never overwriting different content), rewrites
 /// the rows pointing at it (compare-and-set) and deletes the message. Run as many as the
@@ -41,14 +43,19 @@ pub struct Settings {
     #[arg(long, env = "WAIT_TIME_SECONDS", default_value = "20", value_parser = clap::value_parser!(u64).range(0..=20))]
     pub wait_time_seconds: u64,
 
-    /// Drain and exit 0 once the queue has given nothing for this many seconds and no object is
-    /// in flight. Unset (the default): run until SIGTERM, as an ECS service does.
+    /// Drain and exit 0 once the queue is empty: nothing received for this many seconds,
+    /// nothing in flight here, and the queue's own counts (visible, in flight with any
+    /// consumer, delayed) read 0 on every check for this many seconds more. A crashed
+    /// consumer's messages count as in flight until their visibility timeout brings them
+    /// back, so they are waited for. Unset (the default): run until SIGTERM, as an ECS service
+    /// does.
     #[arg(long, env = "EXIT_WHEN_IDLE")]
     pub exit_when_idle: Option<u64>,
 
     /// Seconds in-flight objects get to finish after SIGTERM; what is still unfinished then is
-    /// abandoned safely (its message comes back). Keep it below ECS's stopTimeout (30 s by
-    /// default).
+    /// abandoned safely (its message comes back after its visibility timeout) and the process
+    /// exits. A second SIGTERM or Ctrl-C exits at once. Keep it below ECS's stopTimeout (30 s
+    /// by default).
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value = "25")]
     pub shutdown_grace_seconds: u64,
 
@@ -61,6 +68,13 @@ pub struct Settings {
     /// connection is busy. Raise it for fewer, larger UPDATEs at the cost of latency.
     #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "0")]
     pub db_batch_max_wait_ms: u64,
+
+    /// Largest object, in bytes, read and compared byte by byte when a destination already
+    /// exists and neither a common full-object checksum nor equal ETags prove it holds the
+    /// source's bytes (AWS gives a copy a fresh ETag). Larger ones are recorded as
+    /// `destination_unproven` and left as they are.
+    #[arg(long, env = "COMPARE_MAX_BYTES", default_value = "67108864")]
+    pub compare_max_bytes: u64,
 
     /// Database connections this process opens at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -76,8 +90,17 @@ impl Settings {
         Duration::from_millis(self.db_batch_max_wait_ms)
     }
 
-    /// The long-poll wait, shortened to the idle limit so that an idle exit is not late.
-    pub fn wait_time(&self) -> u64 {
-        self.exit_when_idle.map_or(self.wait_time_seconds, |idle| idle.min(self.wait_time_seconds))
+    /// How the receive loop runs.
+    pub fn receive_config(&self) -> ReceiveConfig {
+        // The long poll is shortened to the idle limit, so that an idle exit is not late.
+        let wait = self.exit_when_idle.map_or(self.wait_time_seconds, |idle| idle.min(self.wait_time_seconds));
+        ReceiveConfig {
+            queue_url: self.queue.queue_url.clone(),
+            concurrency: self.concurrency.get(),
+            wait: Duration::from_secs(wait),
+            visibility: self.visibility_timeout(),
+            exit_when_idle: self.exit_when_idle.map(Duration::from_secs),
+            grace: Duration::from_secs(self.shutdown_grace_seconds),
+        }
     }
 }

@@ -13,8 +13,6 @@ use common::aws::{Sqs, describe};
 use common::message::ObjectMessage;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::list::Listed;
-
 /// SQS takes at most ten entries per batch.
 const BATCH: usize = 10;
 /// Attempts per batch: SQS throttles or fails entries transiently; eight attempts with backoff
@@ -22,7 +20,7 @@ const BATCH: usize = 10;
 const ATTEMPTS: u32 = 8;
 
 /// Sends one message per object; returns how many were sent.
-pub async fn enqueue(sqs: &Sqs, queue_url: &str, objects: &[Listed], concurrency: usize) -> anyhow::Result<u64> {
+pub async fn enqueue(sqs: &Sqs, queue_url: &str, objects: &[ObjectMessage], concurrency: usize) -> anyhow::Result<u64> {
     futures::stream::iter(objects.chunks(BATCH))
         .map(|chunk| send_batch(sqs, queue_url, chunk))
         .buffer_unordered(concurrency)
@@ -30,7 +28,7 @@ pub async fn enqueue(sqs: &Sqs, queue_url: &str, objects: &[Listed], concurrency
         .await
 }
 
-async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Listed]) -> anyhow::Result<u64> {
+async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[ObjectMessage]) -> anyhow::Result<u64> {
     // Entry ids are indexes into the chunk; `pending` shrinks as entries are accepted.
     let mut pending: Vec<usize> = (0..chunk.len()).collect();
     let mut delay = Duration::from_millis(100);
@@ -38,10 +36,9 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Listed]) -> anyhow::Res
         let entries = pending
             .iter()
             .map(|&i| {
-                let o = &chunk[i];
                 SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .message_body(ObjectMessage::new(o.key.clone(), o.size, o.etag.clone()).to_body())
+                    .message_body(chunk[i].to_body())
                     .build()
                     .expect("id and body are set")
             })

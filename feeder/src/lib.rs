@@ -76,18 +76,24 @@ pub async fn feed(
         shutdown.clone(),
     );
     let mut summary = Summary { listed: 0, enqueued: 0, resumed_after, finished: false };
-    while let Some(page) = pages.recv().await {
-        let page = page?;
+    let mut complete = false;
+    while let Some(item) = pages.recv().await {
+        let page = match item? {
+            list::Listing::Page(page) => page,
+            list::Listing::Complete => {
+                complete = true;
+                break;
+            }
+        };
         wait_for_room(clients, &settings.queue.queue_url, args.max_backlog, &shutdown).await?;
-        let sent =
-            enqueue::enqueue(&clients.sqs, &settings.queue.queue_url, &page.objects, args.send_concurrency.get())
-                .await
-                .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
-        summary.listed += page.objects.len() as u64;
+        let sent = enqueue::enqueue(&clients.sqs, &settings.queue.queue_url, &page, args.send_concurrency.get())
+            .await
+            .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
+        summary.listed += page.len() as u64;
         summary.enqueued += sent;
-        checkpoint.listed += page.objects.len() as i64;
+        checkpoint.listed += page.len() as i64;
         checkpoint.pages += 1;
-        checkpoint.last_key = page.objects.last().map(|o| o.key.clone());
+        checkpoint.last_key = page.last().map(|o| o.key.clone());
         common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
             .await
             .context("saving the feeder checkpoint")?;
@@ -97,13 +103,17 @@ pub async fn feed(
         }
     }
     drop(pages);
-    let _ = lister.await;
-    if !shutdown.is_cancelled() {
+    // The lister ends by itself once its channel is gone; a panic in it is an error, never
+    // the end of the listing.
+    lister.await.context("the listing task failed")?;
+    if complete {
         checkpoint.finished = true;
         common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
             .await
             .context("saving the feeder checkpoint")?;
         summary.finished = true;
+    } else if !shutdown.is_cancelled() {
+        anyhow::bail!("the listing of s3://{bucket}/{prefix} stopped before its end: run the feeder again to resume");
     }
     print_summary(&mapping, &summary, &checkpoint, started.elapsed());
     Ok(summary)
@@ -138,15 +148,11 @@ async fn wait_for_room(
     let mut logged = false;
     loop {
         let depth = queue_depth(&clients.sqs, queue_url).await?;
-        if depth.visible + depth.in_flight <= max_backlog || shutdown.is_cancelled() {
+        if depth.total() <= max_backlog || shutdown.is_cancelled() {
             return Ok(());
         }
         if !logged {
-            tracing::info!(
-                backlog = depth.visible + depth.in_flight,
-                max_backlog,
-                "queue backlog above the limit: waiting"
-            );
+            tracing::info!(backlog = depth.total(), max_backlog, "queue backlog above the limit: waiting");
             logged = true;
         }
         tokio::select! {

@@ -133,11 +133,11 @@ pub async fn status(settings: &Settings, clients: &Clients) -> anyhow::Result<()
     let dlq = match dead_letter_queue(clients, &settings.queue.queue_url).await? {
         Some(url) => {
             let d = queue_depth(&clients.sqs, &url).await?;
-            format!("{} messages in the dead-letter queue", d.visible + d.in_flight)
+            format!("{} messages in the dead-letter queue", d.total())
         }
         None => "no dead-letter queue configured".to_owned(),
     };
-    println!("queue:    {} waiting, {} in flight; {dlq}", depth.visible, depth.in_flight);
+    println!("queue:    {} waiting, {} in flight, {} delayed; {dlq}", depth.visible, depth.in_flight, depth.delayed);
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE left(path, length($1)) = $1),
                 count(*) FILTER (WHERE left(path, length($2)) = $2),

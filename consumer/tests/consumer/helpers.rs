@@ -58,3 +58,70 @@ pub fn legacy_keys(range: std::ops::Range<usize>) -> Vec<String> {
 pub fn modern(key: &str) -> String {
     key.replacen("image/", "avatar/", 1)
 }
+
+/// Counts the lines of a child's stderr that contain `needle`, on a thread of its own (the
+/// pipe is drained, so the child never blocks on a full pipe).
+pub fn count_lines(child: &mut Child, needle: &'static str) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{BufRead, BufReader};
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    let stderr = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(needle) {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    count
+}
+
+/// Receives up to `n` messages and keeps them, as a consumer that crashed right after its
+/// receive would: they stay invisible for `visibility` seconds, then come back.
+pub async fn hold_like_a_crashed_consumer(env: &Env, n: usize, visibility: i32) -> usize {
+    let mut held = 0;
+    while held < n {
+        let out = env
+            .sqs
+            .receive_message()
+            .queue_url(&env.queue_url)
+            .max_number_of_messages((n - held).min(10) as i32)
+            .visibility_timeout(visibility)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        held += out.messages.unwrap_or_default().len();
+    }
+    held
+}
+
+/// Installs a trigger that makes every rewrite wait for advisory lock 4242, which the returned
+/// connection holds until it is dropped or unlocks.
+pub async fn stall_rewrites(env: &Env) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    common::db::prepare(&env.db).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+         CREATE TRIGGER stall BEFORE UPDATE ON avatars FOR EACH ROW EXECUTE FUNCTION stall();",
+    )
+    .execute(&env.db)
+    .await
+    .unwrap();
+    let mut conn = env.db.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)").execute(&mut *conn).await.unwrap();
+    conn
+}
+
+/// Whether a rewrite statement is waiting for a lock.
+pub async fn rewrite_waiting(env: &Env) -> bool {
+    let database = env.database_url.rsplit('/').next().unwrap().to_owned();
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = $1
+         AND wait_event_type = 'Lock' AND query LIKE 'WITH v AS%')",
+    )
+    .bind(&database)
+    .fetch_one(&env.db)
+    .await
+    .unwrap()
+}

@@ -1,13 +1,16 @@
 //! The consumer against the real local services: what moves, what stays, and the invariants
 //! I1-I5 of DESIGN.md.
 
+mod done;
 mod helpers;
+mod identity;
+mod rows;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use clap::Parser;
-use helpers::{consumer, drain, feed, legacy_keys, modern, stdout, wait_exit};
+use helpers::{consumer, count_lines, drain, feed, legacy_keys, modern, stdout, wait_exit};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sqlx::Row;
@@ -49,6 +52,31 @@ async fn moves_awkward_keys_and_keeps_bytes_content_type_and_metadata() {
     assert_eq!(env.get(&env.destination_bucket, "avatar/zero-bytes.png").await, Some(Vec::new()));
     assert_eq!(env.failures().await, vec![]);
     assert_eq!(env.depth(&env.queue_url).await, (0, 0), "every message deleted");
+}
+
+/// Keys with control characters (S3 allows them) are listed, copied and rewritten byte for
+/// byte: the listing asks for `EncodingType=url`, so the XML answer never carries them raw.
+#[tokio::test]
+async fn moves_keys_with_control_characters_byte_for_byte() {
+    let env = Env::new().await;
+    let keys: Vec<String> =
+        ["image/ctl-\u{1}.png", "image/cr-\r.png", "image/tab-\t.png", "image/newline-\n.png", "image/trailing-space "]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+    for (i, key) in keys.iter().enumerate() {
+        env.put(&env.source_bucket, key, format!("png-{i}").as_bytes()).await;
+    }
+    let ids = env.insert_rows(&keys).await;
+    assert_eq!(feed(&env).await, keys.len() as u64);
+    drain(&env, &[]);
+    for (id, key) in ids.iter().zip(&keys) {
+        let dest = modern(key);
+        assert_eq!(env.path_of(*id).await, dest, "row of {key:?} rewritten");
+        assert_eq!(env.get(&env.destination_bucket, &dest).await, env.get(&env.source_bucket, key).await, "{key:?}");
+    }
+    assert_eq!(env.failures().await, vec![]);
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
 }
 
 #[tokio::test]
@@ -184,6 +212,8 @@ async fn never_overwrites_different_content_and_accepts_identical_content() {
 }
 
 /// I4: a row the live service repoints while the consumer is rewriting keeps the live value.
+/// The live transaction holds the row when the consumer's rewrite comes: the row is skipped
+/// (never waited for), the message comes back, and by then the row is no longer legacy.
 #[tokio::test]
 async fn a_row_the_live_service_repoints_during_the_run_keeps_the_live_value() {
     let env = Env::new().await;
@@ -192,24 +222,17 @@ async fn a_row_the_live_service_repoints_during_the_run_keeps_the_live_value() {
     let ids = env.insert_rows(&["image/avatar-7.png".into()]).await;
     feed(&env).await;
 
-    // The live service's transaction holds the row while the consumer's UPDATE arrives.
     let mut live = env.db.begin().await.unwrap();
     sqlx::query("UPDATE avatars SET path = 'avatar/avatar-7-new-upload.png' WHERE id = $1")
         .bind(ids[0])
         .execute(&mut *live)
         .await
         .unwrap();
-    let mut child = consumer(&env, &[]).spawn().unwrap();
-    let database = env.database_url.rsplit('/').next().unwrap().to_owned();
-    wait_until("the consumer's UPDATE waits on the live row lock", Duration::from_secs(30), || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = $1
-             AND wait_event_type = 'Lock' AND query LIKE 'UPDATE avatars AS a%')",
-        )
-        .bind(&database)
-        .fetch_one(&env.db)
-        .await
-        .unwrap()
+    let mut child = consumer(&env, &[("VISIBILITY_TIMEOUT", "1"), ("RUST_LOG", "warn")]).spawn().unwrap();
+    let skipped = count_lines(&mut child, "held by another transaction");
+    wait_until("the consumer's rewrite meets the live row lock", Duration::from_secs(30), || {
+        let skipped = skipped.clone();
+        async move { skipped.load(std::sync::atomic::Ordering::SeqCst) > 0 }
     })
     .await;
     live.commit().await.unwrap();
@@ -218,6 +241,7 @@ async fn a_row_the_live_service_repoints_during_the_run_keeps_the_live_value() {
     assert_eq!(env.path_of(ids[0]).await, "avatar/avatar-7-new-upload.png", "the live write stands");
     assert!(env.exists(&env.destination_bucket, "avatar/avatar-7.png").await, "the object was still copied");
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+    assert_eq!(env.failures().await, vec![]);
 }
 
 /// I5: a consumer killed with SIGKILL mid-run, then a fresh one: everything completes.
@@ -238,8 +262,9 @@ async fn a_consumer_killed_mid_run_and_a_fresh_one_lose_nothing() {
     let done_at_kill = env.count_rows_with_prefix("avatar/").await;
     assert!(done_at_kill < 2000, "killed mid-run ({done_at_kill} done)");
 
-    // Idle for longer than the visibility timeout: messages the dead consumer held come back.
-    drain(&env, &[("VISIBILITY_TIMEOUT", "3"), ("EXIT_WHEN_IDLE", "6")]);
+    // An idle window shorter than the visibility timeout: the survivor still waits for the
+    // messages the dead consumer held to come back.
+    drain(&env, &[("VISIBILITY_TIMEOUT", "3"), ("EXIT_WHEN_IDLE", "1")]);
     assert_eq!(env.count_rows_with_prefix("avatar/").await, 2000, "every row rewritten");
     let copied: BTreeSet<String> = env.keys(&env.destination_bucket).await.into_iter().collect();
     assert_eq!(copied, keys.iter().map(|k| modern(k)).collect::<BTreeSet<_>>());
@@ -438,27 +463,18 @@ async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
 /// it, although the work outlasts the visibility timeout several times.
 #[tokio::test]
 async fn a_slow_object_keeps_its_message_invisible_while_worked_on() {
-    use std::io::{BufRead, BufReader};
     let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 2).await;
     env.put(&env.source_bucket, "image/slow.png", b"png").await;
     let ids = env.insert_rows(&["image/slow.png".into()]).await;
+    // Every rewrite waits for an advisory lock this test holds: the object is as slow as the
+    // test wants.
+    let mut held = helpers::stall_rewrites(&env).await;
     feed(&env).await;
 
-    // The live service holds the row, so the rewrite waits as long as this test wants.
-    let mut live = env.db.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM avatars WHERE id = $1 FOR UPDATE").bind(ids[0]).execute(&mut *live).await.unwrap();
-    let slow_vars = [("VISIBILITY_TIMEOUT", "2"), ("RUST_LOG", "warn,consumer::ack=debug")];
+    let slow_vars =
+        [("VISIBILITY_TIMEOUT", "2"), ("DB_LOCK_TIMEOUT", "120s"), ("RUST_LOG", "warn,consumer::lease=debug")];
     let mut slow = consumer(&env, &slow_vars).spawn().unwrap();
-    let extensions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = extensions.clone();
-    let stderr = slow.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("visibility extended") {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-    });
+    let extensions = count_lines(&mut slow, "visibility extended");
     // The second consumer starts once the slow one holds the message.
     wait_until("the slow consumer holds the message", Duration::from_secs(60), || async {
         env.depth(&env.queue_url).await == (0, 1)
@@ -466,13 +482,13 @@ async fn a_slow_object_keeps_its_message_invisible_while_worked_on() {
     .await;
     let mut other = consumer(&env, &[("VISIBILITY_TIMEOUT", "2"), ("EXIT_WHEN_IDLE", "60")]).spawn().unwrap();
     // Four extensions of a 2 s timeout: the work has outlived it about twice over.
-    wait_until("four visibility extensions", Duration::from_secs(60), || async {
-        extensions.load(std::sync::atomic::Ordering::SeqCst) >= 4
+    wait_until("four visibility extensions", Duration::from_secs(60), || {
+        let extensions = extensions.clone();
+        async move { extensions.load(std::sync::atomic::Ordering::SeqCst) >= 4 }
     })
     .await;
-    live.commit().await.unwrap();
+    sqlx::query("SELECT pg_advisory_unlock(4242)").execute(&mut *held).await.unwrap();
     assert!(wait_exit(&mut slow, Duration::from_secs(60)).await.success());
-    reader.join().unwrap();
     kill(Pid::from_raw(other.id() as i32), Signal::SIGTERM).unwrap();
     assert!(wait_exit(&mut other, Duration::from_secs(60)).await.success());
     let other_out = other.wait_with_output().unwrap();

@@ -1,0 +1,88 @@
+//! Exact identity (I3, I5): an existing destination counts as done only when it holds the
+//! source's bytes, whatever its ETag says; otherwise it is left as it is and recorded.
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use testkit::Env;
+
+use crate::helpers::{drain, feed, stdout};
+
+/// Uploads `body` in one multipart part: the same bytes as a plain upload, another ETag
+/// (`md5-of-md5s-1`), as on AWS after a multipart upload or a copy.
+async fn put_multipart(env: &Env, bucket: &str, key: &str, body: &[u8]) {
+    let upload = env.s3.create_multipart_upload().bucket(bucket).key(key).send().await.unwrap();
+    let id = upload.upload_id().unwrap();
+    let part = env
+        .s3
+        .upload_part()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .part_number(1)
+        .body(ByteStream::from(body.to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let parts = CompletedMultipartUpload::builder()
+        .parts(CompletedPart::builder().part_number(1).set_e_tag(part.e_tag().map(str::to_owned)).build())
+        .build();
+    env.s3
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .multipart_upload(parts)
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn etag(env: &Env, bucket: &str, key: &str) -> String {
+    env.s3.head_object().bucket(bucket).key(key).send().await.unwrap().e_tag().unwrap().to_owned()
+}
+
+/// A destination with the source's bytes under another ETag (an earlier delivery's copy on
+/// AWS, or the same avatar uploaded differently) is done, not a conflict; the same size with
+/// other bytes is a conflict; both are left untouched.
+#[tokio::test]
+async fn same_bytes_under_another_etag_count_as_done_and_other_bytes_as_a_conflict() {
+    let env = Env::new().await;
+    env.put(&env.source_bucket, "image/same.png", b"the very same bytes").await;
+    put_multipart(&env, &env.destination_bucket, "avatar/same.png", b"the very same bytes").await;
+    env.put(&env.source_bucket, "image/other.png", b"legacy bytes, 25 of them").await;
+    put_multipart(&env, &env.destination_bucket, "avatar/other.png", b"NEWER bytes, 25 of them!").await;
+    let (same_before, other_before) = (
+        etag(&env, &env.destination_bucket, "avatar/same.png").await,
+        etag(&env, &env.destination_bucket, "avatar/other.png").await,
+    );
+    assert_ne!(same_before, etag(&env, &env.source_bucket, "image/same.png").await, "the ETags differ");
+    let ids = env.insert_rows(&["image/same.png".into(), "image/other.png".into()]).await;
+    feed(&env).await;
+    let out = drain(&env, &[]);
+
+    assert_eq!(env.path_of(ids[0]).await, "avatar/same.png", "same bytes: the row moves");
+    assert_eq!(env.path_of(ids[1]).await, "image/other.png", "other bytes: the row stays");
+    assert!(stdout(&out).contains("already present 1"), "{}", stdout(&out));
+    assert_eq!(env.failures().await, vec![("destination_conflict".to_owned(), "image/other.png".to_owned())]);
+    assert_eq!(etag(&env, &env.destination_bucket, "avatar/same.png").await, same_before, "not overwritten");
+    assert_eq!(etag(&env, &env.destination_bucket, "avatar/other.png").await, other_before, "not overwritten");
+    assert_eq!(
+        env.get(&env.destination_bucket, "avatar/other.png").await.as_deref(),
+        Some(&b"NEWER bytes, 25 of them!"[..])
+    );
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+}
+
+/// Above COMPARE_MAX_BYTES the bytes are not read: the destination is recorded as unproven and
+/// left as it is, never guessed to be the same.
+#[tokio::test]
+async fn a_destination_too_large_to_compare_is_recorded_as_unproven() {
+    let env = Env::new().await;
+    env.put(&env.source_bucket, "image/big.png", b"0123456789").await;
+    put_multipart(&env, &env.destination_bucket, "avatar/big.png", b"0123456789").await;
+    let ids = env.insert_rows(&["image/big.png".into()]).await;
+    feed(&env).await;
+    drain(&env, &[("COMPARE_MAX_BYTES", "4")]);
+    assert_eq!(env.path_of(ids[0]).await, "image/big.png");
+    assert_eq!(env.failures().await, vec![("destination_unproven".to_owned(), "image/big.png".to_owned())]);
+}
