@@ -8,7 +8,9 @@
 //!   `destination_unproven` when it is too large to compare within `COMPARE_MAX_BYTES`;
 //! - the copy itself carries `If-None-Match: *` (closes the race with a live upload where the
 //!   server enforces it: AWS, SeaweedFS) and `x-amz-copy-source-if-match` on the source ETag;
-//!   servers that ignore the first are covered by the destination check before the copy;
+//!   servers that ignore the first are covered by the destination check before the copy
+//!   (`DESTINATION_CHECK=before-copy`, the default); where the server enforces it, the check
+//!   can wait for the server's 412 (`on-conflict`);
 //! - content type and user metadata are copied as they are (`MetadataDirective=COPY`);
 //! - the object is never downloaded, except for the bounded comparison;
 //! - every S3 error is classified (`common::aws::ErrorClass`): retried later, recorded for this
@@ -65,12 +67,24 @@ impl CopyError {
     }
 }
 
+/// When the destination key is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DestinationCheck {
+    /// HEAD the destination before every copy: right on every server, including those that
+    /// ignore `If-None-Match` on CopyObject (MiniStack, moto); one request more per object.
+    BeforeCopy,
+    /// Copy first and look at the destination only when the server refuses the copy (412):
+    /// only for servers that enforce `If-None-Match: *` on CopyObject (AWS S3, SeaweedFS).
+    OnConflict,
+}
+
 /// Copies objects of one mapping.
 pub struct Copier {
     pub s3: S3,
     pub mapping: KeyMapping,
     /// Largest object compared byte by byte when metadata cannot prove identity.
     pub compare_max_bytes: u64,
+    pub destination_check: DestinationCheck,
 }
 
 impl Copier {
@@ -89,7 +103,9 @@ impl Copier {
         destination_key: &str,
     ) -> Result<Copied, CopyError> {
         let (dst_bucket, src_bucket) = (&self.mapping.destination_bucket, &self.mapping.source_bucket);
-        if let Some(dest) = self.head(dst_bucket, destination_key).await? {
+        if self.destination_check == DestinationCheck::BeforeCopy
+            && let Some(dest) = self.head(dst_bucket, destination_key).await?
+        {
             return self.compare(source_key, listed_etag, destination_key, dest).await;
         }
         if size > MAX_SINGLE_COPY {

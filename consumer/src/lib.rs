@@ -51,7 +51,12 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         sqs: clients.sqs.clone(),
         db: clients.db.clone(),
         queue_url: settings.queue.queue_url.clone(),
-        copier: copy::Copier { s3: clients.s3.clone(), mapping, compare_max_bytes: settings.compare_max_bytes },
+        copier: copy::Copier {
+            s3: clients.s3.clone(),
+            mapping,
+            compare_max_bytes: settings.compare_max_bytes,
+            destination_check: settings.destination_check,
+        },
         rewriter,
         acker,
         visibility: settings.visibility_timeout(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
 
+use crate::copy::DestinationCheck;
 use crate::receive::ReceiveConfig;
 
 /// Moves legacy avatars: receives one message per object from SQS, copies the object
@@ -75,6 +76,14 @@ pub struct Settings {
     /// `destination_unproven` and left as they are.
     #[arg(long, env = "COMPARE_MAX_BYTES", default_value = "67108864")]
     pub compare_max_bytes: u64,
+
+    /// When an existing destination is looked for. `before-copy` (the default): a HEAD
+    /// before every copy, right on every S3 implementation. `on-conflict`: copy first and
+    /// look only when the server refuses the copy because the key exists (412): one request
+    /// less per object, and only safe where the server enforces `If-None-Match: *` on
+    /// CopyObject (AWS S3, SeaweedFS; not MiniStack or moto, where a copy would overwrite).
+    #[arg(long, env = "DESTINATION_CHECK", value_enum, default_value = "before-copy")]
+    pub destination_check: DestinationCheck,
 
     /// Database connections this process opens at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]

@@ -64,7 +64,10 @@ where
 
 pub struct Env {
     pub id: String,
-    pub endpoint: String,
+    /// Where S3 requests go.
+    pub s3_endpoint: String,
+    /// Where SQS requests go.
+    pub sqs_endpoint: String,
     pub database_url: String,
     pub db: PgPool,
     pub s3: S3,
@@ -86,11 +89,21 @@ impl Env {
         Env::on(&required("MOTO_ENDPOINT_URL")).await
     }
 
+    /// A fresh environment with S3 on SeaweedFS (which enforces conditional writes) and SQS on
+    /// MiniStack.
+    pub async fn on_seaweedfs() -> Env {
+        Env::with(&required("SEAWEEDFS_ENDPOINT_URL"), &required("AWS_ENDPOINT_URL"), 30).await
+    }
+
     pub async fn on(endpoint: &str) -> Env {
         Env::with_visibility(endpoint, 30).await
     }
 
     pub async fn with_visibility(endpoint: &str, visibility_timeout: u32) -> Env {
+        Env::with(endpoint, endpoint, visibility_timeout).await
+    }
+
+    pub async fn with(s3_endpoint: &str, sqs_endpoint: &str, visibility_timeout: u32) -> Env {
         let id = suffix();
         let admin_url = required("PG_ADMIN_URL");
         let admin = PgPool::connect(&admin_url).await.expect("connect to PG_ADMIN_URL");
@@ -106,9 +119,9 @@ impl Env {
         let table = &table[..=table.find(';').unwrap()];
         sqlx::raw_sql(table).execute(&db).await.unwrap();
 
-        let config = aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).load().await;
-        let s3 = common::aws::s3_client(&config, true);
-        let sqs = common::aws::sqs_client(&config);
+        let config = |endpoint: &str| aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).load();
+        let s3 = common::aws::s3_client(&config(s3_endpoint).await, true);
+        let sqs = common::aws::sqs_client(&config(sqs_endpoint).await);
         let (source_bucket, destination_bucket) = (format!("src-{id}"), format!("dst-{id}"));
         for b in [&source_bucket, &destination_bucket] {
             s3.create_bucket().bucket(b).send().await.unwrap();
@@ -137,7 +150,8 @@ impl Env {
             .unwrap();
         Env {
             id,
-            endpoint: endpoint.to_owned(),
+            s3_endpoint: s3_endpoint.to_owned(),
+            sqs_endpoint: sqs_endpoint.to_owned(),
             database_url,
             db,
             s3,
@@ -156,7 +170,8 @@ impl Env {
             ("DESTINATION_BUCKET_NAME", self.destination_bucket.as_str()),
             ("QUEUE_URL", self.queue_url.as_str()),
             ("DATABASE_URL", self.database_url.as_str()),
-            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ENDPOINT_URL_S3", self.s3_endpoint.as_str()),
+            ("AWS_ENDPOINT_URL_SQS", self.sqs_endpoint.as_str()),
             ("S3_FORCE_PATH_STYLE", "true"),
             ("SOURCE_PREFIX", "image/"),
             ("DESTINATION_PREFIX", "avatar/"),

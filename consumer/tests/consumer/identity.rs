@@ -1,45 +1,9 @@
 //! Exact identity (I3, I5): an existing destination counts as done only when it holds the
 //! source's bytes, whatever its ETag says; otherwise it is left as it is and recorded.
 
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use testkit::Env;
 
-use crate::helpers::{drain, feed, stdout};
-
-/// Uploads `body` in one multipart part: the same bytes as a plain upload, another ETag
-/// (`md5-of-md5s-1`), as on AWS after a multipart upload or a copy.
-async fn put_multipart(env: &Env, bucket: &str, key: &str, body: &[u8]) {
-    let upload = env.s3.create_multipart_upload().bucket(bucket).key(key).send().await.unwrap();
-    let id = upload.upload_id().unwrap();
-    let part = env
-        .s3
-        .upload_part()
-        .bucket(bucket)
-        .key(key)
-        .upload_id(id)
-        .part_number(1)
-        .body(ByteStream::from(body.to_vec()))
-        .send()
-        .await
-        .unwrap();
-    let parts = CompletedMultipartUpload::builder()
-        .parts(CompletedPart::builder().part_number(1).set_e_tag(part.e_tag().map(str::to_owned)).build())
-        .build();
-    env.s3
-        .complete_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .upload_id(id)
-        .multipart_upload(parts)
-        .send()
-        .await
-        .unwrap();
-}
-
-async fn etag(env: &Env, bucket: &str, key: &str) -> String {
-    env.s3.head_object().bucket(bucket).key(key).send().await.unwrap().e_tag().unwrap().to_owned()
-}
+use crate::helpers::{drain, etag, feed, put_multipart, stdout};
 
 /// A destination with the source's bytes under another ETag (an earlier delivery's copy on
 /// AWS, or the same avatar uploaded differently) is done, not a conflict; the same size with

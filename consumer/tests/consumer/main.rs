@@ -5,6 +5,7 @@ mod done;
 mod helpers;
 mod identity;
 mod rows;
+mod seaweedfs;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
