@@ -11,7 +11,7 @@
 //! - the rewrite is `UPDATE ... WHERE path = old` (I4): a row the live service changed is left
 //!   alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -269,6 +269,59 @@ pub async fn list_failures(pool: &PgPool) -> sqlx::Result<Vec<FailureRecord>> {
         .into_iter()
         .map(|r| FailureRecord { subject: r.get(0), reason: r.get(1), detail: r.get(2), occurrences: r.get(3) })
         .collect())
+}
+
+/// How many failures of each reason are recorded (one `GROUP BY`, never every row).
+pub async fn failure_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT reason, count(*) FROM avatar_migration_failures GROUP BY reason ORDER BY reason")
+        .fetch_all(pool)
+        .await
+}
+
+/// Which of these subjects (keys) are recorded with some reason.
+pub async fn recorded_subjects(pool: &PgPool, subjects: &[&str]) -> sqlx::Result<HashSet<String>> {
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT subject FROM avatar_migration_failures WHERE subject = ANY($1)")
+            .bind(subjects)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// One page of `avatars` in id order, after `after_id`: (id, path). Keyset pagination on the
+/// primary key: no long transaction, no lock, flat memory over any table size.
+pub async fn rows_after(pool: &PgPool, after_id: i64, limit: i64) -> sqlx::Result<Vec<(i64, Option<String>)>> {
+    sqlx::query_as("SELECT id::bigint, path FROM avatars WHERE id > $1 ORDER BY id LIMIT $2")
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// Rows by where their path points.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    pub all: i64,
+    pub legacy: i64,
+    pub modern: i64,
+}
+
+/// Counts rows by prefix. A full scan of the table: exempt from the statement timeout.
+pub async fn count_rows(pool: &PgPool, legacy_prefix: &str, modern_prefix: &str) -> sqlx::Result<RowCounts> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
+    let (legacy, modern, all): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE left(path, length($1)) = $1),
+                count(*) FILTER (WHERE left(path, length($2)) = $2),
+                count(*)
+         FROM avatars",
+    )
+    .bind(legacy_prefix)
+    .bind(modern_prefix)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(RowCounts { all, legacy, modern })
 }
 
 /// The feeder's position in the listing of one bucket and prefix.

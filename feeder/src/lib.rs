@@ -1,12 +1,13 @@
 //! The feeder: lists the source prefix and enqueues one message per object, checkpointing
-//! after every fully enqueued page; also the operator's `status`, `verify` and `failures`.
+//! after every fully enqueued page; also the operator's commands (`status`, `verify`,
+//! `reconcile`, `failures`).
 //!
 //! Stages, one module each: [`list`] -> [`enqueue`] (-> checkpoint, in `common::db`);
-//! [`operator`] for the operator's commands.
+//! [`ops`] for the operator's commands, one file each.
 
 pub mod enqueue;
 pub mod list;
-pub mod operator;
+pub mod ops;
 pub mod settings;
 
 use std::time::{Duration, Instant};
@@ -136,7 +137,7 @@ fn print_summary(mapping: &KeyMapping, summary: &Summary, checkpoint: &Checkpoin
 }
 
 /// With a backlog limit, waits until the queue holds no more than it.
-async fn wait_for_room(
+pub(crate) async fn wait_for_room(
     clients: &Clients,
     queue_url: &str,
     max_backlog: u64,

@@ -2,9 +2,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use common::exit::{Failure, SetupResult, report};
-use feeder::{Command, Settings};
+use feeder::{Command, Settings, ops};
 
-/// Exit code of `feeder verify` when some rows do not resolve.
+/// Exit code of `feeder verify` when the migration is not done.
 const UNRESOLVED: u8 = 3;
 
 #[tokio::main]
@@ -21,15 +21,16 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Returns false when `verify` found rows that do not resolve.
+/// Returns false when `verify` found the migration not done.
 async fn start(settings: Settings) -> Result<bool, Failure> {
     let shutdown = common::shutdown::on_signals().map_err(anyhow::Error::from).setup()?;
     let clients = feeder::connect(&settings).await?;
-    let resolved = match settings.command.clone().unwrap_or(Command::Run) {
+    let done = match settings.command.clone().unwrap_or(Command::Run) {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
-        Command::Status => feeder::operator::status(&settings, &clients).await.map(|_| true),
-        Command::Verify(args) => feeder::operator::verify(&settings, &args, &clients).await.map(|v| v.all_resolve()),
-        Command::Failures => feeder::operator::failures(&clients).await.map(|_| true),
+        Command::Status => ops::status::status(&settings, &clients).await.map(|_| true),
+        Command::Verify(args) => ops::verify::verify(&settings, &args, &clients).await.map(|v| v.is_done()),
+        Command::Reconcile(args) => ops::reconcile::reconcile(&settings, &args, &clients, shutdown).await.map(|_| true),
+        Command::Failures => ops::failures::failures(&clients).await.map(|_| true),
     }?;
-    Ok(resolved)
+    Ok(done)
 }

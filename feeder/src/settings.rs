@@ -7,7 +7,7 @@ use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
 
 /// Feeds the migration: lists every object under SOURCE_PREFIX and enqueues one message per
 /// object for the consumers, checkpointing in PostgreSQL so that a restart resumes where it
-/// stopped. Also the operator's entry point: `status`, `verify`, `failures`.
+/// stopped. Also the operator's entry point: `status`, `verify`, `reconcile`, `failures`.
 ///
 /// Every option is also an environment variable (shown in brackets); a `.env` file in the
 /// working directory is read first.
@@ -37,10 +37,15 @@ pub enum Command {
     /// Show the listing checkpoint, the queue and dead-letter queue depths, how many rows are
     /// legacy or modern, and the failures recorded so far. Counting rows scans the table.
     Status,
-    /// Check that every row's path names an existing object. Rows pointing at a missing legacy
-    /// object are recorded (reason row_object_missing). Exit 0 when every row resolves, 3 when
-    /// some do not.
+    /// Check that the migration is done: every row's path names an existing object, and no
+    /// row still points at the legacy prefix unless it was set aside with a reason. Rows
+    /// pointing at a missing legacy object are recorded (reason row_object_missing). Exit 0
+    /// when done, 3 when not (a sample of the rows left is printed).
     Verify(VerifyArgs),
+    /// Enqueue every legacy row not migrated yet (and not set aside with a reason), so that
+    /// the consumers finish the job: the second pass after a lost or expired message or a row
+    /// written late. The plan ends with verify -> reconcile -> (consumers drain) -> verify.
+    Reconcile(ReconcileArgs),
     /// List what was set aside for the operator: source missing, destination conflict,
     /// malformed message, rows whose object is missing, ...
     Failures,
@@ -58,10 +63,13 @@ pub struct RunArgs {
     #[arg(long, env = "SEND_CONCURRENCY", default_value = "16")]
     pub send_concurrency: NonZeroUsize,
 
-    /// Pause listing while the queue holds more than this many messages (visible plus in
-    /// flight), so the backlog never outgrows what consumers drain within the queue's
-    /// retention period. 0 (the default): no limit.
-    #[arg(long, env = "MAX_BACKLOG", default_value = "0")]
+    /// Pause listing (and `reconcile`) while the queue holds more than this many messages
+    /// (visible, in flight and delayed). Keeps the backlog from outliving the queue's
+    /// retention period: at the default, consumers draining more than 100,000 / retention
+    /// (0.3 messages/s for SQS's default 4 days) can never let a message expire, and one that
+    /// still does is found by `verify` and enqueued again by `reconcile`. Size it at least
+    /// consumers x CONCURRENCY so that no consumer starves. 0: no limit.
+    #[arg(long, env = "MAX_BACKLOG", default_value = "100000")]
     pub max_backlog: u64,
 
     /// Ignore the checkpoint and list from the start (messages for objects already moved are
@@ -72,7 +80,7 @@ pub struct RunArgs {
 
 impl Default for RunArgs {
     fn default() -> Self {
-        Self { page_size: 1000, send_concurrency: NonZeroUsize::new(16).unwrap(), max_backlog: 0, restart: false }
+        Self { page_size: 1000, send_concurrency: NonZeroUsize::new(16).unwrap(), max_backlog: 100_000, restart: false }
     }
 }
 
@@ -81,4 +89,16 @@ pub struct VerifyArgs {
     /// HEAD requests in flight at once while verifying.
     #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReconcileArgs {
+    /// HEAD requests in flight at once while reconciling.
+    #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
+    pub concurrency: NonZeroUsize,
+
+    /// Also enqueue legacy rows whose path was set aside with a reason (after fixing what
+    /// caused it: a grant, a restored archive, a resolved conflict).
+    #[arg(long)]
+    pub include_set_aside: bool,
 }

@@ -1,0 +1,60 @@
+//! The operator's commands, one file each; each file opens with what the command promises and
+//! what it may write. Their SQL lives in `common::db`.
+//!
+//! | command | reads | writes |
+//! |---|---|---|
+//! | [`status`] | checkpoint, queue depths, row counts, failure counts | nothing |
+//! | [`verify`] | every row, a HEAD per legacy or modern row | failures: `row_object_missing` |
+//! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
+//! | [`failures`] | the failure records | nothing |
+
+pub mod failures;
+pub mod reconcile;
+pub mod status;
+pub mod verify;
+
+use common::keys::KeyMapping;
+
+/// Rows read per page by the commands that stream the table.
+pub const ROWS_PAGE: i64 = 1000;
+
+/// Where a row's path points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Under SOURCE_PREFIX: not migrated yet (or set aside).
+    Legacy,
+    /// Under DESTINATION_PREFIX.
+    Modern,
+    /// Neither: not ours to judge (which bucket it names is not known).
+    Other,
+}
+
+/// Classifies a row's path (a null path is `Other`).
+pub fn classify(path: Option<&str>, mapping: &KeyMapping) -> Side {
+    match path {
+        Some(p) if p.starts_with(mapping.destination_prefix.as_str()) => Side::Modern,
+        Some(p) if p.starts_with(mapping.source_prefix.as_str()) => Side::Legacy,
+        _ => Side::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_paths_by_exact_prefix() {
+        let m = KeyMapping::new(
+            "legacy-s3".into(),
+            "image/".parse().unwrap(),
+            "production-s3".into(),
+            "avatar/".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(classify(Some("image/a.png"), &m), Side::Legacy);
+        assert_eq!(classify(Some("avatar/a.png"), &m), Side::Modern);
+        for other in [Some("imagex/a.png"), Some("Image/a.png"), Some("image"), Some(""), None] {
+            assert_eq!(classify(other, &m), Side::Other, "{other:?}");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! `feeder verify`: is the migration done? Every row must resolve (name an object that
+//! exists), and no row may still point at the legacy prefix unless it was set aside with a
+//! reason (`feeder failures`).
+//!
+//! Promises: rows are read in id order in pages (no long transaction, no lock) and objects are
+//! only HEADed. Writes only failure records: every row whose legacy object is missing is
+//! recorded (`row_object_missing`) so the operator can list it. The answer is "done" only when
+//! nothing unresolved and nothing pending is left; a sample of pending rows is printed.
+
+use futures::{StreamExt, TryStreamExt};
+
+use super::{ROWS_PAGE, Side, classify};
+use crate::settings::VerifyArgs;
+use crate::{Clients, Settings};
+use common::aws::head_etag;
+use common::db::Reason;
+
+/// Pending rows printed at most.
+const SAMPLE: usize = 10;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub rows: u64,
+    pub modern: u64,
+    pub legacy: u64,
+    pub other_prefix: u64,
+    /// Rows with a legacy or modern path that names no existing object (rows with another
+    /// prefix are counted in `other_prefix`, not checked).
+    pub unresolved: u64,
+    /// Of those, legacy rows whose object is missing (recorded for the operator).
+    pub legacy_missing: u64,
+    /// Legacy rows that resolve and were set aside with a reason (a conflict, access denied...).
+    pub legacy_set_aside: u64,
+    /// Legacy rows that resolve and were never set aside: the migration has not reached them
+    /// (a lost or expired message, a row written after its key was processed). `feeder
+    /// reconcile` enqueues them.
+    pub legacy_pending: u64,
+    /// Some of the pending rows: (id, path).
+    pub pending_sample: Vec<(i64, String)>,
+}
+
+impl Verification {
+    pub fn all_resolve(&self) -> bool {
+        self.unresolved == 0
+    }
+
+    /// Every row resolves and none is left legacy without a recorded reason.
+    pub fn is_done(&self) -> bool {
+        self.unresolved == 0 && self.legacy_pending == 0
+    }
+}
+
+/// Checks every row; see the module documentation.
+pub async fn verify(settings: &Settings, args: &VerifyArgs, clients: &Clients) -> anyhow::Result<Verification> {
+    let mapping = settings.storage.mapping()?;
+    let mut result = Verification::default();
+    let mut after_id = i64::MIN;
+    loop {
+        let rows = common::db::rows_after(&clients.db, after_id, ROWS_PAGE).await?;
+        let Some(&(last, _)) = rows.last() else { break };
+        after_id = last;
+        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| {
+            let mapping = &mapping;
+            async move {
+                let side = classify(path.as_deref(), mapping);
+                let bucket = match side {
+                    Side::Modern => &mapping.destination_bucket,
+                    Side::Legacy => &mapping.source_bucket,
+                    Side::Other => return Ok::<_, anyhow::Error>((id, path.unwrap_or_default(), side, false)),
+                };
+                let path = path.unwrap_or_default();
+                let exists = head_etag(&clients.s3, bucket, &path).await.map_err(anyhow::Error::msg)?.is_some();
+                Ok((id, path, side, exists))
+            }
+        }))
+        .buffer_unordered(args.concurrency.get())
+        .try_collect::<Vec<_>>()
+        .await?;
+        let legacy_paths: Vec<&str> = checks
+            .iter()
+            .filter(|(_, _, side, exists)| *side == Side::Legacy && *exists)
+            .map(|c| c.1.as_str())
+            .collect();
+        let recorded = common::db::recorded_subjects(&clients.db, &legacy_paths).await?;
+        for (id, path, side, exists) in &checks {
+            result.rows += 1;
+            match side {
+                Side::Modern => result.modern += 1,
+                Side::Legacy => result.legacy += 1,
+                Side::Other => result.other_prefix += 1,
+            }
+            match (side, exists) {
+                (Side::Other, _) => {}
+                (Side::Modern, true) => {}
+                (Side::Modern, false) => {
+                    result.unresolved += 1;
+                    tracing::warn!(id, path, "row does not resolve to an object");
+                }
+                (Side::Legacy, false) => {
+                    result.unresolved += 1;
+                    result.legacy_missing += 1;
+                    tracing::warn!(id, path, "row does not resolve to an object");
+                    common::db::record_failure(
+                        &clients.db,
+                        path,
+                        Reason::RowObjectMissing,
+                        &format!("row id {id} points at s3://{}/{path}, which does not exist", mapping.source_bucket),
+                    )
+                    .await?;
+                }
+                (Side::Legacy, true) if recorded.contains(path) => result.legacy_set_aside += 1,
+                (Side::Legacy, true) => {
+                    result.legacy_pending += 1;
+                    if result.pending_sample.len() < SAMPLE {
+                        result.pending_sample.push((*id, path.clone()));
+                    }
+                }
+            }
+        }
+    }
+    print_report(&result);
+    Ok(result)
+}
+
+fn print_report(r: &Verification) {
+    println!(
+        "verify: {} rows: {} modern, {} legacy, {} with another prefix (not checked); {} resolve, {} do not \
+         ({} legacy rows whose object is missing, recorded as row_object_missing)",
+        r.rows,
+        r.modern,
+        r.legacy,
+        r.other_prefix,
+        r.modern + r.legacy - r.unresolved,
+        r.unresolved,
+        r.legacy_missing,
+    );
+    println!(
+        "verify: legacy rows: {} set aside with a reason (feeder failures), {} not migrated yet",
+        r.legacy_set_aside, r.legacy_pending
+    );
+    for (id, path) in &r.pending_sample {
+        println!("verify: not migrated yet: row {id} {path:?}");
+    }
+    if r.is_done() {
+        println!("verify: done: every row resolves and no legacy row is left without a reason");
+    } else if r.legacy_pending > 0 {
+        println!(
+            "verify: not done: run `feeder reconcile` to enqueue the {} legacy rows not migrated yet, let the \
+             consumers drain the queue, then verify again",
+            r.legacy_pending
+        );
+    } else {
+        println!("verify: not done: rows that do not resolve need a person (feeder failures)");
+    }
+}
