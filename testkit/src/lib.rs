@@ -6,6 +6,8 @@
 //! The environment comes from `scripts/local-services env` (`scripts/test` sets it):
 //! `PG_ADMIN_URL`, `AWS_ENDPOINT_URL`, `MOTO_ENDPOINT_URL`, AWS credentials and region.
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -27,7 +27,7 @@ async fn an_idle_exit_waits_for_messages_a_crashed_consumer_held() {
     assert_eq!(hold_like_a_crashed_consumer(&env, 30, 6).await, 30);
 
     let started = Instant::now();
-    drain(&env, &[("EXIT_WHEN_IDLE", "1"), ("VISIBILITY_TIMEOUT", "5")]);
+    drain(&env, &[("EXIT_WHEN_IDLE", "1"), ("VISIBILITY_TIMEOUT", "5")]).await;
     assert_eq!(env.count_rows_with_prefix("avatar/").await, 60, "every row rewritten, the held ones too");
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
     assert!(started.elapsed() >= Duration::from_secs(5), "it waited for the held messages to come back");

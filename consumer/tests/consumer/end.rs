@@ -43,7 +43,7 @@ async fn verify_finds_what_the_first_pass_missed_and_reconcile_finishes_it() {
     env.insert_rows(&rows).await;
     feed(&env).await;
     lose_messages(&env, 5).await;
-    drain(&env, &[]);
+    drain(&env, &[]).await;
     // A row written with a legacy path after its key was processed.
     let (_, moved) = env.rows().await.into_iter().find(|(_, p)| p.starts_with("avatar/")).unwrap();
     env.insert_rows(&[moved.replacen("avatar/", "image/", 1)]).await;
@@ -56,7 +56,7 @@ async fn verify_finds_what_the_first_pass_missed_and_reconcile_finishes_it() {
     let (code, out) = feeder(&env, &["reconcile"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("7 legacy: 6 messages enqueued, 1 left alone"), "{out}");
-    drain(&env, &[]);
+    drain(&env, &[]).await;
 
     let (code, out) = feeder(&env, &["verify"]);
     assert_eq!(code, Some(0), "{out}");

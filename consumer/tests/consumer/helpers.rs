@@ -27,9 +27,10 @@ pub fn consumer(env: &Env, extra: &[(&str, &str)]) -> Command {
     cmd
 }
 
-/// Runs a consumer until it drains the queue; panics unless it exits 0.
-pub fn drain(env: &Env, extra: &[(&str, &str)]) -> Output {
-    let out = consumer(env, extra).output().unwrap();
+/// Runs a consumer until it drains the queue; panics unless it exits 0. Waits without
+/// blocking the runtime (a test's fault proxy runs on it).
+pub async fn drain(env: &Env, extra: &[(&str, &str)]) -> Output {
+    let out = tokio::process::Command::from(consumer(env, extra)).output().await.unwrap();
     assert!(out.status.success(), "consumer failed: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     out
 }
@@ -163,4 +164,11 @@ pub async fn put_multipart(env: &Env, bucket: &str, key: &str, body: &[u8]) {
 
 pub async fn etag(env: &Env, bucket: &str, key: &str) -> String {
     env.s3.head_object().bucket(bucket).key(key).send().await.unwrap().e_tag().unwrap().to_owned()
+}
+
+/// Reads a child's whole stderr on a thread of its own (so the child never blocks on a full
+/// pipe); join the handle once the child has exited.
+pub fn capture_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default())
 }

@@ -22,7 +22,7 @@ async fn same_bytes_under_another_etag_count_as_done_and_other_bytes_as_a_confli
     assert_ne!(same_before, etag(&env, &env.source_bucket, "image/same.png").await, "the ETags differ");
     let ids = env.insert_rows(&["image/same.png".into(), "image/other.png".into()]).await;
     feed(&env).await;
-    let out = drain(&env, &[]);
+    let out = drain(&env, &[]).await;
 
     assert_eq!(env.path_of(ids[0]).await, "avatar/same.png", "same bytes: the row moves");
     assert_eq!(env.path_of(ids[1]).await, "image/other.png", "other bytes: the row stays");
@@ -46,7 +46,7 @@ async fn a_destination_too_large_to_compare_is_recorded_as_unproven() {
     put_multipart(&env, &env.destination_bucket, "avatar/big.png", b"0123456789").await;
     let ids = env.insert_rows(&["image/big.png".into()]).await;
     feed(&env).await;
-    drain(&env, &[("COMPARE_MAX_BYTES", "4")]);
+    drain(&env, &[("COMPARE_MAX_BYTES", "4")]).await;
     assert_eq!(env.path_of(ids[0]).await, "image/big.png");
     assert_eq!(env.failures().await, vec![("destination_unproven".to_owned(), "image/big.png".to_owned())]);
 }

@@ -3,6 +3,7 @@
 
 mod done;
 mod end;
+mod errors;
 mod helpers;
 mod identity;
 mod rows;
@@ -40,7 +41,7 @@ async fn moves_awkward_keys_and_keeps_bytes_content_type_and_metadata() {
     let paths: Vec<String> = AWKWARD.iter().map(|k| k.to_string()).collect();
     let ids = env.insert_rows(&paths).await;
     assert_eq!(feed(&env).await, AWKWARD.len() as u64);
-    drain(&env, &[]);
+    drain(&env, &[]).await;
 
     for (id, key) in ids.iter().zip(AWKWARD) {
         let dest = modern(key);
@@ -71,7 +72,7 @@ async fn moves_keys_with_control_characters_byte_for_byte() {
     }
     let ids = env.insert_rows(&keys).await;
     assert_eq!(feed(&env).await, keys.len() as u64);
-    drain(&env, &[]);
+    drain(&env, &[]).await;
     for (id, key) in ids.iter().zip(&keys) {
         let dest = modern(key);
         assert_eq!(env.path_of(*id).await, dest, "row of {key:?} rewritten");
@@ -106,7 +107,7 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     let source_before = env.keys(&env.source_bucket).await;
 
     feed(&env).await;
-    drain(&env, &[("CONCURRENCY", "8")]);
+    drain(&env, &[("CONCURRENCY", "8")]).await;
 
     let after = env.rows().await;
     for ((id, path), before) in after.iter().zip(&rows) {
@@ -199,7 +200,7 @@ async fn never_overwrites_different_content_and_accepts_identical_content() {
     env.put(&env.destination_bucket, "avatar/same.png", b"same bytes").await;
     let ids = env.insert_rows(&["image/conflict.png".into(), "image/same.png".into()]).await;
     feed(&env).await;
-    let out = drain(&env, &[]);
+    let out = drain(&env, &[]).await;
 
     assert_eq!(
         env.get(&env.destination_bucket, "avatar/conflict.png").await.as_deref(),
@@ -266,7 +267,7 @@ async fn a_consumer_killed_mid_run_and_a_fresh_one_lose_nothing() {
 
     // An idle window shorter than the visibility timeout: the survivor still waits for the
     // messages the dead consumer held to come back.
-    drain(&env, &[("VISIBILITY_TIMEOUT", "3"), ("EXIT_WHEN_IDLE", "1")]);
+    drain(&env, &[("VISIBILITY_TIMEOUT", "3"), ("EXIT_WHEN_IDLE", "1")]).await;
     assert_eq!(env.count_rows_with_prefix("avatar/").await, 2000, "every row rewritten");
     let copied: BTreeSet<String> = env.keys(&env.destination_bucket).await.into_iter().collect();
     assert_eq!(copied, keys.iter().map(|k| modern(k)).collect::<BTreeSet<_>>());
@@ -284,9 +285,9 @@ async fn a_message_delivered_twice_is_harmless() {
     feed(&env).await;
     let body = common::message::ObjectMessage::new("image/twice.png".into(), 3, String::new()).to_body();
     env.send_raw(&body).await;
-    let first = drain(&env, &[]);
+    let first = drain(&env, &[]).await;
     env.send_raw(&body).await; // a late duplicate, after everything was done
-    let second = drain(&env, &[]);
+    let second = drain(&env, &[]).await;
 
     for id in ids {
         assert_eq!(env.path_of(id).await, "avatar/twice.png");
@@ -310,7 +311,7 @@ async fn a_malformed_message_is_set_aside_and_the_rest_moves_on() {
     env.send_raw(r#"{"v":1,"key":"elsewhere/x.png","size":1,"etag":"e"}"#).await;
     env.send_raw(r#"{"v":1,"key":"image/never-existed.png","size":1,"etag":"\"e\""}"#).await;
     feed(&env).await;
-    drain(&env, &[]);
+    drain(&env, &[]).await;
 
     for id in ids {
         assert!(env.path_of(id).await.starts_with("avatar/"));
@@ -435,7 +436,7 @@ async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
     .unwrap();
     feed(&env).await;
     let vis = [("VISIBILITY_TIMEOUT", "1"), ("EXIT_WHEN_IDLE", "4")];
-    let out = drain(&env, &vis);
+    let out = drain(&env, &vis).await;
     assert!(!stdout(&out).contains("left for retry 0;"), "{}", stdout(&out));
     assert_eq!(env.path_of(ids[0]).await, "image/flaky.png", "not rewritten while the database refuses");
     assert_eq!(env.depth(&env.dlq_url).await.0, 1, "after 5 receipts the message is in the dead-letter queue");
@@ -457,7 +458,7 @@ async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
     )
     .await
     .unwrap();
-    drain(&env, &vis);
+    drain(&env, &vis).await;
     assert_eq!(env.path_of(ids[0]).await, "avatar/flaky.png");
 }
 

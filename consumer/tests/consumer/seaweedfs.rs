@@ -43,7 +43,7 @@ async fn the_pipeline_works_on_seaweedfs() {
     let keys = seed(&env).await;
     let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
     feed(&env).await;
-    let out = drain(&env, &[("CONCURRENCY", "8")]);
+    let out = drain(&env, &[("CONCURRENCY", "8")]).await;
     assert!(stdout(&out).contains("already present 1"), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
@@ -58,7 +58,7 @@ async fn the_servers_412_keeps_a_destination_the_copy_meets() {
     let keys = seed(&env).await;
     let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
     feed(&env).await;
-    let out = drain(&env, &[("DESTINATION_CHECK", "on-conflict")]);
+    let out = drain(&env, &[("DESTINATION_CHECK", "on-conflict")]).await;
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }

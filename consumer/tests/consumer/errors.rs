@@ -1,0 +1,104 @@
+//! Error classes (README, "What each error means"): an error permanent for one object is
+//! recorded with its reason and the others move on; an error that stops every object stops
+//! the process with that error and loses nothing. The errors come from a fault-injecting proxy
+//! in front of the real local server (a stand-in for what AWS answers, forwarded otherwise).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use testkit::proxy::{Fault, FaultProxy, Rule, When};
+use testkit::{Env, wait_until};
+
+use crate::helpers::{capture_stderr, consumer, drain, feed, legacy_keys, wait_exit};
+
+fn error(status: u16, code: &'static str) -> Fault {
+    Fault::Error { status, code }
+}
+
+fn containing(piece: &str) -> When {
+    When { contains: Some(piece.to_owned()), ..When::default() }
+}
+
+#[tokio::test]
+async fn access_denied_and_archived_objects_are_recorded_and_the_rest_moves_on() {
+    let env = Env::new().await;
+    let mut keys = legacy_keys(0..20);
+    keys.extend(["image/forbidden.png".to_owned(), "image/archived.png".to_owned()]);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    let ids = env.insert_rows(&keys).await;
+    feed(&env).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    s3.add(Rule::always(containing("forbidden.png"), error(403, "AccessDenied")));
+    s3.add(Rule::always(When { method: Some("PUT"), ..containing("archived.png") }, error(403, "InvalidObjectState")));
+    drain(&env, &[("AWS_ENDPOINT_URL_S3", &s3.url)]).await;
+
+    assert_eq!(
+        env.failures().await,
+        vec![
+            ("access_denied".to_owned(), "image/forbidden.png".to_owned()),
+            ("object_archived".to_owned(), "image/archived.png".to_owned()),
+        ]
+    );
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 20, "every other object moved");
+    assert_eq!(env.path_of(ids[20]).await, "image/forbidden.png");
+    assert_eq!(env.path_of(ids[21]).await, "image/archived.png");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0), "recorded, then deleted");
+    assert_eq!(env.depth(&env.dlq_url).await, (0, 0), "not retried into the dead-letter queue");
+    assert!(s3.injected() >= 2);
+}
+
+/// The destination bucket disappears mid-run: the consumer stops with exit 1 and an error that
+/// names it (no object is set aside for it); every row still resolves and every object not
+/// finished is still in the queue. Once the bucket is back, a consumer finishes the job.
+#[tokio::test]
+async fn a_bucket_gone_mid_run_stops_the_consumer_and_loses_nothing() {
+    let env = Env::new().await;
+    let keys = legacy_keys(0..400);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    env.insert_rows(&keys).await;
+    feed(&env).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let vars = [
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        ("CONCURRENCY", "4"),
+        ("SHUTDOWN_GRACE_SECONDS", "5"),
+        ("VISIBILITY_TIMEOUT", "3"),
+    ];
+    let mut child = consumer(&env, &vars).stdout(Stdio::null()).spawn().unwrap();
+    let stderr = capture_stderr(&mut child);
+    wait_until("some rows rewritten", Duration::from_secs(60), || async {
+        env.count_rows_with_prefix("avatar/").await >= 20
+    })
+    .await;
+    s3.add(Rule::always(containing(&format!("/{}", env.destination_bucket)), error(404, "NoSuchBucket")));
+    let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("NoSuchBucket") && stderr.contains(&env.destination_bucket), "{stderr}");
+    assert_eq!(env.failures().await, vec![], "nothing set aside for a fault of the whole run");
+    let moved = env.count_rows_with_prefix("avatar/").await;
+    assert!(moved < 400, "stopped mid-run ({moved} moved)");
+    for (_, path) in env.rows().await.into_iter().filter(|(_, p)| p.starts_with("avatar/")) {
+        assert!(env.exists(&env.destination_bucket, &path).await, "{path} resolves");
+    }
+
+    s3.clear();
+    drain(&env, &[("AWS_ENDPOINT_URL_S3", &s3.url), ("VISIBILITY_TIMEOUT", "2")]).await;
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 400, "nothing lost");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+}
+
+/// A receive refused for good (access denied to the queue) stops the consumer with exit 1 and
+/// an error naming the queue, instead of retrying forever.
+#[tokio::test]
+async fn a_receive_refused_for_good_stops_the_consumer() {
+    let env = Env::new().await;
+    let sqs = FaultProxy::start(&env.sqs_endpoint).await.unwrap();
+    sqs.add(Rule::always(When { sqs_action: Some("ReceiveMessage"), ..When::default() }, error(403, "AccessDenied")));
+    let mut child = consumer(&env, &[("AWS_ENDPOINT_URL_SQS", &sqs.url)]).spawn().unwrap();
+    let stderr = capture_stderr(&mut child);
+    let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("AccessDenied") && stderr.contains(&env.queue_url), "{stderr}");
+}

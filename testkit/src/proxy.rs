@@ -1,0 +1,205 @@
+//! A fault-injecting proxy: forwards every request to a real server (MiniStack, SeaweedFS) and,
+//! where a rule says so, answers with an error, closes the connection, or answers late instead.
+//! A test tool, not a fake: whatever it forwards is served by the real server, and the faults
+//! it injects are answers AWS documents (500 InternalError, 503 SlowDown, 403 AccessDenied,
+//! 403 InvalidObjectState, 404 NoSuchBucket, connection resets, slow answers).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What a rule does to a request it matches.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// An error answer: S3's XML error, or SQS's JSON one for SQS requests.
+    Error { status: u16, code: &'static str },
+    /// The connection is closed without an answer (a reset, a crashed server).
+    Reset,
+    /// The request is forwarded, its answer held back this long.
+    Delay(Duration),
+}
+
+/// Which requests a rule applies to; every field that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct When {
+    /// HTTP method, e.g. `HEAD`.
+    pub method: Option<&'static str>,
+    /// A piece of the path and query, or of the `x-amz-copy-source` header (URL-encoded as sent).
+    pub contains: Option<String>,
+    /// For SQS: the action (`ReceiveMessage`, `SendMessageBatch`...), from `x-amz-target`.
+    pub sqs_action: Option<&'static str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub when: When,
+    pub fault: Fault,
+    /// Chance that a matching request is faulted (1.0: every one).
+    pub probability: f64,
+    /// Faults left to inject; `None`: no limit.
+    pub remaining: Option<u64>,
+}
+
+impl Rule {
+    pub fn always(when: When, fault: Fault) -> Self {
+        Rule { when, fault, probability: 1.0, remaining: None }
+    }
+
+    pub fn sometimes(when: When, fault: Fault, probability: f64) -> Self {
+        Rule { when, fault, probability, remaining: None }
+    }
+}
+
+struct State {
+    upstream: String,
+    rules: Mutex<Vec<Rule>>,
+    client: Client<HttpConnector, Incoming>,
+    forwarded: AtomicU64,
+    injected: AtomicU64,
+}
+
+/// A running proxy; it stops when dropped.
+pub struct FaultProxy {
+    /// Where clients should send their requests, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on a free loopback port in front of `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> std::io::Result<FaultProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(State {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            rules: Mutex::new(Vec::new()),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            forwarded: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+        });
+        let serving = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = serving.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(FaultProxy { url, state, task })
+    }
+
+    pub fn add(&self, rule: Rule) {
+        self.state.rules.lock().unwrap().push(rule);
+    }
+
+    pub fn clear(&self) {
+        self.state.rules.lock().unwrap().clear();
+    }
+
+    /// Faults injected so far.
+    pub fn injected(&self) -> u64 {
+        self.state.injected.load(Ordering::SeqCst)
+    }
+
+    /// Requests forwarded to the real server so far.
+    pub fn forwarded(&self) -> u64 {
+        self.state.forwarded.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The fault for this request, if a rule picks it.
+fn pick(state: &State, req: &Request<Incoming>) -> Option<Fault> {
+    let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or_default();
+    let copy_source = req.headers().get("x-amz-copy-source").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let action = sqs_action(req);
+    let mut rules = state.rules.lock().unwrap();
+    for rule in rules.iter_mut() {
+        let w = &rule.when;
+        let matches = w.method.is_none_or(|m| req.method().as_str() == m)
+            && w.contains.as_deref().is_none_or(|c| target.contains(c) || copy_source.contains(c))
+            && w.sqs_action.is_none_or(|a| action == Some(a));
+        if !matches || rule.remaining == Some(0) || fastrand::f64() >= rule.probability {
+            continue;
+        }
+        if let Some(left) = rule.remaining.as_mut() {
+            *left -= 1;
+        }
+        return Some(rule.fault.clone());
+    }
+    None
+}
+
+fn sqs_action(req: &Request<Incoming>) -> Option<&str> {
+    let target = req.headers().get("x-amz-target")?.to_str().ok()?;
+    target.strip_prefix("AmazonSQS.")
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+    let fault = pick(&state, &req);
+    if fault.is_some() {
+        state.injected.fetch_add(1, Ordering::SeqCst);
+    }
+    match fault {
+        Some(Fault::Reset) => Err(std::io::Error::other("injected connection reset")),
+        Some(Fault::Error { status, code }) => Ok(error_answer(&req, status, code)),
+        Some(Fault::Delay(delay)) => {
+            let answer = forward(&state, req).await;
+            tokio::time::sleep(delay).await;
+            answer
+        }
+        None => forward(&state, req).await,
+    }
+}
+
+async fn forward(state: &State, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+    state.forwarded.fetch_add(1, Ordering::SeqCst);
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = format!("{}{path}", state.upstream).parse().map_err(std::io::Error::other)?;
+    let answer = state.client.request(Request::from_parts(parts, body)).await.map_err(std::io::Error::other)?;
+    Ok(answer.map(|b| b.boxed()))
+}
+
+fn error_answer(req: &Request<Incoming>, status: u16, code: &str) -> Response<Body> {
+    let mut answer = Response::builder().status(status).header("x-amz-request-id", "injected-by-fault-proxy");
+    let body = if sqs_action(req).is_some() {
+        answer = answer
+            .header("content-type", "application/x-amz-json-1.0")
+            .header("x-amzn-query-error", format!("{code};Sender"));
+        format!(r#"{{"__type":"com.amazonaws.sqs#{code}","message":"injected by the fault proxy"}}"#)
+    } else if req.method() == hyper::Method::HEAD {
+        String::new() // a HEAD's error has no body: its status says it all
+    } else {
+        answer = answer.header("content-type", "application/xml");
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the fault \
+             proxy</Message><RequestId>injected</RequestId></Error>"
+        )
+    };
+    let body = Full::new(Bytes::from(body)).map_err(|never: Infallible| match never {}).boxed();
+    answer.body(body).expect("a valid answer")
+}
