@@ -89,6 +89,12 @@ pub struct VerifyArgs {
     /// HEAD requests in flight at once while verifying.
     #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
+
+    /// Also print the result as one JSON object, as the last line of stdout: rows_checked,
+    /// rows_modern, rows_legacy, rows_other, rows_unresolvable, rows_legacy_missing,
+    /// rows_legacy_set_aside, rows_legacy_pending, done.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

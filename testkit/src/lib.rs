@@ -6,6 +6,7 @@
 //! The environment comes from `scripts/local-services env` (`scripts/test` sets it):
 //! `PG_ADMIN_URL`, `AWS_ENDPOINT_URL`, `MOTO_ENDPOINT_URL`, AWS credentials and region.
 
+pub mod faults;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -40,7 +41,10 @@ pub fn suffix() -> String {
 /// The path of one of the workspace's binaries, built beside the test executable.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps -> target/<profile>
+    let mut dir = exe.parent().unwrap(); // target/<profile>/deps (a test) or target/<profile>
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -215,6 +219,41 @@ impl Env {
             req = req.metadata(*k, *v);
         }
         req.send().await.unwrap_or_else(|e| panic!("put s3://{bucket}/{key}: {e:?}"));
+    }
+
+    /// Uploads `body` in one multipart part: the same bytes as a plain upload, another ETag
+    /// (`md5-of-md5s-1`), as on AWS after a multipart upload or a copy.
+    pub async fn put_multipart(&self, bucket: &str, key: &str, body: &[u8]) {
+        let upload = self.s3.create_multipart_upload().bucket(bucket).key(key).send().await.unwrap();
+        let id = upload.upload_id().unwrap();
+        let part = self
+            .s3
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(id)
+            .part_number(1)
+            .body(ByteStream::from(body.to_vec()))
+            .send()
+            .await
+            .unwrap();
+        let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
+            .parts(
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(1)
+                    .set_e_tag(part.e_tag().map(str::to_owned))
+                    .build(),
+            )
+            .build();
+        self.s3
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(id)
+            .multipart_upload(parts)
+            .send()
+            .await
+            .unwrap();
     }
 
     /// Puts many objects with the same body, 64 at a time.

@@ -5,7 +5,7 @@
 //! 403 InvalidObjectState, 404 NoSuchBucket, connection resets, slow answers).
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,9 @@ pub enum Fault {
     Error { status: u16, code: &'static str },
     /// The connection is closed without an answer (a reset, a crashed server).
     Reset,
+    /// The request is forwarded (it takes effect) but the answer is lost: the connection is
+    /// closed instead. The client cannot tell whether it happened.
+    ResetAfter,
     /// The request is forwarded, its answer held back this long.
     Delay(Duration),
 }
@@ -69,6 +72,8 @@ struct State {
     client: Client<HttpConnector, Incoming>,
     forwarded: AtomicU64,
     injected: AtomicU64,
+    /// Every request is refused (the server is unreachable).
+    down: AtomicBool,
 }
 
 /// A running proxy; it stops when dropped.
@@ -90,6 +95,7 @@ impl FaultProxy {
             client: Client::builder(TokioExecutor::new()).build_http(),
             forwarded: AtomicU64::new(0),
             injected: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         });
         let serving = state.clone();
         let task = tokio::spawn(async move {
@@ -114,6 +120,11 @@ impl FaultProxy {
         self.state.rules.lock().unwrap().clear();
     }
 
+    /// While down, every connection is closed unanswered, as if the server were unreachable.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
     /// Faults injected so far.
     pub fn injected(&self) -> u64 {
         self.state.injected.load(Ordering::SeqCst)
@@ -133,6 +144,9 @@ impl Drop for FaultProxy {
 
 /// The fault for this request, if a rule picks it.
 fn pick(state: &State, req: &Request<Incoming>) -> Option<Fault> {
+    if state.down.load(Ordering::SeqCst) {
+        return Some(Fault::Reset);
+    }
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or_default();
     let copy_source = req.headers().get("x-amz-copy-source").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let action = sqs_action(req);
@@ -165,6 +179,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     }
     match fault {
         Some(Fault::Reset) => Err(std::io::Error::other("injected connection reset")),
+        Some(Fault::ResetAfter) => {
+            // The whole answer is read, so the request has surely taken effect upstream.
+            let answer = forward(&state, req).await?;
+            let _ = answer.into_body().collect().await;
+            Err(std::io::Error::other("injected connection reset after the request took effect"))
+        }
         Some(Fault::Error { status, code }) => Ok(error_answer(&req, status, code)),
         Some(Fault::Delay(delay)) => {
             let answer = forward(&state, req).await;

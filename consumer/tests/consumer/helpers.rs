@@ -127,39 +127,8 @@ pub async fn rewrite_waiting(env: &Env) -> bool {
     .unwrap()
 }
 
-/// Uploads `body` in one multipart part: the same bytes as a plain upload, another ETag
-/// (`md5-of-md5s-1`), as on AWS after a multipart upload or a copy.
 pub async fn put_multipart(env: &Env, bucket: &str, key: &str, body: &[u8]) {
-    let upload = env.s3.create_multipart_upload().bucket(bucket).key(key).send().await.unwrap();
-    let id = upload.upload_id().unwrap();
-    let part = env
-        .s3
-        .upload_part()
-        .bucket(bucket)
-        .key(key)
-        .upload_id(id)
-        .part_number(1)
-        .body(aws_sdk_s3::primitives::ByteStream::from(body.to_vec()))
-        .send()
-        .await
-        .unwrap();
-    let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
-        .parts(
-            aws_sdk_s3::types::CompletedPart::builder()
-                .part_number(1)
-                .set_e_tag(part.e_tag().map(str::to_owned))
-                .build(),
-        )
-        .build();
-    env.s3
-        .complete_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .upload_id(id)
-        .multipart_upload(parts)
-        .send()
-        .await
-        .unwrap();
+    env.put_multipart(bucket, key, body).await
 }
 
 pub async fn etag(env: &Env, bucket: &str, key: &str) -> String {

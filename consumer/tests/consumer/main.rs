@@ -134,7 +134,7 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     // The operator's check reports the row whose object never existed, and only it.
     let settings = feeder::Settings::try_parse_from(env.args("feeder")).unwrap();
     let clients = feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() };
-    let args = feeder::settings::VerifyArgs { concurrency: 8.try_into().unwrap() };
+    let args = feeder::settings::VerifyArgs { concurrency: 8.try_into().unwrap(), json: false };
     let verification = feeder::ops::verify::verify(&settings, &args, &clients).await.unwrap();
     assert_eq!(
         (verification.rows, verification.other_prefix, verification.unresolved, verification.legacy_missing),

@@ -48,6 +48,22 @@ impl Verification {
     pub fn is_done(&self) -> bool {
         self.unresolved == 0 && self.legacy_pending == 0
     }
+
+    /// One JSON object, for programs (`--json`).
+    pub fn json(&self) -> String {
+        serde_json::json!({
+            "rows_checked": self.rows,
+            "rows_modern": self.modern,
+            "rows_legacy": self.legacy,
+            "rows_other": self.other_prefix,
+            "rows_unresolvable": self.unresolved,
+            "rows_legacy_missing": self.legacy_missing,
+            "rows_legacy_set_aside": self.legacy_set_aside,
+            "rows_legacy_pending": self.legacy_pending,
+            "done": self.is_done(),
+        })
+        .to_string()
+    }
 }
 
 /// Checks every row; see the module documentation.
@@ -119,6 +135,9 @@ pub async fn verify(settings: &Settings, args: &VerifyArgs, clients: &Clients) -
         }
     }
     print_report(&result);
+    if args.json {
+        println!("{}", result.json());
+    }
     Ok(result)
 }
 

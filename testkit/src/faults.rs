@@ -1,0 +1,695 @@
+//! The fault matrix (`scripts/faults`): one migration in the mixed state, run with the real
+//! feeder and consumer binaries against the real local services, while faults are injected,
+//! a sampler checks I1 and a live writer plays the production service. Afterwards it checks
+//! that nothing was lost, nothing overwritten, and that `feeder verify` agrees.
+//!
+//! Faults: consumers SIGKILLed (the last one not replaced); S3 and SQS answering 500, 503
+//! SlowDown, connection resets (before and after the request took effect) and slow answers
+//! on about 12 % of calls (`proxy`); PostgreSQL restarted; SQS unreachable for a while; the
+//! feeder SIGKILLed twice mid-listing; a row held by a live transaction; poison messages;
+//! sources deleted between listing and copy; destination conflicts (seeded and uploaded live);
+//! destinations holding the same bytes under another ETag.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::{Fault, FaultProxy, Rule, When};
+use crate::{Env, binary};
+
+/// How big and how harsh a run is.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Legacy objects seeded (the mixed state adds modern rows and rows without objects).
+    pub objects: usize,
+    /// Consumers running at once at the start.
+    pub consumers: usize,
+    /// How long SQS is unreachable.
+    pub sqs_outage: Duration,
+    /// How long the live transaction holds one row.
+    pub row_lock: Duration,
+    /// Restart PostgreSQL mid-run (needs `scripts/local-services restart-postgres`; nothing
+    /// else may be using the cluster).
+    pub restart_postgres: Option<PathBuf>,
+}
+
+/// One line of the table: a fault, how often it was injected, what came of it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub fault: String,
+    pub injected: u64,
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub lines: Vec<Line>,
+    pub objects: u64,
+    pub faults_injected: u64,
+    pub lost: u64,
+    pub violations: u64,
+    pub overwritten: u64,
+    pub samples: u64,
+    pub live_write_max_ms: u64,
+    pub live_write_p99_ms: u64,
+    /// What went wrong, for a person (keys lost, rows overwritten...).
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.lost == 0 && self.violations == 0 && self.overwritten == 0 && self.faults_injected > 0
+    }
+
+    /// The last line of `scripts/faults`: one JSON object, read by a program.
+    pub fn json(&self) -> String {
+        serde_json::json!({
+            "objects": self.objects,
+            "faults_injected": self.faults_injected,
+            "lost": self.lost,
+            "violations": self.violations,
+            "overwritten": self.overwritten,
+            "samples": self.samples,
+            "live_write_max_ms": self.live_write_max_ms,
+        })
+        .to_string()
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = format!("{:<58} {:>9}  {}\n", "fault", "injected", "outcome");
+        for l in &self.lines {
+            out.push_str(&format!("{:<58} {:>9}  {}\n", l.fault, l.injected, l.outcome));
+        }
+        out
+    }
+}
+
+/// The bytes of a seeded legacy object: distinct per key, so a copy can be checked exactly.
+fn body_of(key: &str) -> Vec<u8> {
+    format!("avatar bytes of {key}").into_bytes()
+}
+
+fn modern(key: &str) -> String {
+    key.replacen("image/", "avatar/", 1)
+}
+
+struct Seeded {
+    /// Every legacy object seeded (its key).
+    legacy: Vec<String>,
+    /// Legacy keys without a row (sources deleted mid-run are picked among them).
+    without_rows: Vec<String>,
+    /// Destinations seeded with other bytes: key -> bytes.
+    conflicts: HashMap<String, Vec<u8>>,
+    /// Destinations seeded with the same bytes under another ETag: key -> ETag.
+    same_bytes: HashMap<String, String>,
+    /// Legacy paths of rows whose object never existed.
+    missing: HashSet<String>,
+}
+
+async fn seed(env: &Env, n: usize) -> anyhow::Result<Seeded> {
+    let legacy: Vec<String> = (0..n).map(|i| format!("image/avatar-{i:06}.png")).collect();
+    for chunk in legacy.chunks(64) {
+        futures::future::join_all(
+            chunk.iter().map(|k| async move { env.put(&env.source_bucket, k, &body_of(k)).await }),
+        )
+        .await;
+    }
+    let without_rows: Vec<String> = legacy.iter().step_by(10).cloned().collect();
+    let no_row: HashSet<&String> = without_rows.iter().collect();
+    let mut rows: Vec<String> = legacy.iter().filter(|k| !no_row.contains(k)).cloned().collect();
+    let mut conflicts = HashMap::new();
+    let mut same_bytes = HashMap::new();
+    for (i, key) in legacy.iter().enumerate().filter(|(i, _)| i % 10 != 0) {
+        if i % 97 == 1 {
+            let other = format!("a newer upload at {}", modern(key)).into_bytes();
+            env.put(&env.destination_bucket, &modern(key), &other).await;
+            conflicts.insert(modern(key), other);
+        } else if i % 97 == 2 {
+            env.put_multipart(&env.destination_bucket, &modern(key), &body_of(key)).await;
+            let etag = env.s3.head_object().bucket(&env.destination_bucket).key(modern(key)).send().await?;
+            same_bytes.insert(modern(key), etag.e_tag().unwrap_or_default().to_owned());
+        }
+    }
+    // Modern rows already migrated, and rows whose legacy object never existed.
+    let modern_keys: Vec<String> = (0..n / 5).map(|i| format!("avatar/modern-{i:06}.png")).collect();
+    for chunk in modern_keys.chunks(64) {
+        futures::future::join_all(chunk.iter().map(|k| env.put(&env.destination_bucket, k, b"modern"))).await;
+    }
+    rows.extend(modern_keys);
+    let missing: HashSet<String> = (0..10).map(|i| format!("image/never-existed-{i}.png")).collect();
+    rows.extend(missing.iter().cloned());
+    fastrand::shuffle(&mut rows);
+    env.insert_rows(&rows).await;
+    Ok(Seeded { legacy, without_rows, conflicts, same_bytes, missing })
+}
+
+/// The live service: uploads new avatars and repoints rows at them, uploads avatars at
+/// destinations the migration has not reached yet, inserts rows; times every row write.
+struct Live {
+    /// Row id -> the path the live service last wrote.
+    rows: Mutex<HashMap<i32, String>>,
+    /// Destination key -> the bytes the live service uploaded there.
+    uploads: Mutex<HashMap<String, Vec<u8>>>,
+    /// Row-write latencies in microseconds (writes while PostgreSQL restarts are left out).
+    latencies_us: Mutex<Vec<u64>>,
+    /// The row the live transaction holds (never written by the writer meanwhile).
+    held_row: AtomicI64,
+    /// PostgreSQL is being restarted: writes fail or wait for reasons of their own.
+    pg_restarting: AtomicBool,
+}
+
+async fn live_writer(env: Arc<Env>, live: Arc<Live>, legacy_with_rows: Vec<String>, stop: CancellationToken) {
+    let max_id: i32 = sqlx::query_scalar("SELECT max(id) FROM avatars").fetch_one(&env.db).await.unwrap_or(1);
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let key = format!("avatar/live-{n:06}.png");
+        env.put(&env.destination_bucket, &key, format!("live upload {n}").as_bytes()).await;
+        let id = fastrand::i32(1..=max_id);
+        if i64::from(id) != live.held_row.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let written =
+                sqlx::query("UPDATE avatars SET path = $1 WHERE id = $2").bind(&key).bind(id).execute(&env.db).await;
+            if written.is_ok() {
+                live.rows.lock().unwrap().insert(id, key.clone());
+                if !live.pg_restarting.load(Ordering::SeqCst) {
+                    live.latencies_us.lock().unwrap().push(started.elapsed().as_micros() as u64);
+                }
+            }
+        }
+        if n.is_multiple_of(10) {
+            // A new avatar uploaded at a destination the migration has not reached: far enough
+            // past the feeder's checkpoint that no message for it can exist yet.
+            let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap_or_default();
+            let listed = cp.last_key.unwrap_or_default();
+            let first = legacy_with_rows.partition_point(|k| *k <= listed) + 500;
+            if !cp.finished && first < legacy_with_rows.len() {
+                let target = modern(&legacy_with_rows[fastrand::usize(first..legacy_with_rows.len())]);
+                let mut uploads = live.uploads.lock().unwrap().clone();
+                if !uploads.contains_key(&target) {
+                    let bytes = format!("a live upload at {target}").into_bytes();
+                    env.put(&env.destination_bucket, &target, &bytes).await;
+                    uploads.insert(target.clone(), bytes.clone());
+                    live.uploads.lock().unwrap().insert(target, bytes);
+                }
+            }
+        }
+        if n.is_multiple_of(25) {
+            let _ = sqlx::query("INSERT INTO avatars (path) VALUES ($1)").bind(&key).execute(&env.db).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// I1: reads random rows and HEADs what they name; returns (samples, violations).
+async fn sampler(env: Arc<Env>, missing: HashSet<String>, stop: CancellationToken) -> (u64, Vec<String>) {
+    let (mut samples, mut violations) = (0u64, Vec::new());
+    while !stop.is_cancelled() {
+        let Ok(rows) = sqlx::query_scalar::<_, String>("SELECT path FROM avatars ORDER BY random() LIMIT 20")
+            .fetch_all(&env.db)
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await; // PostgreSQL restarting
+            continue;
+        };
+        let checks = rows.into_iter().filter(|p| !missing.contains(p)).map(|path| {
+            let env = &env;
+            async move {
+                let bucket = if path.starts_with("avatar/") { &env.destination_bucket } else { &env.source_bucket };
+                (common::aws::head_etag(&env.s3, bucket, &path).await, path)
+            }
+        });
+        for (head, path) in futures::future::join_all(checks).await {
+            match head {
+                Ok(Some(_)) => samples += 1,
+                Ok(None) => {
+                    samples += 1;
+                    violations.push(path);
+                }
+                Err(_) => {} // the check itself failed: no sample
+            }
+        }
+    }
+    (samples, violations)
+}
+
+fn command(name: &str, vars: &[(String, String)], extra: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(binary(name));
+    cmd.envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(extra.iter().copied())
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn spawn_consumer(vars: &[(String, String)]) -> anyhow::Result<Child> {
+    let extra = [
+        ("CONCURRENCY", "16"),
+        ("VISIBILITY_TIMEOUT", "4"),
+        ("EXIT_WHEN_IDLE", "3"),
+        ("SHUTDOWN_GRACE_SECONDS", "5"),
+        ("DB_BATCH_MAX_WAIT_MS", "20"),
+    ];
+    command("consumer", vars, &extra).spawn().context("starting a consumer")
+}
+
+/// The feeder, SIGKILLed twice mid-listing (at 10 % and 30 % of the objects listed) and started
+/// again each time until it finishes; a run that fails by itself (a fault outlasted its
+/// retries) is started again too, as an operator would. Returns (kills, runs).
+async fn feed_with_kills(env: &Env, vars: &[(String, String)], total: usize) -> anyhow::Result<(u64, u32)> {
+    let extra = [("PAGE_SIZE", "50")];
+    let kill_points = [total / 10, total * 3 / 10];
+    let (mut kills, mut runs) = (0u64, 0u32);
+    loop {
+        runs += 1;
+        anyhow::ensure!(runs <= 20, "the feeder did not finish in 20 runs");
+        let mut feeder = command("feeder", vars, &extra).spawn()?;
+        let status = loop {
+            if let Some(status) = feeder.try_wait()? {
+                break Some(status);
+            }
+            let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap_or_default();
+            if kill_points.get(kills as usize).is_some_and(|at| cp.listed as usize >= *at && !cp.finished) {
+                feeder.start_kill()?;
+                feeder.wait().await?;
+                kills += 1;
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap_or_default();
+        if status.is_some_and(|s| s.success()) && cp.finished {
+            return Ok((kills, runs));
+        }
+    }
+}
+
+/// What the run is doing, on stderr (stdout carries the table and the JSON line).
+fn say(started: Instant, what: impl std::fmt::Display) {
+    eprintln!("faults: {:>6.1}s {what}", started.elapsed().as_secs_f64());
+}
+
+/// Runs the whole matrix; see the module documentation.
+pub async fn run(config: &Config) -> anyhow::Result<Report> {
+    let begun = Instant::now();
+    let env = Arc::new(Env::new().await);
+    let seeded = seed(&env, config.objects).await?;
+    say(begun, format!("seeded {} legacy objects in the mixed state", seeded.legacy.len()));
+    common::db::prepare(&env.db).await?;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await?;
+    let sqs = FaultProxy::start(&env.sqs_endpoint).await?;
+    // About 12 % of calls faulted on each side; the rules are tried in turn.
+    for proxy in [&s3, &sqs] {
+        for (fault, p) in [
+            (Fault::Error { status: 500, code: "InternalError" }, 0.03),
+            (Fault::Error { status: 503, code: "SlowDown" }, 0.03),
+            (Fault::Reset, 0.02),
+            (Fault::ResetAfter, 0.02),
+            (Fault::Delay(Duration::from_millis(300)), 0.03),
+        ] {
+            proxy.add(Rule::sometimes(When::default(), fault, p));
+        }
+    }
+    let mut vars = env.vars();
+    vars.retain(|(k, _)| !k.starts_with("AWS_ENDPOINT_URL"));
+    vars.push(("AWS_ENDPOINT_URL_S3".into(), s3.url.clone()));
+    vars.push(("AWS_ENDPOINT_URL_SQS".into(), sqs.url.clone()));
+
+    // Poison messages, straight into the queue.
+    let poison = ["not json at all", r#"{"v":7,"key":"image/x.png"}"#, r#"{"v":1,"key":"","size":1,"etag":"e"}"#];
+    for body in poison {
+        env.send_raw(body).await;
+    }
+
+    let stop = CancellationToken::new();
+    let live = Arc::new(Live {
+        rows: Mutex::new(HashMap::new()),
+        uploads: Mutex::new(HashMap::new()),
+        latencies_us: Mutex::new(Vec::new()),
+        held_row: AtomicI64::new(-1),
+        pg_restarting: AtomicBool::new(false),
+    });
+    let without_rows: HashSet<&String> = seeded.without_rows.iter().collect();
+    let legacy_with_rows: Vec<String> = seeded.legacy.iter().filter(|k| !without_rows.contains(k)).cloned().collect();
+    let writer = tokio::spawn(live_writer(env.clone(), live.clone(), legacy_with_rows.clone(), stop.clone()));
+    let sampling = tokio::spawn(sampler(env.clone(), seeded.missing.clone(), stop.clone()));
+
+    let started = Instant::now();
+    let mut consumers: Vec<Child> = (0..config.consumers).map(|_| spawn_consumer(&vars)).collect::<Result<_, _>>()?;
+    let feeding = {
+        let (env, vars, total) = (env.clone(), vars.clone(), config.objects);
+        tokio::spawn(async move { feed_with_kills(&env, &vars, total).await })
+    };
+
+    // Faults triggered by progress: the share of legacy rows rewritten so far.
+    let legacy_rows = legacy_with_rows.len() as f64;
+    let (mut consumer_kills, mut deleted, mut pg_restarts, mut outages, mut locks) =
+        (0u64, Vec::new(), 0u64, 0u64, 0u64);
+    let mut lock_task = None;
+    let deadline = started + Duration::from_secs(1800);
+    let mut last_report = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        anyhow::ensure!(Instant::now() < deadline, "the run did not end within 30 minutes");
+        let left: i64 = match sqlx::query_scalar("SELECT count(*) FROM avatars WHERE path LIKE 'image/avatar-%'")
+            .fetch_one(&env.db)
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => continue, // PostgreSQL restarting
+        };
+        let progress = 1.0 - left as f64 / legacy_rows;
+        if deleted.is_empty() && progress >= 0.02 {
+            // Sources deleted between listing and copy: listed (enqueued) but not copied yet.
+            let Ok(cp) = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await else { continue };
+            let listed_up_to = cp.last_key.unwrap_or_default();
+            for key in seeded.without_rows.iter().rev().filter(|k| **k <= listed_up_to).take(5) {
+                if !env.exists(&env.destination_bucket, &modern(key)).await {
+                    env.s3.delete_object().bucket(&env.source_bucket).key(key).send().await?;
+                    deleted.push(key.clone());
+                }
+            }
+        }
+        if locks == 0 && progress >= 0.10 {
+            locks = 1;
+            say(
+                begun,
+                format!("{:.0} % moved: a live transaction holds a row for {:?}", progress * 100.0, config.row_lock),
+            );
+            let (env, live, hold) = (env.clone(), live.clone(), config.row_lock);
+            lock_task = Some(tokio::spawn(async move {
+                let id: i32 = sqlx::query_scalar("SELECT id FROM avatars WHERE path LIKE 'image/avatar-%' LIMIT 1")
+                    .fetch_one(&env.db)
+                    .await?;
+                live.held_row.store(i64::from(id), Ordering::SeqCst);
+                let mut tx = env.db.begin().await?;
+                sqlx::query("SELECT 1 FROM avatars WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await?;
+                tokio::time::sleep(hold).await;
+                let _ = tx.commit().await; // a PostgreSQL restart may have ended it already
+                live.held_row.store(-1, Ordering::SeqCst);
+                anyhow::Ok(())
+            }));
+        }
+        // SIGKILL a consumer at 15 %, 35 % and 60 %; the last one is not replaced.
+        let kill_points = [(0.15, true), (0.35, true), (0.60, false)];
+        if let Some(&(at, replace)) = kill_points.get(consumer_kills as usize)
+            && progress >= at
+            && !consumers.is_empty()
+        {
+            say(begun, format!("{:.0} % moved: SIGKILL a consumer", progress * 100.0));
+            let victim = fastrand::usize(..consumers.len());
+            let mut child = consumers.swap_remove(victim);
+            child.start_kill()?;
+            child.wait().await?;
+            consumer_kills += 1;
+            if replace {
+                consumers.push(spawn_consumer(&vars)?);
+            }
+        }
+        if pg_restarts == 0 && progress >= 0.30 {
+            if let Some(script) = &config.restart_postgres {
+                say(begun, format!("{:.0} % moved: restart PostgreSQL", progress * 100.0));
+                live.pg_restarting.store(true, Ordering::SeqCst);
+                let status = Command::new(script).arg("restart-postgres").status().await?;
+                anyhow::ensure!(status.success(), "restarting PostgreSQL failed");
+                tokio::time::sleep(Duration::from_secs(1)).await; // pools reconnect
+                live.pg_restarting.store(false, Ordering::SeqCst);
+            }
+            pg_restarts = 1;
+        }
+        if outages == 0 && progress >= 0.50 {
+            say(begun, format!("{:.0} % moved: SQS unreachable for {:?}", progress * 100.0, config.sqs_outage));
+            sqs.set_down(true);
+            tokio::time::sleep(config.sqs_outage).await;
+            sqs.set_down(false);
+            outages = 1;
+        }
+        // The end: every consumer exited by itself (the queue was empty) and the feeder is done.
+        let mut running = 0;
+        for c in &mut consumers {
+            if c.try_wait()?.is_none() {
+                running += 1;
+            }
+        }
+        if running == 0 && feeding.is_finished() {
+            say(begun, "every consumer exited by itself; the feeder is done");
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = Instant::now();
+            say(
+                begun,
+                format!(
+                    "{:.0} % moved, {running} consumers running, feeder done: {}",
+                    progress * 100.0,
+                    feeding.is_finished()
+                ),
+            );
+        }
+    }
+    let (feeder_kills, feeder_runs) = feeding.await??;
+    if let Some(task) = lock_task {
+        task.await??;
+    }
+    let mut exits = Vec::new();
+    for c in &mut consumers {
+        exits.push(c.wait().await?);
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    writer.await?;
+    let (samples, violations) = sampling.await?;
+    let depth = common::aws::queue_depth(&env.sqs, &env.queue_url).await?;
+
+    // The plan's end: verify; if legacy rows are left, redrive the dead letters, reconcile,
+    // drain, verify again.
+    let direct = env.vars();
+    say(begun, "feeder verify");
+    let first = verify(&direct).await?;
+    let mut second_pass = String::from("not needed");
+    let needed = first["rows_legacy_pending"].as_u64() != Some(0);
+    if needed {
+        say(begun, "not done: redrive the dead letters, reconcile, drain, verify again");
+        let redriven = redrive(&env).await?;
+        let reconcile = command("feeder", &direct, &[]).arg("reconcile").status().await?;
+        anyhow::ensure!(reconcile.success(), "feeder reconcile failed");
+        let drained =
+            command("consumer", &direct, &[("EXIT_WHEN_IDLE", "2"), ("VISIBILITY_TIMEOUT", "2")]).status().await?;
+        anyhow::ensure!(drained.success(), "the second pass's consumer failed");
+        second_pass = format!("{redriven} dead letters redriven, reconcile, one consumer");
+    }
+    let verified = verify(&direct).await?;
+    // Agrees: nothing left pending, and the only rows that do not resolve are the seeded ones
+    // whose legacy object never existed, reported (recorded) by verify.
+    // (The live writer may have repointed some of those rows meanwhile.)
+    let missing_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM avatars WHERE path = ANY($1)")
+        .bind(seeded.missing.iter().collect::<Vec<_>>())
+        .fetch_one(&env.db)
+        .await?;
+    let agrees = verified["rows_legacy_pending"].as_u64() == Some(0)
+        && verified["rows_unresolvable"].as_i64() == Some(missing_rows)
+        && verified["rows_legacy_missing"].as_i64() == Some(missing_rows);
+
+    say(begun, "checking every object and row");
+    let mut report = Report { objects: seeded.legacy.len() as u64, samples, ..Report::default() };
+    report.violations = violations.len() as u64;
+    report.problems.extend(violations.iter().take(10).map(|p| format!("I1: a row pointed at nothing: {p}")));
+    check_objects(&env, &seeded, &deleted, &live, &mut report).await?;
+    check_rows(&env, &live, &mut report).await?;
+    let mut latencies = live.latencies_us.lock().unwrap().clone();
+    latencies.sort_unstable();
+    report.live_write_max_ms = latencies.last().copied().unwrap_or(0).div_ceil(1000);
+    report.live_write_p99_ms = latencies
+        .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0)
+        .div_ceil(1000);
+    if !agrees {
+        report.problems.push(format!("feeder verify does not agree: {verified}"));
+        report.lost += 1;
+    }
+    if depth.total() != 0 {
+        report.problems.push(format!("the queue is not empty after the consumers exited: {depth:?}"));
+    }
+    for exit in &exits {
+        if !exit.success() {
+            report.problems.push(format!("a consumer exited with {exit}"));
+        }
+    }
+
+    let failures: BTreeMap<String, i64> = common::db::failure_counts(&env.db).await?.into_iter().collect();
+    let line = |fault: &str, injected: u64, outcome: String| Line { fault: fault.to_owned(), injected, outcome };
+    report.lines = vec![
+        line(
+            "S3: 500 / 503 SlowDown / resets / slow answers (~12 %)",
+            s3.injected(),
+            format!("{} requests forwarded", s3.forwarded()),
+        ),
+        line(
+            "SQS: 500 / 503 / resets / slow answers (~12 %)",
+            sqs.injected(),
+            format!("{} requests forwarded", sqs.forwarded()),
+        ),
+        line(&format!("SQS unreachable for {:?}", config.sqs_outage), outages, "consumers and feeder retried".into()),
+        line(
+            "consumers SIGKILLed (the last one not replaced)",
+            consumer_kills,
+            format!("{} consumers exited 0 at the end", exits.iter().filter(|e| e.success()).count()),
+        ),
+        line(
+            "feeder SIGKILLed mid-listing",
+            feeder_kills,
+            format!("resumed from its checkpoint; {feeder_runs} runs in all"),
+        ),
+        line("PostgreSQL restarted mid-run", pg_restarts, "connections re-established".into()),
+        line(
+            &format!("a row held by a live transaction for {:?}", config.row_lock),
+            locks,
+            format!(
+                "live writes on other rows: max {} ms, p99 {} ms",
+                report.live_write_max_ms, report.live_write_p99_ms
+            ),
+        ),
+        line(
+            "poison messages",
+            poison.len() as u64,
+            format!("{} recorded malformed_message", failures.get("malformed_message").unwrap_or(&0)),
+        ),
+        line(
+            "sources deleted between listing and copy",
+            deleted.len() as u64,
+            format!("{} recorded source_missing", failures.get("source_missing").unwrap_or(&0)),
+        ),
+        line(
+            "destination conflicts (seeded + uploaded live)",
+            (seeded.conflicts.len() + live.uploads.lock().unwrap().len()) as u64,
+            format!(
+                "{} recorded destination_conflict, none overwritten",
+                failures.get("destination_conflict").unwrap_or(&0)
+            ),
+        ),
+        line(
+            "same bytes at the destination under another ETag",
+            seeded.same_bytes.len() as u64,
+            "counted as done, left untouched".into(),
+        ),
+        line(
+            "live row writes (repointing rows to new uploads)",
+            live.rows.lock().unwrap().len() as u64,
+            "every one kept".into(),
+        ),
+        line("second pass (verify -> reconcile -> verify)", u64::from(needed), second_pass),
+    ];
+    report.faults_injected = report.lines.iter().take(10).map(|l| l.injected).sum();
+    report.lines.push(line(
+        "end state",
+        0,
+        format!(
+            "{} objects in {:.0} s; queue {}/{}/{}; verify {}; {} samples, {} I1 violations, {} rows \
+             reported (no legacy object)",
+            report.objects,
+            elapsed.as_secs_f64(),
+            depth.visible,
+            depth.in_flight,
+            depth.delayed,
+            if agrees { "agrees" } else { "DISAGREES" },
+            samples,
+            report.violations,
+            missing_rows
+        ),
+    ));
+    Ok(report)
+}
+
+/// `feeder verify --json`, straight to the real servers; its JSON line.
+async fn verify(vars: &[(String, String)]) -> anyhow::Result<serde_json::Value> {
+    let out =
+        command("feeder", vars, &[]).args(["verify", "--json"]).stdout(std::process::Stdio::piped()).output().await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("feeder verify --json printed {last:?}"))
+}
+
+/// Moves every message of the dead-letter queue back to the queue (the operator's redrive).
+async fn redrive(env: &Env) -> anyhow::Result<u64> {
+    let mut moved = 0;
+    loop {
+        let out = env.sqs.receive_message().queue_url(&env.dlq_url).max_number_of_messages(10).send().await?;
+        let messages = out.messages.unwrap_or_default();
+        if messages.is_empty() && common::aws::queue_depth(&env.sqs, &env.dlq_url).await?.total() == 0 {
+            return Ok(moved);
+        }
+        for m in messages {
+            env.sqs.send_message().queue_url(&env.queue_url).message_body(m.body().unwrap_or_default()).send().await?;
+            env.sqs
+                .delete_message()
+                .queue_url(&env.dlq_url)
+                .receipt_handle(m.receipt_handle().unwrap_or_default())
+                .send()
+                .await?;
+            moved += 1;
+        }
+    }
+}
+
+/// Every seeded object is copied with its exact bytes or recorded with a reason; no
+/// destination the live service or the seed put there was overwritten.
+async fn check_objects(
+    env: &Env,
+    seeded: &Seeded,
+    deleted: &[String],
+    live: &Live,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let recorded: HashSet<String> = common::db::list_failures(&env.db).await?.into_iter().map(|f| f.subject).collect();
+    let uploads = live.uploads.lock().unwrap().clone();
+    let deleted: HashSet<&String> = deleted.iter().collect();
+    for key in &seeded.legacy {
+        let dest = modern(key);
+        let got = env.get(&env.destination_bucket, &dest).await;
+        if let Some(expected) = seeded.conflicts.get(&dest).or(uploads.get(&dest)) {
+            if got.as_ref() != Some(expected) {
+                report.overwritten += 1;
+                report.problems.push(format!("overwritten: s3://{}/{dest}", env.destination_bucket));
+            }
+            if !recorded.contains(key) {
+                report.lost += 1;
+                report.problems.push(format!("a conflict not recorded: {key}"));
+            }
+            continue;
+        }
+        if let Some(etag) = seeded.same_bytes.get(&dest) {
+            let now = env.s3.head_object().bucket(&env.destination_bucket).key(&dest).send().await?;
+            if now.e_tag() != Some(etag.as_str()) {
+                report.overwritten += 1;
+                report.problems.push(format!("a same-bytes destination was rewritten: {dest}"));
+            }
+        }
+        let copied = got.as_deref() == Some(&body_of(key)[..]);
+        if !copied && !recorded.contains(key) {
+            report.lost += 1;
+            report.problems.push(format!("lost: {key} (deleted mid-run: {})", deleted.contains(key)));
+        }
+    }
+    Ok(())
+}
+
+/// Rows the live service wrote keep its value.
+async fn check_rows(env: &Env, live: &Live, report: &mut Report) -> anyhow::Result<()> {
+    let now: HashMap<i32, String> = env.rows().await.into_iter().collect();
+    for (id, path) in live.rows.lock().unwrap().iter() {
+        if now.get(id) != Some(path) {
+            report.overwritten += 1;
+            report.problems.push(format!("row {id}: the live service wrote {path:?}, it now holds {:?}", now.get(id)));
+        }
+    }
+    Ok(())
+}
