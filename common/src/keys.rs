@@ -147,3 +147,56 @@ mod tests {
         assert!("x".repeat(513).parse::<Prefix>().is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mapping() -> KeyMapping {
+        KeyMapping::new(
+            "legacy-s3".into(),
+            "image/".parse().unwrap(),
+            "production-s3".into(),
+            "avatar/".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Keys as S3 allows them: any UTF-8 up to 1,024 bytes, control characters included.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "image/\\PC{0,40}", "image/[\\x00-\\x1f \\t+%&=?#/é日]{0,30}", "imag.{0,5}"]
+    }
+
+    proptest! {
+        #[test]
+        fn the_mapping_never_leaves_the_destination_prefix(k in key()) {
+            let m = mapping();
+            match m.destination_key(&k) {
+                Some(d) => {
+                    prop_assert!(k.starts_with("image/"));
+                    prop_assert!(d.starts_with("avatar/"));
+                    prop_assert_eq!(&d["avatar/".len()..], &k["image/".len()..]);
+                }
+                None => prop_assert!(!k.starts_with("image/")),
+            }
+        }
+
+        #[test]
+        fn the_mapping_never_maps_two_keys_to_one(a in key(), b in key()) {
+            let m = mapping();
+            if let (Some(da), Some(db)) = (m.destination_key(&a), m.destination_key(&b)) {
+                prop_assert_eq!(da == db, a == b);
+            }
+        }
+
+        #[test]
+        fn the_copy_source_decodes_back_to_the_key(k in key()) {
+            let source = copy_source("legacy-s3", &k);
+            let encoded = source.strip_prefix("legacy-s3/").unwrap();
+            prop_assert!(encoded.bytes().all(|b| b.is_ascii_graphic()), "{}", encoded);
+            let decoded = percent_encoding::percent_decode_str(encoded).decode_utf8().unwrap();
+            prop_assert_eq!(decoded, k.as_str());
+        }
+    }
+}

@@ -91,3 +91,32 @@ mod tests {
         assert!(ObjectMessage::parse("\u{0}\u{ffff}").is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parsing_any_text_never_panics(body in any::<String>()) {
+            let _ = ObjectMessage::parse(&body);
+        }
+
+        #[test]
+        fn parsing_json_shaped_text_never_panics(
+            v in any::<i64>(), key in any::<String>(), size in any::<i64>(), etag in any::<String>(), extra in "[,:{}\\[\\]\"a-z0-9 ]{0,20}"
+        ) {
+            let body = format!(r#"{{"v":{v},"key":{},"size":{size},"etag":{}{extra}}}"#, serde_json::json!(key), serde_json::json!(etag));
+            if let Ok(m) = ObjectMessage::parse(&body) {
+                prop_assert!(!m.key.is_empty() && m.size >= 0 && m.v == VERSION);
+            }
+        }
+
+        #[test]
+        fn every_message_round_trips(key in ".{1,200}", size in 0i64.., etag in any::<String>()) {
+            let m = ObjectMessage::new(key, size, etag);
+            prop_assert_eq!(ObjectMessage::parse(&m.to_body()).unwrap(), m);
+        }
+    }
+}

@@ -154,4 +154,17 @@ mod tests {
         assert_eq!(decode_key("image/plain.png").unwrap(), "image/plain.png");
         assert!(decode_key("image/%FF").is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever the key, and whether the server writes a space as `+` (AWS) or `%20`
+        /// (others), decoding gives the key back.
+        #[test]
+        fn decoding_inverts_both_encodings(key in "\\PC{0,60}|[\\x00-\\x1f +%/é]{0,20}") {
+            use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+            const KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/');
+            let percent = utf8_percent_encode(&key, KEEP).to_string();
+            proptest::prop_assert_eq!(decode_key(&percent).unwrap(), key.clone());
+            proptest::prop_assert_eq!(decode_key(&percent.replace("%20", "+")).unwrap(), key);
+        }
+    }
 }
