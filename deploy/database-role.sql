@@ -1,6 +1,9 @@
 -- The database role the feeder and the consumers log in as, with only what they need.
--- Run as the owner of `avatars` (or a superuser), in database proddatabase, with psql:
---   psql "$ADMIN_URL" -v password="'...'" -f deploy/database-role.sql
+-- Run as the owner of `avatars` (or a superuser), in the database that holds it, with psql:
+--   psql "$ADMIN_URL" -v password='...' -f deploy/database-role.sql
+-- (the password is passed as a psql variable and quoted by psql itself; the grants name the
+-- database psql is connected to). Stops at the first error.
+\set ON_ERROR_STOP on
 -- Then store postgres://avatar_migrator:<password>@<host>:5432/proddatabase in the Secrets
 -- Manager secret the stack reads (DatabaseSecretArn).
 
@@ -15,9 +18,9 @@ BEGIN
         CREATE ROLE avatar_migrator LOGIN;
     END IF;
 END $$;
-ALTER ROLE avatar_migrator PASSWORD :password;
+ALTER ROLE avatar_migrator PASSWORD :'password';
 
-GRANT CONNECT ON DATABASE proddatabase TO avatar_migrator;
+GRANT CONNECT ON DATABASE :"DBNAME" TO avatar_migrator;
 -- The bookkeeping tables (avatar_migration_checkpoint, avatar_migration_failures).
 GRANT USAGE, CREATE ON SCHEMA public TO avatar_migrator;
 -- verify and status read every row; the rewrite changes `path` only.

@@ -65,3 +65,51 @@ async fn verify_finds_what_the_first_pass_missed_and_reconcile_finishes_it() {
         env.rows().await.into_iter().map(|(_, p)| p).filter(|p| p.starts_with("image/")).collect();
     assert_eq!(legacy, ["image/conflict.png"], "only the row set aside stays legacy");
 }
+
+/// Applies `deploy/database-role.sql` to this test's database (as its owner) with this
+/// password; returns the `DATABASE_URL` of the least-privilege role.
+fn least_privilege_url(env: &Env, password: &str) -> String {
+    let psql = std::env::var("PSQL").expect("PSQL is set by scripts/local-services env");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/database-role.sql");
+    let out = std::process::Command::new(psql)
+        .arg(&env.database_url)
+        .args(["-q", "-v", &format!("password={password}"), "-f", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "database-role.sql: {}", String::from_utf8_lossy(&out.stderr));
+    let (_, rest) = env.database_url.split_once('@').unwrap();
+    format!("postgres://avatar_migrator:{password}@{rest}")
+}
+
+/// The whole plan (feed, consume, verify, reconcile) logged in as the role
+/// `deploy/database-role.sql` creates, not as the superuser: its grants are enough.
+#[tokio::test]
+async fn the_pipeline_runs_as_the_least_privilege_database_role() {
+    let env = Env::new().await;
+    let keys = legacy_keys(0..40);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    env.insert_rows(&keys).await;
+    let url = least_privilege_url(&env, "least-privilege pw 'with' quotes");
+    let run = |args: &[&str], extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(binary("feeder"));
+        cmd.envs(env.vars()).env("DATABASE_URL", &url).envs(extra.iter().copied()).args(args);
+        let out = cmd.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, out) = run(&[], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    drain(&env, &[("DATABASE_URL", &url)]).await;
+    let (code, out) = run(&["verify"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["reconcile"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["status"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("40 modern"), "{out}");
+    let owner: String =
+        sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'avatar_migration_failures'")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(owner, "avatar_migrator", "the bookkeeping tables were created by the role itself");
+}

@@ -8,6 +8,7 @@ mod helpers;
 mod identity;
 mod rows;
 mod seaweedfs;
+mod secrets;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
