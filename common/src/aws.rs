@@ -230,6 +230,25 @@ where
     }
 }
 
+/// How long the queue keeps a message before SQS deletes it (`MessageRetentionPeriod`).
+pub async fn queue_retention(sqs: &Sqs, queue_url: &str) -> anyhow::Result<std::time::Duration> {
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::MessageRetentionPeriod)
+        .send()
+        .await
+        .map_err(|e| anyhow!("reading the retention period of {queue_url}: {}", describe(&e)))?;
+    let secs = out
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::MessageRetentionPeriod))
+        .map(|v| v.parse::<u64>())
+        .transpose()
+        .context("the queue's MessageRetentionPeriod is not a number")?
+        .unwrap_or(345_600); // SQS's default, 4 days
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 /// Messages waiting, in flight and delayed in a queue (SQS's approximate counts).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueDepth {

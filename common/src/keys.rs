@@ -99,7 +99,7 @@ pub fn copy_source(bucket: &str, key: &str) -> String {
 mod tests {
     use super::*;
 
-    fn mapping() -> KeyMapping {
+    pub(super) fn mapping() -> KeyMapping {
         KeyMapping::new(
             "legacy-s3".into(),
             "image/".parse().unwrap(),
@@ -150,18 +150,9 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
+    use super::tests::mapping;
     use super::*;
     use proptest::prelude::*;
-
-    fn mapping() -> KeyMapping {
-        KeyMapping::new(
-            "legacy-s3".into(),
-            "image/".parse().unwrap(),
-            "production-s3".into(),
-            "avatar/".parse().unwrap(),
-        )
-        .unwrap()
-    }
 
     /// Keys as S3 allows them: any UTF-8 up to 1,024 bytes, control characters included.
     fn key() -> impl Strategy<Value = String> {

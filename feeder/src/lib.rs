@@ -64,6 +64,20 @@ pub async fn feed(
         );
         return Ok(Summary { listed: 0, enqueued: 0, resumed_after: checkpoint.last_key, finished: true });
     }
+    // SQS deletes a message older than the queue's retention period, whether or not it was
+    // consumed: the backlog limit keeps the queue from holding that much; `verify` and
+    // `reconcile` catch whatever expires anyway.
+    match common::aws::queue_retention(&clients.sqs, &settings.queue.queue_url).await {
+        Ok(retention) if args.max_backlog == 0 => tracing::warn!(
+            retention_secs = retention.as_secs(),
+            "MAX_BACKLOG=0: no backlog limit; messages not consumed within the queue's retention period are \
+             lost to SQS (feeder verify finds their rows, feeder reconcile enqueues them again)"
+        ),
+        Ok(retention) => {
+            tracing::info!(retention_secs = retention.as_secs(), max_backlog = args.max_backlog, "backlog limit")
+        }
+        Err(err) => tracing::warn!(error = format!("{err:#}"), "cannot read the queue's retention period"),
+    }
     let resumed_after = checkpoint.last_key.clone();
     if let Some(key) = &resumed_after {
         tracing::info!(after = key, listed_before = checkpoint.listed, "resuming from the checkpoint");

@@ -33,6 +33,8 @@ pub enum Fault {
     ResetAfter,
     /// The request is forwarded, its answer held back this long.
     Delay(Duration),
+    /// This answer instead of the server's (a malformed or truncated one, say).
+    Answer { status: u16, body: &'static str },
 }
 
 /// Which requests a rule applies to; every field that is set must match.
@@ -186,6 +188,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             Err(std::io::Error::other("injected connection reset after the request took effect"))
         }
         Some(Fault::Error { status, code }) => Ok(error_answer(&req, status, code)),
+        Some(Fault::Answer { status, body }) => {
+            let body =
+                Full::new(Bytes::from_static(body.as_bytes())).map_err(|never: Infallible| match never {}).boxed();
+            Ok(Response::builder()
+                .status(status)
+                .header("content-type", "application/xml")
+                .body(body)
+                .expect("a valid answer"))
+        }
         Some(Fault::Delay(delay)) => {
             let answer = forward(&state, req).await;
             tokio::time::sleep(delay).await;

@@ -3,7 +3,7 @@
 
 use testkit::{Env, binary};
 
-use crate::helpers::{drain, feed, legacy_keys};
+use crate::helpers::{drain, feed, legacy_keys, receive};
 
 /// Runs `feeder <args>`; returns (exit code, stdout).
 fn feeder(env: &Env, args: &[&str]) -> (Option<i32>, String) {
@@ -13,21 +13,9 @@ fn feeder(env: &Env, args: &[&str]) -> (Option<i32>, String) {
 
 /// Receives and deletes `n` messages, as if they had expired after the queue's retention.
 async fn lose_messages(env: &Env, n: usize) {
-    let mut lost = 0;
-    while lost < n {
-        let out = env
-            .sqs
-            .receive_message()
-            .queue_url(&env.queue_url)
-            .max_number_of_messages((n - lost).min(10) as i32)
-            .send()
-            .await
-            .unwrap();
-        for m in out.messages.unwrap_or_default() {
-            let handle = m.receipt_handle.unwrap();
-            env.sqs.delete_message().queue_url(&env.queue_url).receipt_handle(handle).send().await.unwrap();
-            lost += 1;
-        }
+    for m in receive(env, n, None).await {
+        let handle = m.receipt_handle.unwrap();
+        env.sqs.delete_message().queue_url(&env.queue_url).receipt_handle(handle).send().await.unwrap();
     }
 }
 

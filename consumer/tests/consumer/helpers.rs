@@ -77,24 +77,30 @@ pub fn count_lines(child: &mut Child, needle: &'static str) -> std::sync::Arc<st
     count
 }
 
-/// Receives up to `n` messages and keeps them, as a consumer that crashed right after its
-/// receive would: they stay invisible for `visibility` seconds, then come back.
-pub async fn hold_like_a_crashed_consumer(env: &Env, n: usize, visibility: i32) -> usize {
-    let mut held = 0;
-    while held < n {
+/// Receives `n` messages (waiting for them), hidden for `visibility` seconds (the queue's
+/// default when `None`).
+pub async fn receive(env: &Env, n: usize, visibility: Option<i32>) -> Vec<aws_sdk_sqs::types::Message> {
+    let mut received = Vec::new();
+    while received.len() < n {
         let out = env
             .sqs
             .receive_message()
             .queue_url(&env.queue_url)
-            .max_number_of_messages((n - held).min(10) as i32)
-            .visibility_timeout(visibility)
+            .max_number_of_messages((n - received.len()).min(10) as i32)
+            .set_visibility_timeout(visibility)
             .wait_time_seconds(1)
             .send()
             .await
             .unwrap();
-        held += out.messages.unwrap_or_default().len();
+        received.extend(out.messages.unwrap_or_default());
     }
-    held
+    received
+}
+
+/// Receives `n` messages and keeps them, as a consumer that crashed right after its receive
+/// would: they stay invisible for `visibility` seconds, then come back.
+pub async fn hold_like_a_crashed_consumer(env: &Env, n: usize, visibility: i32) -> usize {
+    receive(env, n, Some(visibility)).await.len()
 }
 
 /// Installs a trigger that makes every rewrite wait for advisory lock 4242, which the returned

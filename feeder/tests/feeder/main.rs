@@ -214,3 +214,51 @@ async fn sigterm_stops_the_feeder_at_a_checkpoint_with_exit_0() {
     let enqueued = keys_of(&env.drain().await).len() as i64;
     assert_eq!(enqueued, cp.listed, "what the checkpoint says was enqueued, and nothing half-sent");
 }
+
+/// Runs the feeder through a proxy in front of S3 whose listing answers are replaced; returns
+/// (exit code, stderr) and the checkpoint afterwards.
+async fn feed_through(env: &Env, answer: testkit::proxy::Fault) -> (Option<i32>, String, common::db::Checkpoint) {
+    use testkit::proxy::{FaultProxy, Rule, When};
+    let proxy = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    proxy.add(Rule::always(
+        When { method: Some("GET"), contains: Some("list-type=2".into()), ..When::default() },
+        answer,
+    ));
+    let out = tokio::process::Command::new(binary("feeder"))
+        .envs(env.vars())
+        .env("AWS_ENDPOINT_URL_S3", &proxy.url)
+        .output()
+        .await
+        .unwrap();
+    let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap_or_default();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), cp)
+}
+
+/// The end of the listing is what S3 says, never a guess: an answer without `IsTruncated`, a
+/// truncated page without a continuation token, or a listing that keeps failing is an error
+/// (exit 1, naming the listing), and the checkpoint is never marked finished.
+#[tokio::test]
+async fn a_listing_that_does_not_say_it_ended_is_never_taken_as_finished() {
+    use testkit::proxy::Fault;
+    const NO_IS_TRUNCATED: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult \
+        xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name><Prefix>image/</Prefix><KeyCount>1</KeyCount>\
+        <MaxKeys>1000</MaxKeys><EncodingType>url</EncodingType><Contents><Key>image/a.png</Key><Size>3</Size>\
+        <ETag>&quot;x&quot;</ETag></Contents></ListBucketResult>";
+    const NO_TOKEN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult \
+        xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name><Prefix>image/</Prefix><KeyCount>1</KeyCount>\
+        <MaxKeys>1000</MaxKeys><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated><Contents>\
+        <Key>image/a.png</Key><Size>3</Size><ETag>&quot;x&quot;</ETag></Contents></ListBucketResult>";
+    for (answer, expected) in [
+        (Fault::Answer { status: 200, body: NO_IS_TRUNCATED }, "does not say whether the listing goes on"),
+        (Fault::Answer { status: 200, body: NO_TOKEN }, "gave no continuation token"),
+        (Fault::Error { status: 500, code: "InternalError" }, "InternalError"),
+    ] {
+        let env = Env::new().await;
+        env.put(&env.source_bucket, "image/a.png", b"png").await;
+        common::db::prepare(&env.db).await.unwrap();
+        let (code, stderr, cp) = feed_through(&env, answer).await;
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains(expected) && stderr.contains("listing s3://"), "{stderr}");
+        assert!(!cp.finished, "never marked finished: {cp:?}");
+    }
+}
