@@ -2,15 +2,26 @@
 -- Run as the owner of `avatars` (or a superuser), in the database that holds it, with psql:
 --   psql "$ADMIN_URL" -v password='...' -f deploy/database-role.sql
 -- (the password is passed as a psql variable and quoted by psql itself; the grants name the
--- database psql is connected to). Stops at the first error.
-\set ON_ERROR_STOP on
+-- database psql is connected to). Stops at the first error; safe to run again.
 -- Then store postgres://avatar_migrator:<password>@<host>:5432/proddatabase in the Secrets
 -- Manager secret the stack reads (DatabaseSecretArn).
+\set ON_ERROR_STOP on
 
 -- The index the compare-and-set rewrite needs, built online by the owner. The binaries build it
 -- themselves only when they own the table; logged in as this role they find it and go on
 -- (without it they stop at start-up with an error naming the index).
+-- An interrupted concurrent build leaves an INVALID index that `IF NOT EXISTS` would skip:
+-- drop it first (\gexec runs the statement outside a transaction, as CONCURRENTLY needs), and
+-- check at the end that the index is valid.
+SELECT 'DROP INDEX CONCURRENTLY avatars_path_idx'
+FROM pg_index WHERE indexrelid = to_regclass('avatars_path_idx') AND NOT indisvalid \gexec
 CREATE INDEX CONCURRENTLY IF NOT EXISTS avatars_path_idx ON avatars (path);
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('avatars_path_idx') AND indisvalid) THEN
+        RAISE EXCEPTION 'index avatars_path_idx is not valid: run this script again';
+    END IF;
+END $$;
 
 DO $$
 BEGIN

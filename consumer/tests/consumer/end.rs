@@ -69,15 +69,29 @@ fn least_privilege_url(env: &Env, password: &str) -> String {
     format!("postgres://avatar_migrator:{password}@{rest}")
 }
 
-/// The whole plan (feed, consume, verify, reconcile) logged in as the role
-/// `deploy/database-role.sql` creates, not as the superuser: its grants are enough.
+/// `deploy/database-role.sql` is safe to run again (and repairs an invalid index), and the
+/// whole plan (feed, consume, verify, reconcile, status) runs logged in as the role it
+/// creates, not as the superuser: its grants are enough.
 #[tokio::test]
 async fn the_pipeline_runs_as_the_least_privilege_database_role() {
     let env = Env::new().await;
     let keys = legacy_keys(0..40);
     env.put_many(&env.source_bucket, &keys, b"png").await;
     env.insert_rows(&keys).await;
+    // The script is safe to run again, and repairs an index an interrupted build left invalid.
     let url = least_privilege_url(&env, "least-privilege pw 'with' quotes");
+    assert_eq!(least_privilege_url(&env, "least-privilege pw 'with' quotes"), url);
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'avatars_path_idx'::regclass")
+        .execute(&env.db)
+        .await
+        .unwrap();
+    least_privilege_url(&env, "least-privilege pw 'with' quotes");
+    let valid: bool =
+        sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'avatars_path_idx'::regclass")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert!(valid, "the invalid index was dropped and built again");
     let run = |args: &[&str], extra: &[(&str, &str)]| {
         let mut cmd = std::process::Command::new(binary("feeder"));
         cmd.envs(env.vars()).env("DATABASE_URL", &url).envs(extra.iter().copied()).args(args);
