@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use testkit::{Env, wait_until};
 
 use crate::helpers::{
-    consumer, count_lines, drain, feed, hold_like_a_crashed_consumer, legacy_keys, rewrite_waiting, stall_rewrites,
+    consumer, count_lines, drain, feed, hold_like_a_crashed_consumer, rewrite_waiting, seed_legacy, stall_rewrites,
     wait_exit,
 };
 
@@ -19,9 +19,7 @@ use crate::helpers::{
 #[tokio::test]
 async fn an_idle_exit_waits_for_messages_a_crashed_consumer_held() {
     let env = Env::new().await;
-    let keys = legacy_keys(0..60);
-    env.put_many(&env.source_bucket, &keys, b"png").await;
-    env.insert_rows(&keys).await;
+    seed_legacy(&env, 0..60).await;
     feed(&env).await;
     // The crashed consumer: 30 messages received and never deleted, hidden for 6 s.
     assert_eq!(hold_like_a_crashed_consumer(&env, 30, 6).await, 30);

@@ -3,7 +3,7 @@
 
 use testkit::{Env, binary};
 
-use crate::helpers::{drain, feed, legacy_keys, receive};
+use crate::helpers::{drain, feed, legacy_keys, receive, seed_legacy};
 
 /// Runs `feeder <args>`; returns (exit code, stdout).
 fn feeder(env: &Env, args: &[&str]) -> (Option<i32>, String) {
@@ -75,9 +75,7 @@ fn least_privilege_url(env: &Env, password: &str) -> String {
 #[tokio::test]
 async fn the_pipeline_runs_as_the_least_privilege_database_role() {
     let env = Env::new().await;
-    let keys = legacy_keys(0..40);
-    env.put_many(&env.source_bucket, &keys, b"png").await;
-    env.insert_rows(&keys).await;
+    seed_legacy(&env, 0..40).await;
     // The script is safe to run again, and repairs an index an interrupted build left invalid.
     let url = least_privilege_url(&env, "least-privilege pw 'with' quotes");
     assert_eq!(least_privilege_url(&env, "least-privilege pw 'with' quotes"), url);

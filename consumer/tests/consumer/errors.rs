@@ -9,7 +9,7 @@ use std::time::Duration;
 use testkit::proxy::{Fault, FaultProxy, Rule, When};
 use testkit::{Env, wait_until};
 
-use crate::helpers::{capture_stderr, consumer, drain, feed, legacy_keys, wait_exit};
+use crate::helpers::{capture_stderr, consumer, drain, feed, legacy_keys, seed_legacy, wait_exit};
 
 fn error(status: u16, code: &'static str) -> Fault {
     Fault::Error { status, code }
@@ -53,9 +53,7 @@ async fn access_denied_and_archived_objects_are_recorded_and_the_rest_moves_on()
 #[tokio::test]
 async fn a_bucket_gone_mid_run_stops_the_consumer_and_loses_nothing() {
     let env = Env::new().await;
-    let keys = legacy_keys(0..400);
-    env.put_many(&env.source_bucket, &keys, b"png").await;
-    env.insert_rows(&keys).await;
+    seed_legacy(&env, 0..400).await;
     feed(&env).await;
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
     let vars = [

@@ -56,6 +56,15 @@ pub fn legacy_keys(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("image/avatar-{i}.png")).collect()
 }
 
+/// Seeds legacy avatars `image/avatar-<i>.png` for i in `range`, each with one row; returns
+/// their keys and the rows' ids.
+pub async fn seed_legacy(env: &Env, range: std::ops::Range<usize>) -> (Vec<String>, Vec<i32>) {
+    let keys = legacy_keys(range);
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    let ids = env.insert_rows(&keys).await;
+    (keys, ids)
+}
+
 pub fn modern(key: &str) -> String {
     key.replacen("image/", "avatar/", 1)
 }
