@@ -87,11 +87,10 @@ pub async fn check_queue(sqs: &Sqs, queue_url: &str) -> anyhow::Result<i32> {
 /// The ETag of an object, `None` when there is no object at that key (404); any other failure
 /// is an error naming the object.
 pub async fn head_etag(s3: &S3, bucket: &str, key: &str) -> Result<Option<String>, String> {
-    match s3.head_object().bucket(bucket).key(key).send().await {
-        Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_owned())),
-        Err(err) if status(&err) == Some(404) => Ok(None),
-        Err(err) => Err(format!("HEAD s3://{bucket}/{key}: {}", describe(&err))),
-    }
+    crate::identity::head_object(s3, bucket, key)
+        .await
+        .map(|head| head.map(|h| h.etag))
+        .map_err(|err| format!("HEAD s3://{bucket}/{key}: {}", describe(&err)))
 }
 
 /// What an AWS error means for the work at hand. README: "What each error means".

@@ -63,7 +63,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         stats: stats.clone(),
         halt: halt.clone(),
     });
-    let ended = receive::run(&settings.receive_config(), worker, halt.clone(), stop).await;
+    let ended = receive::run(&settings.receive_config(), worker, stop).await;
     match ended {
         receive::Ended::Finished => {
             // Every worker is done and dropped its handles on the batchers: they flush and stop.

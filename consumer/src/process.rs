@@ -7,10 +7,9 @@
 //! to come back after its visibility timeout, and after `maxReceiveCount` receipts SQS moves
 //! it to the dead-letter queue.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
-
-use std::sync::Mutex;
 
 use aws_sdk_sqs::types::Message;
 use common::aws::Sqs;

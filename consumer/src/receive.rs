@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::process::{Halt, Worker};
+use crate::process::Worker;
 
 /// SQS returns at most ten messages per receive.
 const MAX_PER_RECEIVE: usize = 10;
@@ -74,9 +74,9 @@ impl Activity {
     }
 }
 
-/// Receives until `stop` fires (SIGTERM, or a fatal error through `halt`) or the queue stays
+/// Receives until `stop` fires (SIGTERM, or a fatal error through the worker's `halt`) or the queue stays
 /// empty (with an idle exit), then gives in-flight objects the grace period.
-pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, halt: Arc<Halt>, stop: CancellationToken) -> Ended {
+pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, stop: CancellationToken) -> Ended {
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let tracker = TaskTracker::new();
     let activity = Arc::new(Activity::new());
@@ -94,7 +94,6 @@ pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, halt: Arc<Halt>, s
         let receiver = Receiver {
             config: config.clone(),
             worker: worker.clone(),
-            halt: halt.clone(),
             permits: permits.clone(),
             tracker: tracker.clone(),
             activity: activity.clone(),
@@ -129,7 +128,6 @@ pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, halt: Arc<Halt>, s
 struct Receiver {
     config: ReceiveConfig,
     worker: Arc<Worker>,
-    halt: Arc<Halt>,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
     activity: Arc<Activity>,
@@ -159,7 +157,7 @@ impl Receiver {
                 }
                 Err(err) => match classify_queue_error(&err) {
                     ErrorClass::Fatal => {
-                        self.halt.halt(anyhow::anyhow!(
+                        self.worker.halt.halt(anyhow::anyhow!(
                             "receiving from {}: {}: no retry can fix this (check QUEUE_URL, the queue and the \
                              credentials)",
                             self.config.queue_url,

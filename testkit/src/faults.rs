@@ -191,11 +191,10 @@ async fn live_writer(env: Arc<Env>, live: Arc<Live>, legacy_with_rows: Vec<Strin
             let first = legacy_with_rows.partition_point(|k| *k <= listed) + 500;
             if !cp.finished && first < legacy_with_rows.len() {
                 let target = modern(&legacy_with_rows[fastrand::usize(first..legacy_with_rows.len())]);
-                let mut uploads = live.uploads.lock().unwrap().clone();
-                if !uploads.contains_key(&target) {
+                let new = !live.uploads.lock().unwrap().contains_key(&target);
+                if new {
                     let bytes = format!("a live upload at {target}").into_bytes();
                     env.put(&env.destination_bucket, &target, &bytes).await;
-                    uploads.insert(target.clone(), bytes.clone());
                     live.uploads.lock().unwrap().insert(target, bytes);
                 }
             }
