@@ -1,6 +1,6 @@
 -- The database role the feeder and the consumers log in as, with only what they need.
 -- Run as the owner of `avatars` (or a superuser), in the database that holds it, with psql:
---   psql "$ADMIN_URL" -v password='...' -f deploy/database-role.sql
+--   psql "$ADMIN_URL" -v password='...' [-v connection_limit=N] -f deploy/database-role.sql
 -- (the password is passed as a psql variable and quoted by psql itself; the grants name the
 -- database psql is connected to). Stops at the first error; safe to run again.
 -- Then store postgres://avatar_migrator:<password>@<host>:5432/proddatabase in the Secrets
@@ -30,6 +30,16 @@ BEGIN
     END IF;
 END $$;
 ALTER ROLE avatar_migrator PASSWORD :'password';
+-- The migration's connection budget, enforced by the database itself: past it the role's new
+-- connections are refused and the live service's are not. The fleet needs ConsumerMaxTasks x
+-- DatabaseConnectionsPerConsumer + 4 (the feeder) + 4 per operator command running at once;
+-- the default fits the stack's defaults (40 x 4 + 4 + 4 = 168). Choose it against what the
+-- database can spare (max_connections minus the live service's pools and reserved slots).
+\if :{?connection_limit}
+\else
+\set connection_limit 170
+\endif
+ALTER ROLE avatar_migrator CONNECTION LIMIT :connection_limit;
 
 GRANT CONNECT ON DATABASE :"DBNAME" TO avatar_migrator;
 -- The bookkeeping tables (avatar_migration_checkpoint, avatar_migration_failures).

@@ -55,13 +55,16 @@ async fn verify_finds_what_the_first_pass_missed_and_reconcile_finishes_it() {
 }
 
 /// Applies `deploy/database-role.sql` to this test's database (as its owner) with this
-/// password; returns the `DATABASE_URL` of the least-privilege role.
-fn least_privilege_url(env: &Env, password: &str) -> String {
+/// password and these further psql arguments; returns the `DATABASE_URL` of the
+/// least-privilege role.
+fn least_privilege_url(env: &Env, password: &str, extra: &[&str]) -> String {
     let psql = std::env::var("PSQL").expect("PSQL is set by scripts/local-services env");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/database-role.sql");
     let out = std::process::Command::new(psql)
         .arg(&env.database_url)
-        .args(["-q", "-v", &format!("password={password}"), "-f", script])
+        .args(["-q", "-v", &format!("password={password}")])
+        .args(extra)
+        .args(["-f", script])
         .output()
         .unwrap();
     assert!(out.status.success(), "database-role.sql: {}", String::from_utf8_lossy(&out.stderr));
@@ -69,21 +72,29 @@ fn least_privilege_url(env: &Env, password: &str) -> String {
     format!("postgres://avatar_migrator:{password}@{rest}")
 }
 
-/// `deploy/database-role.sql` is safe to run again (and repairs an invalid index), and the
-/// whole plan (feed, consume, verify, reconcile, status) runs logged in as the role it
+/// `deploy/database-role.sql` is safe to run again (and repairs an invalid index), sets the
+/// role's connection budget (170 unless told), and the whole plan (feed, consume, verify, reconcile, status) runs logged in as the role it
 /// creates, not as the superuser: its grants are enough.
 #[tokio::test]
 async fn the_pipeline_runs_as_the_least_privilege_database_role() {
     let env = Env::new().await;
     seed_legacy(&env, 0..40).await;
     // The script is safe to run again, and repairs an index an interrupted build left invalid.
-    let url = least_privilege_url(&env, "least-privilege pw 'with' quotes");
-    assert_eq!(least_privilege_url(&env, "least-privilege pw 'with' quotes"), url);
+    let connection_limit = || async {
+        sqlx::query_scalar::<_, i32>("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'avatar_migrator'")
+            .fetch_one(&env.db)
+            .await
+            .unwrap()
+    };
+    let url = least_privilege_url(&env, "least-privilege pw 'with' quotes", &[]);
+    assert_eq!(connection_limit().await, 170, "the default budget");
+    assert_eq!(least_privilege_url(&env, "least-privilege pw 'with' quotes", &[]), url);
     sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'avatars_path_idx'::regclass")
         .execute(&env.db)
         .await
         .unwrap();
-    least_privilege_url(&env, "least-privilege pw 'with' quotes");
+    least_privilege_url(&env, "least-privilege pw 'with' quotes", &["-v", "connection_limit=30"]);
+    assert_eq!(connection_limit().await, 30, "the budget given");
     let valid: bool =
         sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'avatars_path_idx'::regclass")
             .fetch_one(&env.db)
