@@ -24,6 +24,10 @@ use common::db::Reason;
 use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
 
+/// Where, under the destination prefix, [`Copier::resolve_destination_check`] puts its two
+/// short-lived objects (the IAM grant for deleting them is scoped to it).
+pub const PROBE_DIRECTORY: &str = ".avatar-migration-probe/";
+
 /// The largest object a single `CopyObject` can copy (5 GiB).
 pub const MAX_SINGLE_COPY: i64 = 5 * 1024 * 1024 * 1024;
 
@@ -70,6 +74,9 @@ impl CopyError {
 /// When the destination key is looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DestinationCheck {
+    /// Ask the server at start-up ([`Copier::probe_conditional_copy`]): `on-conflict` where it
+    /// refuses a conditional copy onto an existing key, `before-copy` otherwise.
+    Auto,
     /// HEAD the destination before every copy: right on every server, including those that
     /// ignore `If-None-Match` on CopyObject (MiniStack, moto); one request more per object.
     BeforeCopy,
@@ -94,6 +101,79 @@ impl Copier {
             .map_err(|e| CopyError::from_s3(&format!("HEAD s3://{bucket}/{key}"), &e))
     }
 
+    /// Resolves `auto`: whether the server refuses a copy onto an existing key when the copy
+    /// carries `If-None-Match: *` (AWS S3 and SeaweedFS do; MiniStack and moto copy over it).
+    /// Asked on two objects of our own under the destination prefix, with unique keys and
+    /// removed afterwards: put A (conditionally), copy A to B, copy A to B again with
+    /// `If-None-Match: *`, which must answer 412. Any other answer, or an error on the way,
+    /// means `before-copy`: the check that is right everywhere.
+    pub async fn resolve_destination_check(&self) -> DestinationCheck {
+        if self.destination_check != DestinationCheck::Auto {
+            return self.destination_check;
+        }
+        let resolved = match self.probe_conditional_copy().await {
+            Ok(true) => DestinationCheck::OnConflict,
+            Ok(false) => DestinationCheck::BeforeCopy,
+            Err(why) => {
+                tracing::warn!(
+                    "could not ask the server whether it enforces conditional copies ({why}): checking each destination before its copy"
+                );
+                DestinationCheck::BeforeCopy
+            }
+        };
+        tracing::info!(
+            destination_check = ?resolved,
+            "DESTINATION_CHECK=auto: {}",
+            match resolved {
+                DestinationCheck::OnConflict => "the server refuses a conditional copy onto an existing key; copying first",
+                _ => "the server copies over an existing key despite If-None-Match; checking each destination first",
+            }
+        );
+        resolved
+    }
+
+    /// The probe of [`Self::resolve_destination_check`]: `Ok(true)` when enforced.
+    async fn probe_conditional_copy(&self) -> Result<bool, String> {
+        let bucket = &self.mapping.destination_bucket;
+        let unique = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+        );
+        let (a, b) = (
+            format!("{}{PROBE_DIRECTORY}{unique}", self.mapping.destination_prefix),
+            format!("{}{PROBE_DIRECTORY}{unique}.copy", self.mapping.destination_prefix),
+        );
+        let fail = |step: &str, e: &dyn std::fmt::Display| format!("{step} s3://{bucket}/{a}: {e}");
+        self.s3
+            .put_object()
+            .bucket(bucket)
+            .key(&a)
+            .if_none_match("*")
+            .body(aws_sdk_s3::primitives::ByteStream::from_static(b"avatar-migration probe"))
+            .send()
+            .await
+            .map_err(|e| fail("PUT", &describe(&e)))?;
+        let copy = || self.s3.copy_object().bucket(bucket).key(&b).copy_source(common::keys::copy_source(bucket, &a));
+        let outcome = match copy().send().await {
+            Err(e) => Err(fail("copy", &describe(&e))),
+            Ok(_) => match copy().if_none_match("*").send().await {
+                Ok(_) => Ok(false),
+                Err(e) if status(&e) == Some(412) => Ok(true),
+                Err(e) => {
+                    tracing::debug!("conditional copy answered {}", describe(&e));
+                    Ok(false)
+                }
+            },
+        };
+        for key in [&a, &b] {
+            if let Err(e) = self.s3.delete_object().bucket(bucket).key(key).send().await {
+                tracing::warn!("could not remove the probe object s3://{bucket}/{key}: {}", describe(&e));
+            }
+        }
+        outcome
+    }
+
     /// Puts `source_key` at `destination_key` unless it is already there.
     pub async fn ensure_copied(
         &self,
@@ -103,7 +183,8 @@ impl Copier {
         destination_key: &str,
     ) -> Result<Copied, CopyError> {
         let (dst_bucket, src_bucket) = (&self.mapping.destination_bucket, &self.mapping.source_bucket);
-        if self.destination_check == DestinationCheck::BeforeCopy
+        // Anything but a proven `on-conflict` looks first (an unresolved `auto` included).
+        if self.destination_check != DestinationCheck::OnConflict
             && let Some(dest) = self.head(dst_bucket, destination_key).await?
         {
             return self.compare(source_key, listed_etag, destination_key, dest).await;

@@ -47,16 +47,18 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     // SIGTERM, or an error that stops everything.
     let stop = shutdown.child_token();
     let halt = Arc::new(process::Halt::new(stop.clone()));
+    let mut copier = copy::Copier {
+        s3: clients.s3.clone(),
+        mapping,
+        compare_max_bytes: settings.compare_max_bytes,
+        destination_check: settings.destination_check,
+    };
+    copier.destination_check = copier.resolve_destination_check().await;
     let worker = Arc::new(process::Worker {
         sqs: clients.sqs.clone(),
         db: clients.db.clone(),
         queue_url: settings.queue.queue_url.clone(),
-        copier: copy::Copier {
-            s3: clients.s3.clone(),
-            mapping,
-            compare_max_bytes: settings.compare_max_bytes,
-            destination_check: settings.destination_check,
-        },
+        copier,
         rewriter,
         acker,
         visibility: settings.visibility_timeout(),

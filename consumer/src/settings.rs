@@ -77,12 +77,15 @@ pub struct Settings {
     #[arg(long, env = "COMPARE_MAX_BYTES", default_value = "67108864")]
     pub compare_max_bytes: u64,
 
-    /// When an existing destination is looked for. `before-copy` (the default): a HEAD
-    /// before every copy, right on every S3 implementation. `on-conflict`: copy first and
-    /// look only when the server refuses the copy because the key exists (412): one request
-    /// less per object, and only safe where the server enforces `If-None-Match: *` on
-    /// CopyObject (AWS S3, SeaweedFS; not MiniStack or moto, where a copy would overwrite).
-    #[arg(long, env = "DESTINATION_CHECK", value_enum, default_value = "before-copy")]
+    /// When an existing destination is looked for. `before-copy`: a HEAD before every copy,
+    /// right on every S3 implementation. `on-conflict`: copy first and look only when the
+    /// server refuses the copy because the key exists (412): one request less per object, and
+    /// only safe where the server enforces `If-None-Match: *` on CopyObject (AWS S3,
+    /// SeaweedFS; not MiniStack or moto, where a copy would overwrite). `auto` (the default):
+    /// asks the server at start-up, with two short-lived objects of its own under
+    /// `DESTINATION_PREFIX/.avatar-migration-probe/`, and picks `on-conflict` only when the
+    /// server refuses a conditional copy onto an existing key.
+    #[arg(long, env = "DESTINATION_CHECK", value_enum, default_value = "auto")]
     pub destination_check: DestinationCheck,
 
     /// Database connections this process opens at most.

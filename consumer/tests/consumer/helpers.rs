@@ -156,3 +156,10 @@ pub fn capture_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
     let stderr = child.stderr.take().expect("stderr is piped");
     std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default())
 }
+
+/// The start-up probe removes its two objects.
+pub async fn assert_no_probe_left(env: &Env) {
+    let probes: Vec<String> =
+        env.keys(&env.destination_bucket).await.into_iter().filter(|k| k.contains(".avatar-migration-probe")).collect();
+    assert!(probes.is_empty(), "probe objects left behind: {probes:?}");
+}

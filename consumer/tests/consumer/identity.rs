@@ -3,11 +3,13 @@
 
 use testkit::Env;
 
-use crate::helpers::{drain, etag, feed, put_multipart, stdout};
+use crate::helpers::{assert_no_probe_left, drain, etag, feed, put_multipart, stdout};
 
 /// A destination with the source's bytes under another ETag (an earlier delivery's copy on
 /// AWS, or the same avatar uploaded differently) is done, not a conflict; the same size with
-/// other bytes is a conflict; both are left untouched.
+/// other bytes is a conflict; both are left untouched. On MiniStack, which copies over an
+/// existing key despite `If-None-Match: *`, the default `DESTINATION_CHECK=auto` finds that out
+/// at start-up and checks each destination before its copy (or both would be overwritten).
 #[tokio::test]
 async fn same_bytes_under_another_etag_count_as_done_and_other_bytes_as_a_conflict() {
     let env = Env::new().await;
@@ -22,7 +24,10 @@ async fn same_bytes_under_another_etag_count_as_done_and_other_bytes_as_a_confli
     assert_ne!(same_before, etag(&env, &env.source_bucket, "image/same.png").await, "the ETags differ");
     let ids = env.insert_rows(&["image/same.png".into(), "image/other.png".into()]).await;
     feed(&env).await;
-    let out = drain(&env, &[]).await;
+    let out = drain(&env, &[("RUST_LOG", "info,aws=warn")]).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("DESTINATION_CHECK=auto: the server copies over an existing key"), "{log}");
+    assert_no_probe_left(&env).await;
 
     assert_eq!(env.path_of(ids[0]).await, "avatar/same.png", "same bytes: the row moves");
     assert_eq!(env.path_of(ids[1]).await, "image/other.png", "other bytes: the row stays");

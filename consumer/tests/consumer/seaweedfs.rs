@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use testkit::Env;
 
-use crate::helpers::{drain, etag, feed, legacy_keys, modern, put_multipart, stdout};
+use crate::helpers::{assert_no_probe_left, drain, etag, feed, legacy_keys, modern, put_multipart, stdout};
 
 /// What both SeaweedFS tests seed: 40 plain legacy avatars with rows, awkward keys, a conflict
 /// (other bytes at the destination) and a destination with the same bytes under another ETag.
@@ -37,15 +37,21 @@ async fn assert_end_state(env: &Env, keys: &[String], conflict_etag: &str) {
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
 }
 
+/// With the default `DESTINATION_CHECK=auto` the consumer finds at start-up that SeaweedFS
+/// refuses a conditional copy onto an existing key, so it copies first (no HEAD per object);
+/// its probe objects are gone afterwards, and the conflict is still never overwritten.
 #[tokio::test]
 async fn the_pipeline_works_on_seaweedfs() {
     let env = Env::on_seaweedfs().await;
     let keys = seed(&env).await;
     let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
     feed(&env).await;
-    let out = drain(&env, &[("CONCURRENCY", "8")]).await;
+    let out = drain(&env, &[("CONCURRENCY", "8"), ("RUST_LOG", "info,aws=warn")]).await;
     assert!(stdout(&out).contains("already present 1"), "{}", stdout(&out));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("DESTINATION_CHECK=auto: the server refuses a conditional copy"), "{log}");
     assert_end_state(&env, &keys, &conflict_etag).await;
+    assert_no_probe_left(&env).await;
 }
 
 /// Copy first, look later (`DESTINATION_CHECK=on-conflict`): destinations that already exist
