@@ -1,37 +1,59 @@
 //! Acknowledge stage: deletes the messages whose objects are done, ten per
 //! `DeleteMessageBatch`.
 //!
-//! Promises: only messages handed to [`Acker::ack`] are deleted; every entry a batch reports
-//! as failed is reported back to its own caller (the message simply comes back later, which
-//! is harmless: I5); a call that fails as a whole fails every entry in it.
+//! Promises: only messages handed to [`Acker::ack`] are deleted; a worker hands its message
+//! over and goes on (a delete is not part of an object's latency), so batches can linger for
+//! company and be full: one call per ten messages rather than per two or three. An entry a
+//! batch reports as failed, or a call that fails as a whole, is logged and counted as not
+//! acknowledged: the message simply comes back later, which is harmless (I5). When every handle
+//! is dropped the pending deletes are flushed before the task ends.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use common::aws::{Sqs, describe};
 
 use crate::batch::Batcher;
+use crate::process::Stats;
+
+/// How long a delete waits for nine others. Messages stay invisible for the visibility
+/// timeout (a minute by default), so this costs nothing but this much delay before the queue
+/// shows them gone.
+const LINGER: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct Acker {
-    batcher: Batcher<String, Result<(), String>>,
+    batcher: Batcher<String, ()>,
 }
 
 impl Acker {
-    pub fn spawn(sqs: Sqs, queue_url: String) -> (Self, tokio::task::JoinHandle<()>) {
-        // Ten is the most SQS takes per batch. No lingering: while four calls are in flight the
-        // next batch fills up by itself, and a lone message is not held back.
-        let (batcher, handle) = Batcher::spawn(10, Duration::ZERO, 4, move |handles: Vec<String>| {
-            let sqs = sqs.clone();
-            let queue_url = queue_url.clone();
-            async move { delete_batch(&sqs, &queue_url, handles).await }
+    pub fn spawn(sqs: Sqs, queue_url: String, stats: Arc<Stats>) -> (Self, tokio::task::JoinHandle<()>) {
+        // Ten is the most SQS takes per batch.
+        let (batcher, handle) = Batcher::spawn(10, LINGER, 4, move |handles: Vec<String>| {
+            let (sqs, queue_url, stats) = (sqs.clone(), queue_url.clone(), stats.clone());
+            async move {
+                let n = handles.len();
+                for result in delete_batch(&sqs, &queue_url, handles).await {
+                    match result {
+                        Ok(()) => {
+                            stats.acked.fetch_add(1, Relaxed);
+                        }
+                        Err(why) => tracing::warn!(error = why, "message not deleted: it comes back, harmlessly"),
+                    }
+                }
+                vec![(); n]
+            }
         });
         (Self { batcher }, handle)
     }
 
-    /// Deletes the message with this receipt handle.
-    pub async fn ack(&self, receipt_handle: String) -> Result<(), String> {
-        self.batcher.submit(receipt_handle).await.unwrap_or_else(|| Err("the acknowledger has stopped".into()))
+    /// Hands the message with this receipt handle over for deletion.
+    pub async fn ack(&self, receipt_handle: String) {
+        if !self.batcher.hand_over(receipt_handle).await {
+            tracing::warn!("the acknowledger has stopped: the message comes back, harmlessly");
+        }
     }
 }
 

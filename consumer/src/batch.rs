@@ -85,6 +85,13 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         (Self { tx }, handle)
     }
 
+    /// Hands an item over without waiting for its result (waits only while the queue of
+    /// items is full); `false` if the batcher is gone.
+    pub async fn hand_over(&self, item: I) -> bool {
+        let (reply, _) = oneshot::channel();
+        self.tx.send((item, reply)).await.is_ok()
+    }
+
     /// Submits an item and waits for its result; `None` if the batcher is gone.
     pub async fn submit(&self, item: I) -> Option<O> {
         let (reply, result) = oneshot::channel();

@@ -191,12 +191,7 @@ impl Worker {
                 return;
             }
         }
-        match self.acker.ack(receipt).await {
-            Ok(()) => {
-                self.stats.acked.fetch_add(1, Relaxed);
-            }
-            Err(why) => tracing::warn!(error = why, "message not deleted: it comes back, harmlessly"),
-        }
+        self.acker.ack(receipt).await;
     }
 }
 
