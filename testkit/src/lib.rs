@@ -6,6 +6,7 @@
 //! The environment comes from `scripts/local-services env` (`scripts/test` sets it):
 //! `PG_ADMIN_URL`, `AWS_ENDPOINT_URL`, `MOTO_ENDPOINT_URL`, AWS credentials and region.
 
+pub mod bench;
 pub mod faults;
 pub mod proxy;
 

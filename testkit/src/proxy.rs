@@ -73,6 +73,8 @@ struct State {
     rules: Mutex<Vec<Rule>>,
     client: Client<HttpConnector, Incoming>,
     forwarded: AtomicU64,
+    /// Requests forwarded, by kind (`SQS <Action>`, `S3 <METHOD>`, `S3 copy`).
+    by_kind: Mutex<std::collections::BTreeMap<String, u64>>,
     injected: AtomicU64,
     /// Every request is refused (the server is unreachable).
     down: AtomicBool,
@@ -96,6 +98,7 @@ impl FaultProxy {
             rules: Mutex::new(Vec::new()),
             client: Client::builder(TokioExecutor::new()).build_http(),
             forwarded: AtomicU64::new(0),
+            by_kind: Mutex::default(),
             injected: AtomicU64::new(0),
             down: AtomicBool::new(false),
         });
@@ -135,6 +138,11 @@ impl FaultProxy {
     /// Requests forwarded to the real server so far.
     pub fn forwarded(&self) -> u64 {
         self.state.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Requests forwarded so far, by kind: `SQS <Action>`, `S3 <METHOD>`, or `S3 copy`.
+    pub fn forwarded_by_kind(&self) -> std::collections::BTreeMap<String, u64> {
+        self.state.by_kind.lock().unwrap().clone()
     }
 }
 
@@ -208,6 +216,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
 
 async fn forward(state: &State, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
     state.forwarded.fetch_add(1, Ordering::SeqCst);
+    let kind = match sqs_action(&req) {
+        Some(action) => format!("SQS {action}"),
+        None if req.headers().contains_key("x-amz-copy-source") => "S3 copy".to_owned(),
+        None => format!("S3 {}", req.method()),
+    };
+    *state.by_kind.lock().unwrap().entry(kind).or_default() += 1;
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     parts.uri = format!("{}{path}", state.upstream).parse().map_err(std::io::Error::other)?;

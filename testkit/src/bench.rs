@@ -1,0 +1,491 @@
+//! The benchmark behind `scripts/bench`: our pipeline and the copy-only tools a user would pick
+//! instead (rclone, s5cmd), side by side on the same S3 server, the same objects and in the
+//! same run, so that their ratios mean something on a shared, noisy machine.
+//!
+//! Per server (MiniStack for S3 and SQS; SeaweedFS for S3 with SQS on MiniStack): N objects
+//! (100-1,500 bytes, `image/png`) are seeded once under `image/` of a source bucket. Then, per
+//! repetition, each tool copies all of them server-side into a fresh bucket:
+//! - `pipeline`: a fresh database with a row per object, the feeder and the consumers started
+//!   together; done when every row points at its copy (then the queue must be empty and nothing
+//!   recorded as a failure);
+//! - `rclone-nocheck`: rclone with destination checks and HEADs off (its fastest documented
+//!   settings for a one-way copy into an empty bucket);
+//! - `rclone`: rclone with its default checks, same parallelism;
+//! - `s5cmd`: s5cmd `cp` with 256 workers.
+//!
+//! Repetition 0 goes through a counting proxy (requests per object) and is left out of the
+//! medians; the others go straight to the servers. Measured per run: wall time, objects/s,
+//! CPU seconds of the tool's processes (user + system, from `/usr/bin/time`), peak RSS per
+//! process, and the CPU seconds the servers spent (their process groups, from `/proc`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use aws_sdk_s3::primitives::ByteStream;
+use futures::StreamExt;
+use serde_json::json;
+use tokio::process::Command;
+
+use crate::proxy::FaultProxy;
+use crate::{Env, binary};
+
+/// One S3 (+ SQS) server to measure on.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub name: String,
+    pub s3: String,
+    pub sqs: String,
+    /// Process groups whose CPU time is the server's (see `scripts/local-services`).
+    pub groups: Vec<i32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub objects: usize,
+    /// Timed repetitions per tool (after the counting one).
+    pub reps: usize,
+    pub consumers: usize,
+    pub concurrency: usize,
+    /// Further settings for the pipeline's consumers and feeder (`VAR=VALUE`).
+    pub pipeline_env: Vec<(String, String)>,
+    pub servers: Vec<Server>,
+    /// Tools to run: `pipeline`, `rclone-nocheck`, `rclone`, `s5cmd`.
+    pub tools: Vec<String>,
+    pub rclone: String,
+    pub s5cmd: String,
+}
+
+/// One run of one tool.
+#[derive(Debug, Clone, Default)]
+struct Run {
+    wall: f64,
+    cpu: f64,
+    /// Peak RSS of each process, MiB.
+    rss: Vec<f64>,
+    server_cpu: f64,
+    requests: Option<u64>,
+}
+
+/// The medians of a tool's timed runs on one server.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub server: String,
+    pub tool: String,
+    pub objects_per_s: f64,
+    pub cpu_s_per_10k: f64,
+    pub peak_rss_mib: f64,
+    pub server_cpu_s_per_10k: f64,
+    pub requests_per_object: Option<f64>,
+    pub runs: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// CPU seconds (user + system) of every process in these process groups, from `/proc`.
+fn group_cpu(groups: &[i32]) -> f64 {
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    let ticks = 100.0;
+    let mut total = 0u64;
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0.0 };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid pgrp ... utime(14) stime(15): fields after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(pgrp), Some(utime), Some(stime)) = (fields.get(2), fields.get(11), fields.get(12)) else {
+            continue;
+        };
+        if pgrp.parse::<i32>().is_ok_and(|g| groups.contains(&g)) {
+            total += utime.parse::<u64>().unwrap_or(0) + stime.parse::<u64>().unwrap_or(0);
+        }
+    }
+    total as f64 / ticks
+}
+
+/// A process run under `/usr/bin/time`, which writes its CPU time and peak RSS to a file.
+struct Timed {
+    child: tokio::process::Child,
+    report: tempfile_path::Path,
+    what: String,
+}
+
+mod tempfile_path {
+    /// A file path removed when dropped.
+    pub struct Path(pub std::path::PathBuf);
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Timed {
+    fn spawn(program: &Path, args: &[&str], env: &[(String, String)], what: &str) -> anyhow::Result<Timed> {
+        let report = tempfile_path::Path(std::env::temp_dir().join(format!("bench-{}.time", crate::suffix())));
+        let child = Command::new("/usr/bin/time")
+            .args(["-f", "%U %S %M", "-o"])
+            .arg(&report.0)
+            .arg(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // Every endpoint here is plain HTTP on loopback; rclone refuses to start when the
+            // machine's AWS_CA_BUNDLE is set at all.
+            .env_remove("AWS_CA_BUNDLE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {what} ({})", program.display()))?;
+        Ok(Timed { child, report, what: what.to_owned() })
+    }
+
+    /// Waits for the process; returns (CPU seconds, peak RSS MiB).
+    async fn finish(self) -> anyhow::Result<(f64, f64)> {
+        let out = self.child.wait_with_output().await?;
+        ensure!(
+            out.status.success(),
+            "{} failed ({}): {}",
+            self.what,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&self.report.0)?;
+        let last = text.lines().last().unwrap_or_default();
+        let f: Vec<f64> = last.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        ensure!(f.len() == 3, "unexpected /usr/bin/time output for {}: {text:?}", self.what);
+        Ok((f[0] + f[1], f[2] / 1024.0))
+    }
+}
+
+/// The body of a seeded object: 100 to 1,500 bytes, derived from its index.
+fn body(i: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(i as u64);
+    let len = rng.usize(100..=1500);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+/// Keys spread over a few hundred "directories", as avatars by user id are.
+fn key(i: usize) -> String {
+    format!("image/{:03}/{i:08}.png", (i * 7919) % 500)
+}
+
+async fn seed(env: &Env, n: usize) -> anyhow::Result<Vec<String>> {
+    let keys: Vec<String> = (0..n).map(key).collect();
+    let mut puts = futures::stream::iter(0..n)
+        .map(|i| async move {
+            // The servers answer a few 500s under this load: each put is tried a few times.
+            let mut attempt = 0;
+            loop {
+                let put = env
+                    .s3
+                    .put_object()
+                    .bucket(&env.source_bucket)
+                    .key(key(i))
+                    .content_type("image/png")
+                    .body(ByteStream::from(body(i)))
+                    .send()
+                    .await;
+                attempt += 1;
+                match put {
+                    Ok(_) => return Ok(()),
+                    Err(e) if attempt >= 5 => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
+                }
+            }
+        })
+        .buffer_unordered(64);
+    while let Some(put) = puts.next().await {
+        put.context("seeding")?;
+    }
+    Ok(keys)
+}
+
+async fn count_keys(env: &Env, bucket: &str) -> anyhow::Result<usize> {
+    let mut pages = env.s3.list_objects_v2().bucket(bucket).into_paginator().send();
+    let mut n = 0;
+    while let Some(page) = pages.next().await {
+        n += page?.contents().len();
+    }
+    Ok(n)
+}
+
+/// Endpoints for one run: straight to the server, or through counting proxies.
+struct Route {
+    s3: String,
+    sqs: String,
+    proxies: Option<(FaultProxy, Option<FaultProxy>)>,
+}
+
+impl Route {
+    async fn new(server: &Server, counting: bool) -> anyhow::Result<Route> {
+        if !counting {
+            return Ok(Route { s3: server.s3.clone(), sqs: server.sqs.clone(), proxies: None });
+        }
+        let s3 = FaultProxy::start(&server.s3).await?;
+        let sqs = if server.sqs == server.s3 { None } else { Some(FaultProxy::start(&server.sqs).await?) };
+        let (s3_url, sqs_url) = (s3.url.clone(), sqs.as_ref().map_or(s3.url.clone(), |p| p.url.clone()));
+        Ok(Route { s3: s3_url, sqs: sqs_url, proxies: Some((s3, sqs)) })
+    }
+
+    fn requests(&self) -> Option<u64> {
+        self.proxies.as_ref().map(|(s3, sqs)| s3.forwarded() + sqs.as_ref().map_or(0, |p| p.forwarded()))
+    }
+
+    /// Requests by kind, on stderr (where a tool's requests go).
+    fn show_kinds(&self, what: &str) {
+        if let Some((s3, sqs)) = &self.proxies {
+            let mut kinds = s3.forwarded_by_kind();
+            for (k, v) in sqs.as_ref().map(|p| p.forwarded_by_kind()).unwrap_or_default() {
+                *kinds.entry(k).or_default() += v;
+            }
+            eprintln!("bench: {what} requests by kind (set-up included): {kinds:?}");
+        }
+    }
+}
+
+/// Our pipeline, feeder and consumers together, into a fresh database, bucket and queue.
+async fn pipeline(
+    config: &Config,
+    server: &Server,
+    source: &Env,
+    keys: &[String],
+    counting: bool,
+) -> anyhow::Result<Run> {
+    let route = Route::new(server, counting).await?;
+    let mut env = Env::with(&route.s3, &route.sqs, 60).await;
+    env.source_bucket = source.source_bucket.clone();
+    for chunk in keys.chunks(50_000) {
+        env.insert_rows(chunk).await;
+    }
+    let mut vars = env.vars();
+    vars.push(("RUST_LOG".into(), "warn".into()));
+    vars.extend(config.pipeline_env.iter().cloned());
+    let mut consumer_vars = vars.clone();
+    consumer_vars.push(("CONCURRENCY".into(), config.concurrency.to_string()));
+    consumer_vars.push(("EXIT_WHEN_IDLE".into(), "2".into()));
+    let before_requests = route.requests();
+    let before_cpu = group_cpu(&server.groups);
+    let started = Instant::now();
+    let mut procs = vec![Timed::spawn(&binary("feeder"), &[], &vars, "the feeder")?];
+    for i in 0..config.consumers {
+        procs.push(Timed::spawn(&binary("consumer"), &[], &consumer_vars, &format!("consumer {i}"))?);
+    }
+    let n = keys.len() as i64;
+    let deadline = started + Duration::from_secs(120 + keys.len() as u64 / 20);
+    while env.count_rows_with_prefix("avatar/").await < n {
+        ensure!(Instant::now() < deadline, "the pipeline did not finish in time");
+        for p in procs.iter_mut() {
+            if p.child.try_wait()?.is_some_and(|s| !s.success()) {
+                bail!("{} failed before every row moved", p.what);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let server_cpu = group_cpu(&server.groups) - before_cpu;
+    let mut run = Run { wall, server_cpu, ..Run::default() };
+    for p in procs {
+        let (cpu, rss) = p.finish().await?;
+        run.cpu += cpu;
+        run.rss.push(rss);
+    }
+    run.requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
+    route.show_kinds("pipeline");
+    ensure!(env.depth(&env.queue_url).await == (0, 0), "the queue is not empty after the run");
+    ensure!(env.failures().await.is_empty(), "objects were set aside in a clean run");
+    ensure!(count_keys(&env, &env.destination_bucket).await? == keys.len(), "copies missing");
+    Ok(run)
+}
+
+/// A copy-only tool, `image/` of the seeded bucket into a fresh bucket.
+async fn peer(config: &Config, tool: &str, server: &Server, source: &Env, counting: bool) -> anyhow::Result<Run> {
+    let route = Route::new(server, counting).await?;
+    let destination = format!("bench-{}", crate::suffix());
+    source.s3.create_bucket().bucket(&destination).send().await?;
+    let creds = [
+        ("AWS_ACCESS_KEY_ID".to_owned(), std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "test".into())),
+        ("AWS_SECRET_ACCESS_KEY".to_owned(), std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "test".into())),
+        ("AWS_REGION".to_owned(), std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into())),
+    ];
+    let mut env: Vec<(String, String)> = creds.to_vec();
+    let (program, args): (String, Vec<String>) = match tool {
+        "rclone" | "rclone-nocheck" => {
+            for (k, v) in [
+                ("TYPE", "s3"),
+                ("PROVIDER", "Other"),
+                ("ENDPOINT", route.s3.as_str()),
+                ("ACCESS_KEY_ID", creds[0].1.as_str()),
+                ("SECRET_ACCESS_KEY", creds[1].1.as_str()),
+                ("REGION", creds[2].1.as_str()),
+                ("FORCE_PATH_STYLE", "true"),
+            ] {
+                env.push((format!("RCLONE_CONFIG_S_{k}"), v.to_owned()));
+            }
+            let mut args: Vec<String> = [
+                "copy",
+                &format!("s:{}/image", source.source_bucket),
+                &format!("s:{destination}/avatar"),
+                "--transfers",
+                "64",
+                "--checkers",
+                "64",
+                "--fast-list",
+            ]
+            .map(String::from)
+            .to_vec();
+            if tool == "rclone-nocheck" {
+                args.extend(
+                    [
+                        "--no-check-dest",
+                        "--s3-no-head",
+                        "--s3-no-head-object",
+                        "--s3-no-check-bucket",
+                        "--ignore-size",
+                        "--ignore-checksum",
+                    ]
+                    .map(String::from),
+                );
+            }
+            (config.rclone.clone(), args)
+        }
+        "s5cmd" => (
+            config.s5cmd.clone(),
+            [
+                "--endpoint-url",
+                &route.s3,
+                "--numworkers",
+                "256",
+                "cp",
+                &format!("s3://{}/image/*", source.source_bucket),
+                &format!("s3://{destination}/avatar/"),
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        other => bail!("unknown tool {other}"),
+    };
+    let before_requests = route.requests();
+    let before_cpu = group_cpu(&server.groups);
+    let started = Instant::now();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (cpu, rss) = Timed::spawn(Path::new(&program), &args, &env, tool)?.finish().await?;
+    let wall = started.elapsed().as_secs_f64();
+    let server_cpu = group_cpu(&server.groups) - before_cpu;
+    let requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
+    route.show_kinds(tool);
+    let copied = count_keys(source, &destination).await?;
+    ensure!(copied == config.objects, "{tool} copied {copied} of {} objects", config.objects);
+    Ok(Run { wall, cpu, rss: vec![rss], server_cpu, requests })
+}
+
+/// Runs everything; returns a summary per (server, tool).
+pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
+    let mut summaries = Vec::new();
+    for server in &config.servers {
+        let source = Env::with(&server.s3, &server.sqs, 60).await;
+        let t = Instant::now();
+        let keys = seed(&source, config.objects).await?;
+        eprintln!("bench: {}: seeded {} objects in {:.1}s", server.name, keys.len(), t.elapsed().as_secs_f64());
+        let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+        for rep in 0..=config.reps {
+            let counting = rep == 0;
+            for tool in &config.tools {
+                let run = match tool.as_str() {
+                    "pipeline" => pipeline(config, server, &source, &keys, counting).await,
+                    other => peer(config, other, server, &source, counting).await,
+                }
+                .with_context(|| format!("{tool} on {}", server.name))?;
+                eprintln!(
+                    "bench: {} rep {rep}{} {tool}: {:.0} objects/s, cpu {:.1}s, server cpu {:.1}s, rss {:?} MiB{}",
+                    server.name,
+                    if counting { " (counting)" } else { "" },
+                    config.objects as f64 / run.wall,
+                    run.cpu,
+                    run.server_cpu,
+                    run.rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
+                    run.requests.map(|r| format!(", {r} requests")).unwrap_or_default(),
+                );
+                runs.entry(tool.as_str()).or_default().push(run);
+            }
+        }
+        for tool in &config.tools {
+            let all = &runs[tool.as_str()];
+            let requests = all[0].requests.map(|r| r as f64 / config.objects as f64);
+            let timed = &all[1..];
+            let per_10k = 10_000.0 / config.objects as f64;
+            summaries.push(Summary {
+                server: server.name.clone(),
+                tool: tool.clone(),
+                objects_per_s: median(timed.iter().map(|r| config.objects as f64 / r.wall).collect()),
+                cpu_s_per_10k: median(timed.iter().map(|r| r.cpu * per_10k).collect()),
+                peak_rss_mib: all.iter().flat_map(|r| r.rss.iter().copied()).fold(0.0, f64::max),
+                server_cpu_s_per_10k: median(timed.iter().map(|r| r.server_cpu * per_10k).collect()),
+                requests_per_object: requests,
+                runs: timed.len(),
+            });
+        }
+    }
+    Ok(summaries)
+}
+
+/// The table, one line per (server, tool).
+pub fn table(summaries: &[Summary]) -> String {
+    let mut out = format!(
+        "{:<10} {:<15} {:>10} {:>12} {:>14} {:>16} {:>14}\n",
+        "server", "tool", "objects/s", "CPU s/10k", "peak RSS MiB", "server CPU s/10k", "requests/obj"
+    );
+    for s in summaries {
+        out += &format!(
+            "{:<10} {:<15} {:>10.0} {:>12.2} {:>14.1} {:>16.2} {:>14}\n",
+            s.server,
+            s.tool,
+            s.objects_per_s,
+            s.cpu_s_per_10k,
+            s.peak_rss_mib,
+            s.server_cpu_s_per_10k,
+            s.requests_per_object.map_or("-".into(), |r| format!("{r:.3}"))
+        );
+    }
+    out
+}
+
+/// One JSON object: every summary, and our objects/s over each peer's on the same server.
+pub fn json(config: &Config, summaries: &[Summary]) -> String {
+    let mut servers = serde_json::Map::new();
+    for s in summaries {
+        let entry = servers.entry(s.server.clone()).or_insert_with(|| json!({}));
+        entry[s.tool.as_str()] = json!({
+            "objects_per_s": (s.objects_per_s * 10.0).round() / 10.0,
+            "cpu_s_per_10k": (s.cpu_s_per_10k * 1000.0).round() / 1000.0,
+            "peak_rss_mib": (s.peak_rss_mib * 10.0).round() / 10.0,
+            "server_cpu_s_per_10k": (s.server_cpu_s_per_10k * 1000.0).round() / 1000.0,
+            "requests_per_object": s.requests_per_object.map(|r| (r * 1000.0).round() / 1000.0),
+            "runs": s.runs,
+        });
+    }
+    let mut ratios = serde_json::Map::new();
+    for ours in summaries.iter().filter(|s| s.tool == "pipeline") {
+        for peer in summaries.iter().filter(|s| s.server == ours.server && s.tool != "pipeline") {
+            let ratio = ours.objects_per_s / peer.objects_per_s;
+            ratios.insert(format!("{}_vs_{}", ours.server, peer.tool), json!((ratio * 1000.0).round() / 1000.0));
+        }
+    }
+    json!({
+        "objects": config.objects,
+        "reps": config.reps,
+        "consumers": config.consumers,
+        "concurrency": config.concurrency,
+        "servers": servers,
+        "ratios": ratios,
+    })
+    .to_string()
+}

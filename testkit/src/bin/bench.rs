@@ -1,0 +1,97 @@
+//! `scripts/bench`: our pipeline against rclone and s5cmd on the same servers, the same objects,
+//! in the same run (`testkit::bench`). Prints a table, then, as its last line on stdout, one
+//! JSON object: `{"objects":N,"reps":R,...,"servers":{"<server>":{"<tool>":{"objects_per_s":…,
+//! "cpu_s_per_10k":…,"peak_rss_mib":…,"server_cpu_s_per_10k":…,"requests_per_object":…}}},
+//! "ratios":{"<server>_vs_<peer>":…}}` (our objects/s over the peer's).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use testkit::bench::{Config, Server};
+
+/// Measures the migration side by side with copy-only tools on the local services.
+#[derive(Parser, Debug)]
+#[command(name = "bench")]
+struct Args {
+    /// Objects seeded (each with a row, for the pipeline).
+    #[arg(long, default_value = "20000")]
+    objects: usize,
+    /// Timed repetitions per tool; a further counting one (through a proxy) comes first.
+    #[arg(long, default_value = "3")]
+    reps: usize,
+    /// Consumer processes.
+    #[arg(long, default_value = "2")]
+    consumers: usize,
+    /// Objects in flight per consumer.
+    #[arg(long, default_value = "32")]
+    concurrency: usize,
+    /// A further setting for the pipeline's processes (repeatable), e.g. `DESTINATION_CHECK=before-copy`.
+    #[arg(long = "set", value_name = "VAR=VALUE")]
+    set: Vec<String>,
+    /// A server: `name,s3-url,sqs-url,pgid[,pgid...]` (the process groups whose CPU is the server's).
+    #[arg(long = "server", required = true)]
+    servers: Vec<String>,
+    /// Tools, in the order run.
+    #[arg(long, value_delimiter = ',', default_value = "pipeline,rclone-nocheck,rclone,s5cmd")]
+    tools: Vec<String>,
+    #[arg(long, default_value = "rclone")]
+    rclone: String,
+    #[arg(long, default_value = "s5cmd")]
+    s5cmd: String,
+}
+
+fn parse_server(s: &str) -> Result<Server, String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    if parts.len() < 3 {
+        return Err(format!("--server {s:?}: expected name,s3-url,sqs-url[,pgid...]"));
+    }
+    let groups = parts[3..]
+        .iter()
+        .map(|g| g.parse::<i32>().map_err(|_| format!("--server {s:?}: {g:?} is not a process group id")))
+        .collect::<Result<_, _>>()?;
+    Ok(Server { name: parts[0].into(), s3: parts[1].into(), sqs: parts[2].into(), groups })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let servers = match args.servers.iter().map(|s| parse_server(s)).collect::<Result<Vec<_>, _>>() {
+        Ok(servers) => servers,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut pipeline_env = Vec::new();
+    for pair in &args.set {
+        match pair.split_once('=') {
+            Some((k, v)) => pipeline_env.push((k.to_owned(), v.to_owned())),
+            None => {
+                eprintln!("bench: --set {pair:?}: expected VAR=VALUE");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let config = Config {
+        objects: args.objects,
+        reps: args.reps.max(1),
+        consumers: args.consumers,
+        concurrency: args.concurrency,
+        pipeline_env,
+        servers,
+        tools: args.tools,
+        rclone: args.rclone,
+        s5cmd: args.s5cmd,
+    };
+    match testkit::bench::run(&config).await {
+        Ok(summaries) => {
+            print!("{}", testkit::bench::table(&summaries));
+            println!("{}", testkit::bench::json(&config, &summaries));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
