@@ -1,14 +1,25 @@
-//! The queue message: one object to move, as versioned JSON.
+//! Queue messages: objects to move, as versioned JSON.
 //!
+//! Version 1 carries one object:
 //! `{"v":1,"key":"image/avatar-1.png","size":1503,"etag":"\"9b2c...\""}`
+//! Version 2 carries several (fewer SQS requests per object, a shallower queue):
+//! `{"v":2,"objects":[{"key":"image/a.png","size":1503,"etag":"\"9b2c...\""},...]}`
+//! The feeder writes version 1 for one object per message and version 2 otherwise; the
+//! consumer reads both ([`decode`]).
 //!
-//! Promises: parsing never panics; anything that is not a version-1 message with a non-empty
-//! key is a [`MessageError`] that names what is wrong, so the consumer can record it for the
-//! operator instead of retrying it forever.
+//! Promises: parsing never panics; anything that is not such a message with non-empty keys,
+//! sizes that are not negative and at most [`MAX_OBJECTS`] objects is a [`MessageError`] that
+//! names what is wrong, so the consumer can record it for the operator instead of retrying it
+//! forever.
 
 use serde::{Deserialize, Serialize};
 
 pub const VERSION: u32 = 1;
+/// The version with several objects per message.
+pub const BATCH_VERSION: u32 = 2;
+/// The most objects one message may carry (what the feeder sends is far smaller: a message
+/// holds at most 256 KiB).
+pub const MAX_OBJECTS: usize = 100;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectMessage {
@@ -25,12 +36,35 @@ pub struct ObjectMessage {
 pub enum MessageError {
     #[error("message body is not valid JSON for an object message: {0}")]
     NotJson(String),
-    #[error("message version {0} is not supported (this consumer reads version {VERSION})")]
+    #[error("message version {0} is not supported (this consumer reads versions {VERSION} and {BATCH_VERSION})")]
     UnsupportedVersion(u32),
     #[error("message has an empty key")]
     EmptyKey,
     #[error("message has a negative size {0}")]
     NegativeSize(i64),
+    #[error("message carries no object")]
+    NoObject,
+    #[error("message carries {0} objects, more than {MAX_OBJECTS}")]
+    TooManyObjects(usize),
+}
+
+/// One object of a version-2 message.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    key: String,
+    size: i64,
+    etag: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Batch {
+    v: u32,
+    objects: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct Versioned {
+    v: u32,
 }
 
 impl ObjectMessage {
@@ -42,23 +76,62 @@ impl ObjectMessage {
         serde_json::to_string(self).expect("an ObjectMessage always serialises")
     }
 
+    /// Parses a version-1 message (one object).
     pub fn parse(body: &str) -> Result<Self, MessageError> {
-        #[derive(Deserialize)]
-        struct Versioned {
-            v: u32,
-        }
         let versioned: Versioned = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
         if versioned.v != VERSION {
             return Err(MessageError::UnsupportedVersion(versioned.v));
         }
         let msg: ObjectMessage = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
-        if msg.key.is_empty() {
+        msg.check()?;
+        Ok(msg)
+    }
+
+    fn check(&self) -> Result<(), MessageError> {
+        if self.key.is_empty() {
             return Err(MessageError::EmptyKey);
         }
-        if msg.size < 0 {
-            return Err(MessageError::NegativeSize(msg.size));
+        if self.size < 0 {
+            return Err(MessageError::NegativeSize(self.size));
         }
-        Ok(msg)
+        Ok(())
+    }
+}
+
+/// The body of one message carrying these objects: version 1 for one, version 2 for more.
+pub fn encode(objects: &[ObjectMessage]) -> String {
+    match objects {
+        [one] => one.to_body(),
+        many => {
+            let objects =
+                many.iter().map(|o| Entry { key: o.key.clone(), size: o.size, etag: o.etag.clone() }).collect();
+            serde_json::to_string(&Batch { v: BATCH_VERSION, objects }).expect("a batch always serialises")
+        }
+    }
+}
+
+/// The objects of a message of either version.
+pub fn decode(body: &str) -> Result<Vec<ObjectMessage>, MessageError> {
+    let versioned: Versioned = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
+    match versioned.v {
+        VERSION => ObjectMessage::parse(body).map(|m| vec![m]),
+        BATCH_VERSION => {
+            let batch: Batch = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
+            match batch.objects.len() {
+                0 => return Err(MessageError::NoObject),
+                n if n > MAX_OBJECTS => return Err(MessageError::TooManyObjects(n)),
+                _ => {}
+            }
+            batch
+                .objects
+                .into_iter()
+                .map(|e| {
+                    let m = ObjectMessage::new(e.key, e.size, e.etag);
+                    m.check().map(|()| m)
+                })
+                .collect()
+        }
+        other => Err(MessageError::UnsupportedVersion(other)),
     }
 }
 
@@ -93,6 +166,40 @@ mod tests {
 }
 
 #[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    #[test]
+    fn one_object_is_version_1_and_several_are_version_2() {
+        let a = ObjectMessage::new("image/a.png".into(), 1, "\"e1\"".into());
+        let b = ObjectMessage::new("image/b c.png".into(), 2, "\"e2\"".into());
+        assert_eq!(encode(std::slice::from_ref(&a)), a.to_body());
+        let body = encode(&[a.clone(), b.clone()]);
+        assert_eq!(
+            body,
+            r#"{"v":2,"objects":[{"key":"image/a.png","size":1,"etag":"\"e1\""},{"key":"image/b c.png","size":2,"etag":"\"e2\""}]}"#
+        );
+        assert_eq!(decode(&body).unwrap(), vec![a.clone(), b]);
+        assert_eq!(decode(&a.to_body()).unwrap(), vec![a]);
+    }
+
+    #[test]
+    fn rejects_malformed_batches() {
+        assert_eq!(decode(r#"{"v":2,"objects":[]}"#), Err(MessageError::NoObject));
+        assert_eq!(decode(r#"{"v":2,"objects":[{"key":"","size":1,"etag":"e"}]}"#), Err(MessageError::EmptyKey));
+        assert_eq!(
+            decode(r#"{"v":2,"objects":[{"key":"k","size":-3,"etag":"e"}]}"#),
+            Err(MessageError::NegativeSize(-3))
+        );
+        assert!(matches!(decode(r#"{"v":2,"objects":{}}"#), Err(MessageError::NotJson(_))));
+        assert!(matches!(decode(r#"{"v":2}"#), Err(MessageError::NotJson(_))));
+        assert_eq!(decode(r#"{"v":3,"objects":[]}"#), Err(MessageError::UnsupportedVersion(3)));
+        let many = format!(r#"{{"v":2,"objects":[{}]}}"#, vec![r#"{"key":"k","size":1,"etag":"e"}"#; 101].join(","));
+        assert_eq!(decode(&many), Err(MessageError::TooManyObjects(101)));
+    }
+}
+
+#[cfg(test)]
 mod properties {
     use super::*;
     use proptest::prelude::*;
@@ -111,6 +218,17 @@ mod properties {
             if let Ok(m) = ObjectMessage::parse(&body) {
                 prop_assert!(!m.key.is_empty() && m.size >= 0 && m.v == VERSION);
             }
+        }
+
+        #[test]
+        fn decoding_any_text_never_panics(body in any::<String>()) {
+            let _ = decode(&body);
+        }
+
+        #[test]
+        fn every_batch_round_trips(keys in proptest::collection::vec(".{1,100}", 1..20), size in 0i64..) {
+            let objects: Vec<ObjectMessage> = keys.into_iter().map(|k| ObjectMessage::new(k, size, "\"e\"".into())).collect();
+            prop_assert_eq!(decode(&encode(&objects)).unwrap(), objects);
         }
 
         #[test]

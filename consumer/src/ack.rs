@@ -25,20 +25,22 @@ const LINGER: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct Acker {
-    batcher: Batcher<String, ()>,
+    /// Receipt handles, with the number of objects each message carried (for the count).
+    batcher: Batcher<(String, u64), ()>,
 }
 
 impl Acker {
     pub fn spawn(sqs: Sqs, queue_url: String, stats: Arc<Stats>) -> (Self, tokio::task::JoinHandle<()>) {
         // Ten is the most SQS takes per batch.
-        let (batcher, handle) = Batcher::spawn(10, LINGER, 4, move |handles: Vec<String>| {
+        let (batcher, handle) = Batcher::spawn(10, LINGER, 4, move |items: Vec<(String, u64)>| {
             let (sqs, queue_url, stats) = (sqs.clone(), queue_url.clone(), stats.clone());
             async move {
-                let n = handles.len();
-                for result in delete_batch(&sqs, &queue_url, handles).await {
+                let n = items.len();
+                let (handles, objects): (Vec<String>, Vec<u64>) = items.into_iter().unzip();
+                for (result, objects) in delete_batch(&sqs, &queue_url, handles).await.into_iter().zip(objects) {
                     match result {
                         Ok(()) => {
-                            stats.acked.fetch_add(1, Relaxed);
+                            stats.acked.fetch_add(objects, Relaxed);
                         }
                         Err(why) => tracing::warn!(error = why, "message not deleted: it comes back, harmlessly"),
                     }
@@ -49,9 +51,10 @@ impl Acker {
         (Self { batcher }, handle)
     }
 
-    /// Hands the message with this receipt handle over for deletion.
-    pub async fn ack(&self, receipt_handle: String) {
-        if !self.batcher.hand_over(receipt_handle).await {
+    /// Hands the message with this receipt handle, which carried `objects` objects, over for
+    /// deletion.
+    pub async fn ack(&self, receipt_handle: String, objects: u64) {
+        if !self.batcher.hand_over((receipt_handle, objects)).await {
             tracing::warn!("the acknowledger has stopped: the message comes back, harmlessly");
         }
     }

@@ -1,7 +1,8 @@
-//! One message, start to end: read it, copy the object, rewrite its rows, acknowledge.
+//! One message, start to end: read it, and for each of its objects copy the object and rewrite
+//! its rows; then acknowledge.
 //!
-//! Promises: the message is deleted only after the object is at its destination and the rows
-//! are rewritten (I1, I2); a permanent problem (source missing, destination conflict,
+//! Promises: the message is deleted only after each of its objects is at its destination and
+//! its rows are rewritten, or recorded (I1, I2); a permanent problem (source missing, destination conflict,
 //! malformed message, key outside the prefix, too large) is recorded in
 //! `avatar_migration_failures` first and only then deleted; anything else leaves the message
 //! to come back after its visibility timeout, and after `maxReceiveCount` receipts SQS moves
@@ -69,6 +70,7 @@ pub struct Stats {
     pub rows_rewritten: AtomicU64,
     pub set_aside: AtomicU64,
     pub retry_later: AtomicU64,
+    /// Objects whose message was deleted.
     pub acked: AtomicU64,
 }
 
@@ -111,25 +113,38 @@ impl Worker {
             return;
         };
         let body = message.body().unwrap_or_default();
-        let parsed = ObjectMessage::parse(body);
-        let key = parsed.as_ref().map(|m| m.key.clone()).unwrap_or_default();
-        let span = tracing::info_span!("object", message_id = %id, key = %key);
-        async {
-            // A slow object keeps its message invisible until it is done.
-            let lease = Lease::start(self.sqs.clone(), self.queue_url.clone(), receipt.clone(), self.visibility);
-            let outcome = match parsed {
-                Ok(msg) => self.move_object(&msg).await,
-                Err(err) => Outcome::SetAside {
+        // A slow message keeps itself invisible until it is done.
+        let lease = Lease::start(self.sqs.clone(), self.queue_url.clone(), receipt.clone(), self.visibility);
+        let (deletable, objects) = match common::message::decode(body) {
+            Err(err) => {
+                let outcome = Outcome::SetAside {
                     subject: format!("message {id}"),
                     reason: Reason::MalformedMessage,
                     detail: format!("{err}; body: {}", truncate(body, 2048)),
-                },
-            };
-            drop(lease);
-            self.settle(outcome, receipt).await;
+                };
+                (self.settle(outcome).instrument(tracing::info_span!("message", message_id = %id)).await, 1)
+            }
+            // The objects of one message one after the other: CONCURRENCY stays the number of
+            // objects in flight. The message is deleted only when every one of them is done or
+            // recorded; otherwise it comes back whole and those already done are found done.
+            Ok(objects) => {
+                let mut deletable = true;
+                for msg in &objects {
+                    let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
+                    let outcome = self.move_object(msg).instrument(span.clone()).await;
+                    let fatal = matches!(outcome, Outcome::Fatal(_));
+                    deletable &= self.settle(outcome).instrument(span).await;
+                    if fatal {
+                        break;
+                    }
+                }
+                (deletable, objects.len() as u64)
+            }
+        };
+        drop(lease);
+        if deletable {
+            self.acker.ack(receipt, objects).await;
         }
-        .instrument(span)
-        .await
     }
 
     async fn move_object(&self, msg: &ObjectMessage) -> Outcome {
@@ -168,30 +183,31 @@ impl Worker {
         }
     }
 
-    async fn settle(&self, outcome: Outcome, receipt: String) {
+    /// Settles one object's outcome; `true` when it lets its message be deleted.
+    async fn settle(&self, outcome: Outcome) -> bool {
         match outcome {
-            Outcome::Done => {}
+            Outcome::Done => true,
             Outcome::SetAside { subject, reason, detail } => {
                 tracing::warn!(reason = reason.as_str(), detail, "set aside for the operator");
                 if let Err(err) = common::db::record_failure(&self.db, &subject, reason, &detail).await {
                     self.stats.retry_later.fetch_add(1, Relaxed);
                     tracing::warn!(error = %err, "cannot record the failure: the message comes back later");
-                    return;
+                    return false;
                 }
                 self.stats.set_aside.fetch_add(1, Relaxed);
+                true
             }
             Outcome::RetryLater(why) => {
                 self.stats.retry_later.fetch_add(1, Relaxed);
                 tracing::warn!(error = why, "not done: the message comes back after its visibility timeout");
-                return;
+                false
             }
             Outcome::Fatal(why) => {
                 self.stats.retry_later.fetch_add(1, Relaxed);
                 self.halt.halt(anyhow::anyhow!(why));
-                return;
+                false
             }
         }
-        self.acker.ack(receipt).await;
     }
 }
 

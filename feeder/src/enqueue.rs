@@ -1,34 +1,99 @@
-//! Enqueue stage: one message per object, sent in `SendMessageBatch` calls of ten, several
-//! calls in flight.
+//! Enqueue stage: objects grouped into messages (up to `OBJECTS_PER_MESSAGE` each, and within
+//! one 64 KiB billing chunk), sent in `SendMessageBatch` calls of up to ten messages and
+//! 256 KiB, several calls in flight.
 //!
 //! Promises: a page counts as enqueued only when every one of its messages was accepted; the
 //! entries a batch reports as failed are sent again (with backoff), and an entry SQS blames on
-//! the sender is an error naming the key, never silently dropped.
+//! the sender is an error naming its first key, never silently dropped.
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use common::aws::{Sqs, describe};
-use common::message::ObjectMessage;
+use common::message::{ObjectMessage, encode};
 use futures::{StreamExt, TryStreamExt};
 
 /// SQS takes at most ten entries per batch.
 const BATCH: usize = 10;
+/// ... and at most 256 KiB in all.
+const BATCH_BYTES: usize = 256 * 1024;
+/// A message stays within one 64 KiB chunk, which SQS bills as one request.
+const MESSAGE_BYTES: usize = 64 * 1024;
 /// Attempts per batch: SQS throttles or fails entries transiently; eight attempts with backoff
 /// doubling from 100 ms wait about 25 s in all before the run stops (and can be resumed).
 const ATTEMPTS: u32 = 8;
 
-/// Sends one message per object; returns how many were sent.
-pub async fn enqueue(sqs: &Sqs, queue_url: &str, objects: &[ObjectMessage], concurrency: usize) -> anyhow::Result<u64> {
-    futures::stream::iter(objects.chunks(BATCH))
+/// One message to send: its body, how many objects it carries, and its first key (for errors).
+struct Outgoing<'a> {
+    body: String,
+    objects: usize,
+    first_key: &'a str,
+}
+
+/// An upper bound of what one object adds to a version-2 body.
+fn entry_bytes(o: &ObjectMessage) -> usize {
+    // {"key":…,"size":<at most 20 characters>,"etag":…}, plus a comma
+    serde_json::to_string(&o.key).map_or(0, |k| k.len()) + serde_json::to_string(&o.etag).map_or(0, |e| e.len()) + 40
+}
+
+/// Groups objects into messages of at most `per_message` objects and [`MESSAGE_BYTES`].
+fn messages(objects: &[ObjectMessage], per_message: usize) -> Vec<Outgoing<'_>> {
+    const HEADER: usize = r#"{"v":2,"objects":[]}"#.len();
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, HEADER);
+    for (i, o) in objects.iter().enumerate() {
+        let add = entry_bytes(o);
+        if i > start && (i - start == per_message || bytes + add > MESSAGE_BYTES) {
+            out.push(Outgoing { body: encode(&objects[start..i]), objects: i - start, first_key: &objects[start].key });
+            (start, bytes) = (i, HEADER);
+        }
+        bytes += add;
+    }
+    if start < objects.len() {
+        out.push(Outgoing {
+            body: encode(&objects[start..]),
+            objects: objects.len() - start,
+            first_key: &objects[start].key,
+        });
+    }
+    out
+}
+
+/// Groups messages into batches of at most [`BATCH`] entries and [`BATCH_BYTES`].
+fn batches<'a, 'o>(messages: &'a [Outgoing<'o>]) -> Vec<&'a [Outgoing<'o>]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, m) in messages.iter().enumerate() {
+        if i > start && (i - start == BATCH || bytes + m.body.len() > BATCH_BYTES) {
+            out.push(&messages[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += m.body.len();
+    }
+    if start < messages.len() {
+        out.push(&messages[start..]);
+    }
+    out
+}
+
+/// Sends the objects, `per_message` to a message; returns how many objects were sent.
+pub async fn enqueue(
+    sqs: &Sqs,
+    queue_url: &str,
+    objects: &[ObjectMessage],
+    per_message: usize,
+    concurrency: usize,
+) -> anyhow::Result<u64> {
+    let messages = messages(objects, per_message.max(1));
+    futures::stream::iter(batches(&messages))
         .map(|chunk| send_batch(sqs, queue_url, chunk))
         .buffer_unordered(concurrency)
         .try_fold(0u64, |sent, n| async move { Ok(sent + n) })
         .await
 }
 
-async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[ObjectMessage]) -> anyhow::Result<u64> {
+async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Outgoing<'_>]) -> anyhow::Result<u64> {
     // Entry ids are indexes into the chunk; `pending` shrinks as entries are accepted.
     let mut pending: Vec<usize> = (0..chunk.len()).collect();
     let mut delay = Duration::from_millis(100);
@@ -38,7 +103,7 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[ObjectMessage]) -> anyh
             .map(|&i| {
                 SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .message_body(chunk[i].to_body())
+                    .message_body(&chunk[i].body)
                     .build()
                     .expect("id and body are set")
             })
@@ -48,10 +113,10 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[ObjectMessage]) -> anyh
                 let mut still = Vec::new();
                 for failed in out.failed() {
                     let i: usize = failed.id().parse().context("SQS answered with an unknown entry id")?;
-                    let key = &chunk.get(i).context("SQS answered with an unknown entry id")?.key;
+                    let key = chunk.get(i).context("SQS answered with an unknown entry id")?.first_key;
                     if failed.sender_fault() {
                         bail!(
-                            "SQS refused the message for key {key:?}: {}: {}",
+                            "SQS refused the message for key {key:?} (and the objects sent with it): {}: {}",
                             failed.code(),
                             failed.message().unwrap_or_default()
                         );
@@ -59,7 +124,7 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[ObjectMessage]) -> anyh
                     still.push(i);
                 }
                 if still.is_empty() {
-                    return Ok(chunk.len() as u64);
+                    return Ok(chunk.iter().map(|m| m.objects as u64).sum());
                 }
                 tracing::warn!(failed = still.len(), attempt, "batch entries failed; sending them again");
                 pending = still;
@@ -74,5 +139,47 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[ObjectMessage]) -> anyh
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }
-    bail!("{} messages still refused after {ATTEMPTS} attempts (first key {:?})", pending.len(), chunk[pending[0]].key)
+    bail!(
+        "{} messages still refused after {ATTEMPTS} attempts (first key {:?})",
+        pending.len(),
+        chunk[pending[0]].first_key
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects(keys: &[String]) -> Vec<ObjectMessage> {
+        keys.iter().map(|k| ObjectMessage::new(k.clone(), 1, "\"e\"".into())).collect()
+    }
+
+    #[test]
+    fn every_object_goes_in_exactly_one_message_in_order() {
+        let keys: Vec<String> = (0..95).map(|i| format!("image/{i}.png")).collect();
+        let objs = objects(&keys);
+        for per in [1, 3, 10, 100] {
+            let msgs = messages(&objs, per);
+            assert!(msgs.iter().all(|m| m.objects <= per));
+            let decoded: Vec<String> =
+                msgs.iter().flat_map(|m| common::message::decode(&m.body).unwrap()).map(|o| o.key).collect();
+            assert_eq!(decoded, keys, "per message {per}");
+            let sent: Vec<&Outgoing> = batches(&msgs).into_iter().flatten().collect();
+            assert_eq!(sent.len(), msgs.len());
+            assert!(batches(&msgs).iter().all(|b| b.len() <= BATCH));
+        }
+    }
+
+    #[test]
+    fn messages_and_batches_stay_within_sqs_limits() {
+        // Long keys full of characters JSON escapes six times over.
+        let keys: Vec<String> = (0..300).map(|i| format!("image/{i}-{}", "\u{1}".repeat(1000))).collect();
+        let objs = objects(&keys);
+        let msgs = messages(&objs, 100);
+        assert!(msgs.iter().all(|m| m.body.len() <= MESSAGE_BYTES), "{:?}", msgs.iter().map(|m| m.body.len()).max());
+        assert_eq!(msgs.iter().map(|m| m.objects).sum::<usize>(), 300);
+        for batch in batches(&msgs) {
+            assert!(batch.iter().map(|m| m.body.len()).sum::<usize>() <= BATCH_BYTES);
+        }
+    }
 }

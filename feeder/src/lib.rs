@@ -101,9 +101,15 @@ pub async fn feed(
             }
         };
         wait_for_room(clients, &settings.queue.queue_url, args.max_backlog, &shutdown).await?;
-        let sent = enqueue::enqueue(&clients.sqs, &settings.queue.queue_url, &page, args.send_concurrency.get())
-            .await
-            .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
+        let sent = enqueue::enqueue(
+            &clients.sqs,
+            &settings.queue.queue_url,
+            &page,
+            args.objects_per_message.into(),
+            args.send_concurrency.get(),
+        )
+        .await
+        .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
         summary.listed += page.len() as u64;
         summary.enqueued += sent;
         checkpoint.listed += page.len() as i64;

@@ -1,6 +1,7 @@
 //! The consumer against the real local services: what moves, what stays, and the invariants
 //! I1-I5 of DESIGN.md.
 
+mod batches;
 mod done;
 mod end;
 mod errors;

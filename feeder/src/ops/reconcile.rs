@@ -92,10 +92,15 @@ pub async fn reconcile(
             continue;
         }
         crate::wait_for_room(clients, queue_url, settings.run.max_backlog, &shutdown).await?;
-        result.enqueued +=
-            crate::enqueue::enqueue(&clients.sqs, queue_url, &messages, settings.run.send_concurrency.get())
-                .await
-                .context("enqueueing legacy rows")?;
+        result.enqueued += crate::enqueue::enqueue(
+            &clients.sqs,
+            queue_url,
+            &messages,
+            settings.run.objects_per_message.into(),
+            settings.run.send_concurrency.get(),
+        )
+        .await
+        .context("enqueueing legacy rows")?;
     }
     let state = if shutdown.is_cancelled() { "interrupted (safe to run again)" } else { "done" };
     println!(
