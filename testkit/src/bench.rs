@@ -5,7 +5,7 @@
 //! Per server (MiniStack for S3 and SQS; SeaweedFS for S3 with SQS on MiniStack): N objects
 //! (100-1,500 bytes, `image/png`) are seeded once under `image/` of a source bucket. Then, per
 //! repetition, each tool copies all of them server-side into a fresh bucket:
-//! - `pipeline`: a fresh database with a row per object, the feeder and the consumers started
+//! - `pipeline` (or `pipeline+VAR=VALUE+…`, the same with further settings): a fresh database with a row per object, the feeder and the consumers started
 //!   together; done when every row points at its copy (then the queue must be empty and nothing
 //!   recorded as a failure);
 //! - `rclone-nocheck`: rclone with destination checks and HEADs off (its fastest documented
@@ -258,6 +258,7 @@ async fn pipeline(
     server: &Server,
     source: &Env,
     keys: &[String],
+    extra: &[(String, String)],
     counting: bool,
 ) -> anyhow::Result<Run> {
     let route = Route::new(server, counting).await?;
@@ -269,6 +270,7 @@ async fn pipeline(
     let mut vars = env.vars();
     vars.push(("RUST_LOG".into(), "warn".into()));
     vars.extend(config.pipeline_env.iter().cloned());
+    vars.extend(extra.iter().cloned());
     let mut consumer_vars = vars.clone();
     consumer_vars.push(("CONCURRENCY".into(), config.concurrency.to_string()));
     consumer_vars.push(("EXIT_WHEN_IDLE".into(), "2".into()));
@@ -299,7 +301,7 @@ async fn pipeline(
         run.rss.push(rss);
     }
     run.requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
-    route.show_kinds("pipeline");
+    route.show_kinds(&format!("pipeline{}", extra.iter().map(|(k, v)| format!("+{k}={v}")).collect::<String>()));
     ensure!(env.depth(&env.queue_url).await == (0, 0), "the queue is not empty after the run");
     ensure!(env.failures().await.is_empty(), "objects were set aside in a clean run");
     ensure!(count_keys(&env, &env.destination_bucket).await? == keys.len(), "copies missing");
@@ -399,9 +401,17 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
         for rep in 0..=config.reps {
             let counting = rep == 0;
             for tool in &config.tools {
-                let run = match tool.as_str() {
-                    "pipeline" => pipeline(config, server, &source, &keys, counting).await,
-                    other => peer(config, other, server, &source, counting).await,
+                let run = match tool.split_once('+') {
+                    _ if tool == "pipeline" => pipeline(config, server, &source, &keys, &[], counting).await,
+                    Some(("pipeline", sets)) => {
+                        let extra: Vec<(String, String)> = sets
+                            .split('+')
+                            .filter_map(|kv| kv.split_once('='))
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect();
+                        pipeline(config, server, &source, &keys, &extra, counting).await
+                    }
+                    _ => peer(config, tool, server, &source, counting).await,
                 }
                 .with_context(|| format!("{tool} on {}", server.name))?;
                 eprintln!(
@@ -473,10 +483,11 @@ pub fn json(config: &Config, summaries: &[Summary]) -> String {
         });
     }
     let mut ratios = serde_json::Map::new();
-    for ours in summaries.iter().filter(|s| s.tool == "pipeline") {
-        for peer in summaries.iter().filter(|s| s.server == ours.server && s.tool != "pipeline") {
+    for ours in summaries.iter().filter(|s| s.tool.starts_with("pipeline")) {
+        for peer in summaries.iter().filter(|s| s.server == ours.server && !s.tool.starts_with("pipeline")) {
             let ratio = ours.objects_per_s / peer.objects_per_s;
-            ratios.insert(format!("{}_vs_{}", ours.server, peer.tool), json!((ratio * 1000.0).round() / 1000.0));
+            let name = format!("{}_{}_vs_{}", ours.server, ours.tool, peer.tool);
+            ratios.insert(name, json!((ratio * 1000.0).round() / 1000.0));
         }
     }
     json!({

@@ -2,7 +2,7 @@
 //! in the same run (`testkit::bench`). Prints a table, then, as its last line on stdout, one
 //! JSON object: `{"objects":N,"reps":R,...,"servers":{"<server>":{"<tool>":{"objects_per_s":…,
 //! "cpu_s_per_10k":…,"peak_rss_mib":…,"server_cpu_s_per_10k":…,"requests_per_object":…}}},
-//! "ratios":{"<server>_vs_<peer>":…}}` (our objects/s over the peer's).
+//! "ratios":{"<server>_<pipeline variant>_vs_<peer>":…}}` (our objects/s over the peer's).
 
 use std::process::ExitCode;
 
@@ -31,7 +31,8 @@ struct Args {
     /// A server: `name,s3-url,sqs-url,pgid[,pgid...]` (the process groups whose CPU is the server's).
     #[arg(long = "server", required = true)]
     servers: Vec<String>,
-    /// Tools, in the order run.
+    /// Tools, in the order run: `pipeline` (also `pipeline+VAR=VALUE+…` for a variant with
+    /// further settings), `rclone-nocheck`, `rclone`, `s5cmd`.
     #[arg(long, value_delimiter = ',', default_value = "pipeline,rclone-nocheck,rclone,s5cmd")]
     tools: Vec<String>,
     #[arg(long, default_value = "rclone")]
