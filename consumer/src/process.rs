@@ -127,16 +127,33 @@ impl Worker {
             // The objects of one message one after the other: CONCURRENCY stays the number of
             // objects in flight. The message is deleted only when every one of them is done or
             // recorded; otherwise it comes back whole and those already done are found done.
+            // The rows of the message's copied objects are rewritten together once its copies
+            // are done (one batch rather than a round trip per object between two copies), and
+            // awaited before the message may go.
             Ok(objects) => {
                 let mut deletable = true;
+                let mut rewrites = Vec::new();
                 for msg in &objects {
                     let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
-                    let outcome = self.move_object(msg).instrument(span.clone()).await;
-                    let fatal = matches!(outcome, Outcome::Fatal(_));
-                    deletable &= self.settle(outcome).instrument(span).await;
-                    if fatal {
-                        break;
+                    match self.copy_object(msg).instrument(span.clone()).await {
+                        Ok(destination) => rewrites.push(
+                            async move {
+                                let outcome = self.rewrite_rows(msg, destination).await;
+                                self.settle(outcome).await
+                            }
+                            .instrument(span),
+                        ),
+                        Err(outcome) => {
+                            let fatal = matches!(outcome, Outcome::Fatal(_));
+                            deletable &= self.settle(outcome).instrument(span).await;
+                            if fatal {
+                                break;
+                            }
+                        }
                     }
+                }
+                for settled in futures::future::join_all(rewrites).await {
+                    deletable &= settled;
                 }
                 (deletable, objects.len() as u64)
             }
@@ -147,25 +164,30 @@ impl Worker {
         }
     }
 
-    async fn move_object(&self, msg: &ObjectMessage) -> Outcome {
+    /// Copies the object; on success returns the destination key its rows may now point at.
+    async fn copy_object(&self, msg: &ObjectMessage) -> Result<String, Outcome> {
         let mapping = &self.copier.mapping;
         let Some(destination) = mapping.destination_key(&msg.key) else {
-            return Outcome::SetAside {
+            return Err(Outcome::SetAside {
                 subject: msg.key.clone(),
                 reason: Reason::OutsidePrefix,
                 detail: format!("key is not under SOURCE_PREFIX {:?}", mapping.source_prefix.as_str()),
-            };
+            });
         };
         match self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination).await {
             Ok(Copied::Copied) => self.stats.copied.fetch_add(1, Relaxed),
             Ok(Copied::AlreadyPresent) => self.stats.already_present.fetch_add(1, Relaxed),
             Err(CopyError::SetAside { reason, detail }) => {
-                return Outcome::SetAside { subject: msg.key.clone(), reason, detail };
+                return Err(Outcome::SetAside { subject: msg.key.clone(), reason, detail });
             }
-            Err(CopyError::Transient(why)) => return Outcome::RetryLater(why),
-            Err(CopyError::Fatal(why)) => return Outcome::Fatal(why),
+            Err(CopyError::Transient(why)) => return Err(Outcome::RetryLater(why)),
+            Err(CopyError::Fatal(why)) => return Err(Outcome::Fatal(why)),
         };
-        // The destination exists: only now may rows point at it (I1).
+        Ok(destination)
+    }
+
+    /// Points the object's rows at its destination, which exists (I1).
+    async fn rewrite_rows(&self, msg: &ObjectMessage, destination: String) -> Outcome {
         match self.rewriter.rewrite(msg.key.clone(), destination).await {
             Ok(Rewritten { rows, held: 0 }) => {
                 self.stats.rows_rewritten.fetch_add(rows, Relaxed);

@@ -62,7 +62,7 @@ pub struct RunArgs {
     /// Objects per queue message (1-100; a message also stays within 64 KiB). More objects per
     /// message mean fewer SQS requests and a shallower queue; a message comes back whole when
     /// one of its objects must be retried, and its other objects are then found done.
-    #[arg(long, env = "OBJECTS_PER_MESSAGE", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=100))]
+    #[arg(long, env = "OBJECTS_PER_MESSAGE", default_value = "10", value_parser = clap::value_parser!(u16).range(1..=100))]
     pub objects_per_message: u16,
 
     /// SendMessageBatch calls (of ten messages each) in flight at once.
@@ -88,7 +88,7 @@ impl Default for RunArgs {
     fn default() -> Self {
         Self {
             page_size: 1000,
-            objects_per_message: 1,
+            objects_per_message: 10,
             send_concurrency: NonZeroUsize::new(16).unwrap(),
             max_backlog: 100_000,
             restart: false,

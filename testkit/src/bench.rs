@@ -267,19 +267,19 @@ async fn pipeline(
     for chunk in keys.chunks(50_000) {
         env.insert_rows(chunk).await;
     }
+    // Later settings win: the bench's own, then --set, then the variant's.
     let mut vars = env.vars();
     vars.push(("RUST_LOG".into(), "warn".into()));
+    vars.push(("CONCURRENCY".into(), config.concurrency.to_string()));
+    vars.push(("EXIT_WHEN_IDLE".into(), "2".into()));
     vars.extend(config.pipeline_env.iter().cloned());
     vars.extend(extra.iter().cloned());
-    let mut consumer_vars = vars.clone();
-    consumer_vars.push(("CONCURRENCY".into(), config.concurrency.to_string()));
-    consumer_vars.push(("EXIT_WHEN_IDLE".into(), "2".into()));
     let before_requests = route.requests();
     let before_cpu = group_cpu(&server.groups);
     let started = Instant::now();
     let mut procs = vec![Timed::spawn(&binary("feeder"), &[], &vars, "the feeder")?];
     for i in 0..config.consumers {
-        procs.push(Timed::spawn(&binary("consumer"), &[], &consumer_vars, &format!("consumer {i}"))?);
+        procs.push(Timed::spawn(&binary("consumer"), &[], &vars, &format!("consumer {i}"))?);
     }
     let n = keys.len() as i64;
     let deadline = started + Duration::from_secs(120 + keys.len() as u64 / 20);
@@ -447,6 +447,31 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
     Ok(summaries)
 }
 
+/// Row rewrites per second through the consumer's own statement (`common::db::rewrite_paths`):
+/// `rows` rows in a fresh database with the index the binaries build, rewritten in batches of
+/// `batch` by `parallel` connections at once (the consumer's defaults: 100 and 3).
+pub async fn rewrites(server: &Server, rows: usize, batch: usize, parallel: usize) -> anyhow::Result<f64> {
+    let env = Env::with(&server.s3, &server.sqs, 60).await;
+    common::db::prepare(&env.db).await?;
+    let keys: Vec<String> = (0..rows).map(key).collect();
+    for chunk in keys.chunks(50_000) {
+        env.insert_rows(chunk).await;
+    }
+    sqlx::raw_sql("VACUUM ANALYZE avatars").execute(&env.db).await?;
+    let pairs: Vec<(String, String)> = keys.iter().map(|k| (k.clone(), k.replacen("image/", "avatar/", 1))).collect();
+    let started = Instant::now();
+    let mut done = futures::stream::iter(pairs.chunks(batch))
+        .map(|chunk| common::db::rewrite_paths(&env.db, chunk))
+        .buffer_unordered(parallel);
+    let mut rewritten = 0;
+    while let Some(result) = done.next().await {
+        rewritten += result?.values().map(|r| r.rows).sum::<u64>();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    ensure!(rewritten as usize == rows, "{rewritten} of {rows} rows rewritten");
+    Ok(rows as f64 / elapsed)
+}
+
 /// The table, one line per (server, tool).
 pub fn table(summaries: &[Summary]) -> String {
     let mut out = format!(
@@ -469,7 +494,7 @@ pub fn table(summaries: &[Summary]) -> String {
 }
 
 /// One JSON object: every summary, and our objects/s over each peer's on the same server.
-pub fn json(config: &Config, summaries: &[Summary]) -> String {
+pub fn json(config: &Config, summaries: &[Summary], rewrites_per_s: Option<f64>) -> String {
     let mut servers = serde_json::Map::new();
     for s in summaries {
         let entry = servers.entry(s.server.clone()).or_insert_with(|| json!({}));
@@ -497,6 +522,7 @@ pub fn json(config: &Config, summaries: &[Summary]) -> String {
         "concurrency": config.concurrency,
         "servers": servers,
         "ratios": ratios,
+        "rewrites_per_s": rewrites_per_s.map(|r| r.round()),
     })
     .to_string()
 }

@@ -371,9 +371,9 @@ impl Env {
     }
 }
 
-/// Keys of object messages among `bodies`.
+/// Keys of the objects the messages among `bodies` carry (one or several each).
 pub fn keys_of(bodies: &[String]) -> Vec<String> {
-    bodies.iter().map(|b| common::message::ObjectMessage::parse(b).unwrap().key).collect()
+    bodies.iter().flat_map(|b| common::message::decode(b).unwrap()).map(|o| o.key).collect()
 }
 
 /// The variables `env.sample` names (set or commented out) and those `--help` (of the program

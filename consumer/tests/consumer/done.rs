@@ -9,8 +9,8 @@ use nix::unistd::Pid;
 use testkit::{Env, wait_until};
 
 use crate::helpers::{
-    consumer, count_lines, drain, feed, hold_like_a_crashed_consumer, rewrite_waiting, seed_legacy, stall_rewrites,
-    wait_exit,
+    consumer, count_lines, drain, feed, feed_with, hold_like_a_crashed_consumer, rewrite_waiting, seed_legacy,
+    stall_rewrites, wait_exit,
 };
 
 /// A consumer that crashed holding messages (they are invisible, "in flight", until their
@@ -20,7 +20,7 @@ use crate::helpers::{
 async fn an_idle_exit_waits_for_messages_a_crashed_consumer_held() {
     let env = Env::new().await;
     seed_legacy(&env, 0..60).await;
-    feed(&env).await;
+    feed_with(&env, &["--objects-per-message=1"]).await;
     // The crashed consumer: 30 messages received and never deleted, hidden for 6 s.
     assert_eq!(hold_like_a_crashed_consumer(&env, 30, 6).await, 30);
 

@@ -3,7 +3,7 @@
 
 use testkit::{Env, binary};
 
-use crate::helpers::{drain, feed, legacy_keys, receive, seed_legacy};
+use crate::helpers::{drain, feed_with, legacy_keys, receive, seed_legacy};
 
 /// Runs `feeder <args>`; returns (exit code, stdout).
 fn feeder(env: &Env, args: &[&str]) -> (Option<i32>, String) {
@@ -29,7 +29,8 @@ async fn verify_finds_what_the_first_pass_missed_and_reconcile_finishes_it() {
     let mut rows = keys.clone();
     rows.push("image/conflict.png".into());
     env.insert_rows(&rows).await;
-    feed(&env).await;
+    // One object per message, so that losing five messages loses five objects.
+    feed_with(&env, &["--objects-per-message=1"]).await;
     lose_messages(&env, 5).await;
     drain(&env, &[]).await;
     // A row written with a legacy path after its key was processed.

@@ -10,8 +10,16 @@ use tokio_util::sync::CancellationToken;
 
 /// Lists the source bucket and enqueues every object, with the feeder's own code.
 pub async fn feed(env: &Env) -> u64 {
+    feed_with(env, &[]).await
+}
+
+/// The feeder with further arguments, e.g. `--objects-per-message=1` where a test counts
+/// messages as objects.
+pub async fn feed_with(env: &Env, args: &[&str]) -> u64 {
     common::db::prepare(&env.db).await.unwrap();
-    let settings = feeder::Settings::try_parse_from(env.args("feeder")).unwrap();
+    let mut all = env.args("feeder");
+    all.extend(args.iter().map(|a| a.to_string()));
+    let settings = feeder::Settings::try_parse_from(all).unwrap();
     let clients = feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() };
     feeder::feed(&settings, &settings.run, &clients, CancellationToken::new()).await.unwrap().enqueued
 }

@@ -34,10 +34,11 @@ async fn lists_every_page_and_nothing_outside_the_source_prefix() {
         feeder::feed(&settings(&env), &run_args(1000), &clients(&env).await, CancellationToken::new()).await.unwrap();
     assert_eq!((summary.listed, summary.enqueued, summary.finished), (2345, 2345, true));
     let bodies = env.drain().await;
-    let enqueued: BTreeSet<String> = keys_of(&bodies).into_iter().collect();
-    assert_eq!(bodies.len(), 2345, "one message per object");
-    assert_eq!(enqueued, keys.into_iter().collect::<BTreeSet<_>>());
-    let first = common::message::ObjectMessage::parse(&bodies[0]).unwrap();
+    let enqueued = keys_of(&bodies);
+    assert_eq!(enqueued.len(), 2345, "each object once");
+    assert_eq!(bodies.len(), 235, "ten objects per message (OBJECTS_PER_MESSAGE's default), pages of 1,000");
+    assert_eq!(enqueued.into_iter().collect::<BTreeSet<_>>(), keys.into_iter().collect::<BTreeSet<_>>());
+    let first = &common::message::decode(&bodies[0]).unwrap()[0];
     assert_eq!(first.size, 3);
     assert!(first.etag.len() > 2, "the listed ETag travels with the message");
 }
@@ -55,7 +56,7 @@ async fn a_finished_listing_is_not_repeated_unless_restarted() {
     let restart = RunArgs { restart: true, ..run_args(10) };
     let restarted = feeder::feed(&settings, &restart, &clients, CancellationToken::new()).await.unwrap();
     assert_eq!(restarted.listed, 25);
-    assert_eq!(env.drain().await.len(), 50);
+    assert_eq!(keys_of(&env.drain().await).len(), 50);
 }
 
 /// Starts the feeder with pages of 50 and a backlog limit of 50: it enqueues two pages, then

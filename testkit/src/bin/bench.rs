@@ -2,7 +2,8 @@
 //! in the same run (`testkit::bench`). Prints a table, then, as its last line on stdout, one
 //! JSON object: `{"objects":N,"reps":R,...,"servers":{"<server>":{"<tool>":{"objects_per_s":…,
 //! "cpu_s_per_10k":…,"peak_rss_mib":…,"server_cpu_s_per_10k":…,"requests_per_object":…}}},
-//! "ratios":{"<server>_<pipeline variant>_vs_<peer>":…}}` (our objects/s over the peer's).
+//! "ratios":{"<server>_<pipeline variant>_vs_<peer>":…},"rewrites_per_s":…}` (our objects/s over the peer's;
+//! row rewrites per second through the consumer's statement).
 
 use std::process::ExitCode;
 
@@ -35,6 +36,10 @@ struct Args {
     /// further settings), `rclone-nocheck`, `rclone`, `s5cmd`.
     #[arg(long, value_delimiter = ',', default_value = "pipeline,rclone-nocheck,rclone,s5cmd")]
     tools: Vec<String>,
+    /// Rows for the row-rewrite measurement (the consumer's statement alone, batches of 100,
+    /// three at once); 0: skip it.
+    #[arg(long, default_value = "200000")]
+    rewrites: usize,
     #[arg(long, default_value = "rclone")]
     rclone: String,
     #[arg(long, default_value = "s5cmd")]
@@ -84,10 +89,25 @@ async fn main() -> ExitCode {
         rclone: args.rclone,
         s5cmd: args.s5cmd,
     };
-    match testkit::bench::run(&config).await {
-        Ok(summaries) => {
+    let measured = async {
+        let summaries = testkit::bench::run(&config).await?;
+        let rewrites = match args.rewrites {
+            0 => None,
+            rows => {
+                let per_s = testkit::bench::rewrites(&config.servers[0], rows, 100, 3).await?;
+                eprintln!("bench: row rewrites: {rows} rows at {per_s:.0} rows/s");
+                Some(per_s)
+            }
+        };
+        anyhow::Ok((summaries, rewrites))
+    };
+    match measured.await {
+        Ok((summaries, rewrites)) => {
             print!("{}", testkit::bench::table(&summaries));
-            println!("{}", testkit::bench::json(&config, &summaries));
+            if let Some(r) = rewrites {
+                println!("row rewrites: {r:.0} rows/s (batches of 100, three at once)");
+            }
+            println!("{}", testkit::bench::json(&config, &summaries, rewrites));
             ExitCode::SUCCESS
         }
         Err(e) => {
