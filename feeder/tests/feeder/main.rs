@@ -66,6 +66,9 @@ async fn feeder_held_mid_listing(env: &Env, stdout: Stdio) -> std::process::Chil
     let child = Command::new(binary("feeder"))
         .envs(env.vars())
         .env("PAGE_SIZE", "50")
+        // One object per message, so that a backlog of 50 messages holds the feeder at 50
+        // objects, mid-listing.
+        .env("OBJECTS_PER_MESSAGE", "1")
         .env("MAX_BACKLOG", "50")
         .stdout(stdout)
         .stderr(Stdio::null())
