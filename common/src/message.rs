@@ -78,11 +78,15 @@ impl ObjectMessage {
 
     /// Parses a version-1 message (one object).
     pub fn parse(body: &str) -> Result<Self, MessageError> {
-        let versioned: Versioned = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
-        if versioned.v != VERSION {
-            return Err(MessageError::UnsupportedVersion(versioned.v));
+        match from_json::<Versioned>(body)?.v {
+            VERSION => Self::parse_v1(body),
+            other => Err(MessageError::UnsupportedVersion(other)),
         }
-        let msg: ObjectMessage = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
+    }
+
+    /// Parses a body already known to be version 1.
+    fn parse_v1(body: &str) -> Result<Self, MessageError> {
+        let msg: ObjectMessage = from_json(body)?;
         msg.check()?;
         Ok(msg)
     }
@@ -96,6 +100,10 @@ impl ObjectMessage {
         }
         Ok(())
     }
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, MessageError> {
+    serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))
 }
 
 /// The body of one message carrying these objects: version 1 for one, version 2 for more.
@@ -112,11 +120,10 @@ pub fn encode(objects: &[ObjectMessage]) -> String {
 
 /// The objects of a message of either version.
 pub fn decode(body: &str) -> Result<Vec<ObjectMessage>, MessageError> {
-    let versioned: Versioned = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
-    match versioned.v {
-        VERSION => ObjectMessage::parse(body).map(|m| vec![m]),
+    match from_json::<Versioned>(body)?.v {
+        VERSION => ObjectMessage::parse_v1(body).map(|m| vec![m]),
         BATCH_VERSION => {
-            let batch: Batch = serde_json::from_str(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
+            let batch: Batch = from_json(body)?;
             match batch.objects.len() {
                 0 => return Err(MessageError::NoObject),
                 n if n > MAX_OBJECTS => return Err(MessageError::TooManyObjects(n)),

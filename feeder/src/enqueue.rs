@@ -37,44 +37,37 @@ fn entry_bytes(o: &ObjectMessage) -> usize {
     serde_json::to_string(&o.key).map_or(0, |k| k.len()) + serde_json::to_string(&o.etag).map_or(0, |e| e.len()) + 40
 }
 
-/// Groups objects into messages of at most `per_message` objects and [`MESSAGE_BYTES`].
-fn messages(objects: &[ObjectMessage], per_message: usize) -> Vec<Outgoing<'_>> {
-    const HEADER: usize = r#"{"v":2,"objects":[]}"#.len();
+/// Splits `items` into consecutive runs of at most `max_items` items whose `size`s, added to
+/// `base`, stay within `max_bytes` (an item too large alone still gets a run of its own).
+fn runs<T>(items: &[T], max_items: usize, max_bytes: usize, base: usize, size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, HEADER);
-    for (i, o) in objects.iter().enumerate() {
-        let add = entry_bytes(o);
-        if i > start && (i - start == per_message || bytes + add > MESSAGE_BYTES) {
-            out.push(Outgoing { body: encode(&objects[start..i]), objects: i - start, first_key: &objects[start].key });
-            (start, bytes) = (i, HEADER);
+    let (mut start, mut bytes) = (0, base);
+    for (i, item) in items.iter().enumerate() {
+        let add = size(item);
+        if i > start && (i - start == max_items || bytes + add > max_bytes) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, base);
         }
         bytes += add;
     }
-    if start < objects.len() {
-        out.push(Outgoing {
-            body: encode(&objects[start..]),
-            objects: objects.len() - start,
-            first_key: &objects[start].key,
-        });
+    if start < items.len() {
+        out.push(&items[start..]);
     }
     out
 }
 
+/// Groups objects into messages of at most `per_message` objects and [`MESSAGE_BYTES`].
+fn messages(objects: &[ObjectMessage], per_message: usize) -> Vec<Outgoing<'_>> {
+    const HEADER: usize = r#"{"v":2,"objects":[]}"#.len();
+    runs(objects, per_message, MESSAGE_BYTES, HEADER, entry_bytes)
+        .into_iter()
+        .map(|run| Outgoing { body: encode(run), objects: run.len(), first_key: &run[0].key })
+        .collect()
+}
+
 /// Groups messages into batches of at most [`BATCH`] entries and [`BATCH_BYTES`].
 fn batches<'a, 'o>(messages: &'a [Outgoing<'o>]) -> Vec<&'a [Outgoing<'o>]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, m) in messages.iter().enumerate() {
-        if i > start && (i - start == BATCH || bytes + m.body.len() > BATCH_BYTES) {
-            out.push(&messages[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += m.body.len();
-    }
-    if start < messages.len() {
-        out.push(&messages[start..]);
-    }
-    out
+    runs(messages, BATCH, BATCH_BYTES, 0, |m| m.body.len())
 }
 
 /// Sends the objects, `per_message` to a message; returns how many objects were sent.
