@@ -201,7 +201,8 @@ pub enum Reason {
     OutsidePrefix,
     /// A row points at a legacy object that does not exist (found by `feeder verify`).
     RowObjectMissing,
-    /// Larger than one CopyObject can copy (5 GiB); multipart copy is not implemented.
+    /// Larger than one CopyObject can copy (5 GiB): recorded by versions before multipart
+    /// copies; no longer recorded.
     TooLarge,
     /// The destination exists with the same size but its identity with the source could not
     /// be proven without reading more than `COMPARE_MAX_BYTES`; left as it is.

@@ -24,6 +24,8 @@ use common::db::Reason;
 use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
 
+use crate::multipart::{self, Multipart};
+
 /// Where, under the destination prefix, [`Copier::resolve_destination_check`] puts its two
 /// short-lived objects (the IAM grant for deleting them is scoped to it).
 pub const PROBE_DIRECTORY: &str = ".avatar-migration-probe/";
@@ -54,7 +56,7 @@ pub enum CopyError {
 
 impl CopyError {
     /// Classifies an S3 error met at `step` (which names the request and the object).
-    fn from_s3<E>(step: &str, err: &SdkError<E, HttpResponse>) -> Self
+    pub(crate) fn from_s3<E>(step: &str, err: &SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
@@ -92,6 +94,8 @@ pub struct Copier {
     /// Largest object compared byte by byte when metadata cannot prove identity.
     pub compare_max_bytes: u64,
     pub destination_check: DestinationCheck,
+    /// Objects above `multipart.threshold` are copied in parts.
+    pub multipart: Multipart,
 }
 
 impl Copier {
@@ -189,11 +193,17 @@ impl Copier {
         {
             return self.compare(source_key, listed_etag, destination_key, dest).await;
         }
-        if size > MAX_SINGLE_COPY {
-            return Err(CopyError::SetAside {
-                reason: Reason::TooLarge,
-                detail: format!("object of {size} bytes is larger than a single copy allows (5 GiB)"),
-            });
+        if size > self.multipart.threshold {
+            let (source, destination) = ((src_bucket.as_str(), source_key), (dst_bucket.as_str(), destination_key));
+            if multipart::copy(&self.s3, &self.multipart, source, destination).await? {
+                return Ok(Copied::Copied);
+            }
+            return match self.head(dst_bucket, destination_key).await? {
+                Some(dest) => self.compare(source_key, listed_etag, destination_key, dest).await,
+                None => {
+                    Err(CopyError::Transient("the multipart copy was refused (412), yet no destination exists".into()))
+                }
+            };
         }
         let source_missing = || CopyError::SetAside {
             reason: Reason::SourceMissing,

@@ -7,6 +7,7 @@ pub mod ack;
 pub mod batch;
 pub mod copy;
 pub mod lease;
+pub mod multipart;
 pub mod process;
 pub mod receive;
 pub mod record;
@@ -52,6 +53,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         mapping,
         compare_max_bytes: settings.compare_max_bytes,
         destination_check: settings.destination_check,
+        multipart: settings.multipart(),
     };
     copier.destination_check = copier.resolve_destination_check().await;
     let worker = Arc::new(process::Worker {

@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
 
-use crate::copy::DestinationCheck;
+use crate::copy::{DestinationCheck, MAX_SINGLE_COPY};
+use crate::multipart::{MIN_PART, Multipart};
 use crate::receive::ReceiveConfig;
 
 /// Moves legacy avatars: receives one message per object from SQS, copies the object
@@ -88,6 +89,21 @@ pub struct Settings {
     #[arg(long, env = "DESTINATION_CHECK", value_enum, default_value = "auto")]
     pub destination_check: DestinationCheck,
 
+    /// Objects larger than this many bytes are copied in parts (`UploadPartCopy`); at most
+    /// 5 GiB, the largest object a single CopyObject copies.
+    #[arg(long, env = "MULTIPART_THRESHOLD", default_value = "5368709120", value_parser = clap::value_parser!(i64).range(1..=MAX_SINGLE_COPY))]
+    pub multipart_threshold: i64,
+
+    /// Part size, in bytes, of a copy in parts when the source's own part size cannot be
+    /// reused (the copy reuses it when the source's parts are of one size, so that both ETags
+    /// are equal). Kept within 5 MiB - 5 GiB and raised to fit S3's 10,000 parts.
+    #[arg(long, env = "MULTIPART_PART_SIZE", default_value = "536870912", value_parser = clap::value_parser!(i64).range(MIN_PART..=MAX_SINGLE_COPY))]
+    pub multipart_part_size: i64,
+
+    /// Parts of one object copied at once.
+    #[arg(long, env = "MULTIPART_CONCURRENCY", default_value = "8")]
+    pub multipart_concurrency: NonZeroUsize,
+
     /// Database connections this process opens at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub database_max_connections: u32,
@@ -100,6 +116,14 @@ impl Settings {
 
     pub fn db_batch_max_wait(&self) -> Duration {
         Duration::from_millis(self.db_batch_max_wait_ms)
+    }
+
+    pub fn multipart(&self) -> Multipart {
+        Multipart {
+            threshold: self.multipart_threshold,
+            part_size: self.multipart_part_size,
+            concurrency: self.multipart_concurrency.get(),
+        }
     }
 
     /// How the receive loop runs.

@@ -225,27 +225,37 @@ impl Env {
     /// Uploads `body` in one multipart part: the same bytes as a plain upload, another ETag
     /// (`md5-of-md5s-1`), as on AWS after a multipart upload or a copy.
     pub async fn put_multipart(&self, bucket: &str, key: &str, body: &[u8]) {
+        self.put_in_parts(bucket, key, body, body.len().max(1)).await
+    }
+
+    /// Uploads `body` in parts of `part_size` bytes (the last one shorter), as SDK uploaders
+    /// do: the ETag is `md5-of-md5s-<parts>`.
+    pub async fn put_in_parts(&self, bucket: &str, key: &str, body: &[u8], part_size: usize) {
         let upload = self.s3.create_multipart_upload().bucket(bucket).key(key).send().await.unwrap();
         let id = upload.upload_id().unwrap();
-        let part = self
-            .s3
-            .upload_part()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(id)
-            .part_number(1)
-            .body(ByteStream::from(body.to_vec()))
-            .send()
-            .await
-            .unwrap();
-        let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
-            .parts(
+        let mut parts = Vec::new();
+        let chunks: Vec<&[u8]> = if body.is_empty() { vec![body] } else { body.chunks(part_size).collect() };
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let n = i as i32 + 1;
+            let part = self
+                .s3
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id)
+                .part_number(n)
+                .body(ByteStream::from(chunk.to_vec()))
+                .send()
+                .await
+                .unwrap();
+            parts.push(
                 aws_sdk_s3::types::CompletedPart::builder()
-                    .part_number(1)
+                    .part_number(n)
                     .set_e_tag(part.e_tag().map(str::to_owned))
                     .build(),
-            )
-            .build();
+            );
+        }
+        let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
         self.s3
             .complete_multipart_upload()
             .bucket(bucket)
@@ -255,6 +265,12 @@ impl Env {
             .send()
             .await
             .unwrap();
+    }
+
+    /// Multipart uploads begun in `bucket` and neither completed nor aborted.
+    pub async fn open_uploads(&self, bucket: &str) -> Vec<String> {
+        let out = self.s3.list_multipart_uploads().bucket(bucket).send().await.unwrap();
+        out.uploads().iter().filter_map(|u| u.key().map(str::to_owned)).collect()
     }
 
     /// Puts many objects with the same body, 64 at a time.

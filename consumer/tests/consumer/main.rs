@@ -7,6 +7,7 @@ mod end;
 mod errors;
 mod helpers;
 mod identity;
+mod multipart;
 mod rows;
 mod seaweedfs;
 mod secrets;
