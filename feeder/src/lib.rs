@@ -8,15 +8,18 @@
 pub mod enqueue;
 pub mod list;
 pub mod ops;
+pub mod ranges;
 pub mod settings;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common::aws::queue_depth;
-use common::db::Checkpoint;
+use common::db::{Checkpoint, KeyRange};
 use common::exit::Failure;
 use common::keys::KeyMapping;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use common::setup::Clients;
@@ -56,6 +59,7 @@ pub async fn feed(
         common::db::load_checkpoint(&clients.db, bucket, prefix).await.context("reading the feeder checkpoint")?;
     if args.restart {
         checkpoint = Checkpoint::default();
+        common::db::replace_ranges(&clients.db, bucket, prefix, &[]).await.context("clearing the listing's ranges")?;
     } else if checkpoint.finished {
         println!(
             "feeder: s3://{bucket}/{prefix} was already listed completely ({} objects); nothing to do \
@@ -78,26 +82,58 @@ pub async fn feed(
         }
         Err(err) => tracing::warn!(error = format!("{err:#}"), "cannot read the queue's retention period"),
     }
+    let lister = Arc::new(list::Lister {
+        s3: clients.s3.clone(),
+        bucket: bucket.to_owned(),
+        prefix: prefix.to_owned(),
+        page_size: args.page_size,
+    });
+    let mut ranges =
+        common::db::load_ranges(&clients.db, bucket, prefix).await.context("reading the listing's ranges")?;
     let resumed_after = checkpoint.last_key.clone();
+    if ranges.is_empty() && args.list_ranges > 1 {
+        ranges = ranges::plan(&lister, resumed_after.as_deref(), args.list_ranges.into()).await?;
+        common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
+            .await
+            .context("saving the listing's ranges")?;
+        tracing::info!(ranges = ranges.len(), "listing in key ranges at once");
+    }
     if let Some(key) = &resumed_after {
         tracing::info!(after = key, listed_before = checkpoint.listed, "resuming from the checkpoint");
     }
-    let (mut pages, lister) = list::spawn(
-        clients.s3.clone(),
-        bucket.to_owned(),
-        prefix.to_owned(),
-        resumed_after.clone(),
-        args.page_size,
-        shutdown.clone(),
-    );
+    // One range without saved ranges: the checkpoint's own position is the range's.
+    let in_ranges = !ranges.is_empty();
+    if !in_ranges {
+        ranges.push(KeyRange { after: resumed_after.clone(), ..KeyRange::default() });
+    }
+    let (tx, mut pages) = mpsc::channel(2 * ranges.len());
+    let listers: Vec<_> = ranges
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.finished)
+        .map(|(i, r)| {
+            let bounds = (r.resume_after().map(str::to_owned), r.until.clone());
+            lister.clone().spawn(i, bounds, tx.clone(), shutdown.clone())
+        })
+        .collect();
+    drop(tx);
     let mut summary = Summary { listed: 0, enqueued: 0, resumed_after, finished: false };
-    let mut complete = false;
-    while let Some(item) = pages.recv().await {
+    let mut unfinished = ranges.iter().filter(|r| !r.finished).count();
+    while let Some((i, item)) = pages.recv().await {
         let page = match item? {
             list::Listing::Page(page) => page,
             list::Listing::Complete => {
-                complete = true;
-                break;
+                ranges[i].finished = true;
+                unfinished -= 1;
+                if in_ranges {
+                    common::db::save_progress(&clients.db, bucket, prefix, &checkpoint, Some(&ranges[i]))
+                        .await
+                        .context("saving the feeder checkpoint")?;
+                }
+                if unfinished == 0 {
+                    break;
+                }
+                continue;
             }
         };
         wait_for_room(clients, &settings.queue.queue_url, args.max_backlog, &shutdown).await?;
@@ -115,19 +151,29 @@ pub async fn feed(
         checkpoint.listed += page.len() as i64;
         checkpoint.pages += 1;
         checkpoint.last_key = page.last().map(|o| o.key.clone());
-        common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
+        let range = &mut ranges[i];
+        range.listed += page.len() as i64;
+        range.last_key.clone_from(&checkpoint.last_key);
+        common::db::save_progress(&clients.db, bucket, prefix, &checkpoint, in_ranges.then_some(&*range))
             .await
             .context("saving the feeder checkpoint")?;
-        tracing::info!(listed = checkpoint.listed, last_key = checkpoint.last_key.as_deref(), "page enqueued");
+        tracing::info!(
+            listed = checkpoint.listed,
+            range = i,
+            last_key = checkpoint.last_key.as_deref(),
+            "page enqueued"
+        );
         if shutdown.is_cancelled() {
             break;
         }
     }
     drop(pages);
-    // The lister ends by itself once its channel is gone; a panic in it is an error, never
-    // the end of the listing.
-    lister.await.context("the listing task failed")?;
-    if complete {
+    // A lister ends by itself once its channel is gone; a panic in one is an error, never the
+    // end of the listing.
+    for lister in listers {
+        lister.await.context("a listing task failed")?;
+    }
+    if unfinished == 0 {
         checkpoint.finished = true;
         common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
             .await

@@ -1,13 +1,13 @@
 //! List stage: pages through the source prefix with `ListObjectsV2`, starting after the
-//! checkpointed key.
+//! checkpointed key, as one range or as several key ranges at once (`crate::ranges`).
 //!
 //! Promises:
-//! - every key under the prefix that sorts after `start_after` is yielded exactly once per run,
-//!   in S3's (UTF-8 binary) order, page by page, byte for byte: keys are listed with
+//! - every key under the prefix in the range (`after < key <= until`) is yielded exactly once
+//!   per run, in S3's (UTF-8 binary) order, page by page, byte for byte: keys are listed with
 //!   `EncodingType=url` and decoded, so control characters (`\x01`, `\r`, `\t`) survive the
 //!   XML response;
 //! - the end of the listing is reported positively ([`Listing::Complete`], sent only after S3
-//!   said `IsTruncated=false`); an error, a panic, a missing `IsTruncated` or a truncated page
+//!   said `IsTruncated=false` or listed a key past the range's end); an error, a panic, a missing `IsTruncated` or a truncated page
 //!   without a continuation token is an error, never mistaken for the end;
 //! - a listing error stops the run with an error naming the bucket, prefix and position (it is
 //!   safe to run again: it resumes from the last checkpoint).
@@ -16,6 +16,7 @@ use anyhow::{Context, anyhow, bail};
 use aws_sdk_s3::types::EncodingType;
 use common::aws::{S3, describe};
 use common::message::ObjectMessage;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -26,75 +27,86 @@ pub enum Listing {
     Complete,
 }
 
-/// Lists in a task of its own, so the next page is fetched while this one is enqueued. The
-/// channel holds two pages: listing never runs far ahead of enqueueing. The channel closes
-/// without `Complete` when `stop` fires or the listing failed (the error is the last item).
-pub fn spawn(
-    s3: S3,
-    bucket: String,
-    prefix: String,
-    start_after: Option<String>,
-    page_size: i32,
-    stop: CancellationToken,
-) -> (mpsc::Receiver<anyhow::Result<Listing>>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(2);
-    let handle = tokio::spawn(async move {
-        let lister = Lister { s3, bucket, prefix, page_size };
-        let mut token: Option<String> = None;
-        let mut after = start_after;
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            let page = lister.page(token.as_deref(), after.as_deref()).await;
-            let (objects, next) = match page {
-                Ok(page) => page,
-                Err(err) => {
-                    let _ = tx.send(Err(err)).await;
-                    return;
-                }
-            };
-            if let Some(last) = objects.last() {
-                after = Some(last.key.clone());
-            }
-            if !objects.is_empty() && tx.send(Ok(Listing::Page(objects))).await.is_err() {
-                return;
-            }
-            match next {
-                Some(next) => token = Some(next),
-                None => {
-                    let _ = tx.send(Ok(Listing::Complete)).await;
-                    return;
-                }
-            }
-        }
-    });
-    (rx, handle)
+/// Lists one bucket and prefix, page by page.
+pub struct Lister {
+    pub s3: S3,
+    pub bucket: String,
+    pub prefix: String,
+    pub page_size: i32,
 }
 
-struct Lister {
-    s3: S3,
-    bucket: String,
-    prefix: String,
-    page_size: i32,
-}
+/// What a listing task sends: the index of its key range and the next item.
+pub type Item = (usize, anyhow::Result<Listing>);
 
 impl Lister {
+    /// Lists the keys `k` with `after < k <= until` (no bound where `None`) in a task of its
+    /// own, so the next page is fetched while this one is enqueued; sends them on `tx` tagged
+    /// with `index`. A channel of two pages per task keeps listing from running far ahead of
+    /// enqueueing. The task ends without `Complete` when `stop` fires or the listing failed
+    /// (the error is its last item).
+    pub fn spawn(
+        self: Arc<Self>,
+        index: usize,
+        (after, until): (Option<String>, Option<String>),
+        tx: mpsc::Sender<Item>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut token: Option<String> = None;
+            let mut after = after;
+            loop {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let page = self.page(&self.prefix, token.as_deref(), after.as_deref(), self.page_size).await;
+                let (mut objects, next) = match page {
+                    Ok(page) => page,
+                    Err(err) => {
+                        let _ = tx.send((index, Err(err))).await;
+                        return;
+                    }
+                };
+                let mut complete = next.is_none();
+                // The range ends at `until`: the first key past it ends the range's listing.
+                if let Some(until) = &until
+                    && let Some(past) = objects.iter().position(|o| o.key.as_str() > until.as_str())
+                {
+                    objects.truncate(past);
+                    complete = true;
+                }
+                if let Some(last) = objects.last() {
+                    after = Some(last.key.clone());
+                }
+                if !objects.is_empty() && tx.send((index, Ok(Listing::Page(objects)))).await.is_err() {
+                    return;
+                }
+                if complete {
+                    let _ = tx.send((index, Ok(Listing::Complete))).await;
+                    return;
+                }
+                token = next;
+            }
+        })
+    }
+
+    /// The first key under `prefix` after `after`, if any.
+    pub async fn first_key_after(&self, prefix: &str, after: &str) -> anyhow::Result<Option<String>> {
+        let (objects, _) = self.page(prefix, None, Some(after), 1).await?;
+        Ok(objects.into_iter().next().map(|o| o.key))
+    }
+
     /// One page and the continuation token of the next one (`None`: this was the last page).
     async fn page(
         &self,
+        prefix: &str,
         token: Option<&str>,
         after: Option<&str>,
+        max_keys: i32,
     ) -> anyhow::Result<(Vec<ObjectMessage>, Option<String>)> {
-        let (bucket, prefix) = (&self.bucket, &self.prefix);
+        let bucket = &self.bucket;
         let position = after.map(|k| format!(" after key {k:?}")).unwrap_or_default();
-        let mut request = self
-            .s3
-            .list_objects_v2()
-            .bucket(bucket)
-            .prefix(prefix)
-            .max_keys(self.page_size)
-            .encoding_type(EncodingType::Url);
+        let mut request =
+            self.s3.list_objects_v2().bucket(bucket).prefix(prefix).max_keys(max_keys).encoding_type(EncodingType::Url);
         request = match (token, after) {
             (Some(t), _) => request.continuation_token(t),
             (None, Some(after)) => request.start_after(after),

@@ -65,6 +65,14 @@ pub struct RunArgs {
     #[arg(long, env = "OBJECTS_PER_MESSAGE", default_value = "10", value_parser = clap::value_parser!(u16).range(1..=100))]
     pub objects_per_message: u16,
 
+    /// Key ranges listed at once (1-256). The first run with more than one splits the source
+    /// prefix at prefixes it finds by asking S3 (a few hundred one-key listings at most) and
+    /// saves the ranges; each range keeps its own checkpoint, and a later run resumes the
+    /// saved ranges whatever this says (`RESTART` plans them again). Listing is one request per
+    /// PAGE_SIZE keys, one after the other within a range: at 300 M keys, use 16 or more.
+    #[arg(long, env = "LIST_RANGES", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub list_ranges: u16,
+
     /// SendMessageBatch calls (of ten messages each) in flight at once.
     #[arg(long, env = "SEND_CONCURRENCY", default_value = "16")]
     pub send_concurrency: NonZeroUsize,
@@ -89,6 +97,7 @@ impl Default for RunArgs {
         Self {
             page_size: 1000,
             objects_per_message: 10,
+            list_ranges: 1,
             send_concurrency: NonZeroUsize::new(16).unwrap(),
             max_backlog: 100_000,
             restart: false,

@@ -18,6 +18,11 @@ pub async fn status(settings: &Settings, clients: &Clients) -> anyhow::Result<()
         if cp.finished { ", complete" } else { ", not complete" },
         cp.last_key.map(|k| format!(", last key {k:?}")).unwrap_or_default()
     );
+    let ranges = common::db::load_ranges(&clients.db, &mapping.source_bucket, mapping.source_prefix.as_str()).await?;
+    if !ranges.is_empty() {
+        let finished = ranges.iter().filter(|r| r.finished).count();
+        println!("ranges:   {} key ranges listed at once, {finished} complete", ranges.len());
+    }
     let depth = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
     let dlq = match dead_letter_queue(clients, &settings.queue.queue_url).await? {
         Some(url) => {
