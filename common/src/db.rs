@@ -100,6 +100,8 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
              range_no      integer NOT NULL,
              after_key     text,
              until_key     text,
+             inventory_file text,
+             rows_done     bigint NOT NULL DEFAULT 0,
              last_key      text,
              listed        bigint NOT NULL DEFAULT 0,
              finished      boolean NOT NULL DEFAULT false,
@@ -391,6 +393,11 @@ pub struct KeyRange {
     pub no: i32,
     pub after: Option<String>,
     pub until: Option<String>,
+    /// Set when this part of the input is a data file of an S3 Inventory report (then
+    /// `after` and `until` are unset): its key in the report's bucket.
+    pub inventory_file: Option<String>,
+    /// Of an inventory file: the CSV rows read through the last fully enqueued page.
+    pub rows_done: i64,
     /// The last key of the range's last fully enqueued page; listing resumes after it.
     pub last_key: Option<String>,
     pub listed: i64,
@@ -407,7 +414,8 @@ impl KeyRange {
 /// The saved ranges of a listing, in order (none when it is listed as one range).
 pub async fn load_ranges(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Vec<KeyRange>> {
     let rows = sqlx::query(
-        "SELECT range_no, after_key, until_key, last_key, listed, finished FROM avatar_migration_ranges
+        "SELECT range_no, after_key, until_key, last_key, listed, finished, inventory_file, rows_done
+         FROM avatar_migration_ranges
          WHERE source_bucket = $1 AND source_prefix = $2 ORDER BY range_no",
     )
     .bind(bucket)
@@ -423,6 +431,8 @@ pub async fn load_ranges(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Res
             last_key: r.get(3),
             listed: r.get(4),
             finished: r.get(5),
+            inventory_file: r.get(6),
+            rows_done: r.get(7),
         })
         .collect())
 }
@@ -444,10 +454,12 @@ pub async fn replace_ranges(pool: &PgPool, bucket: &str, prefix: &str, ranges: &
 async fn save_range(conn: &mut PgConnection, bucket: &str, prefix: &str, r: &KeyRange) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO avatar_migration_ranges
-             (source_bucket, source_prefix, range_no, after_key, until_key, last_key, listed, finished)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             (source_bucket, source_prefix, range_no, after_key, until_key, last_key, listed, finished,
+              inventory_file, rows_done)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (source_bucket, source_prefix, range_no) DO UPDATE
-         SET last_key = EXCLUDED.last_key, listed = EXCLUDED.listed, finished = EXCLUDED.finished",
+         SET last_key = EXCLUDED.last_key, listed = EXCLUDED.listed, finished = EXCLUDED.finished,
+             rows_done = EXCLUDED.rows_done",
     )
     .bind(bucket)
     .bind(prefix)
@@ -457,6 +469,8 @@ async fn save_range(conn: &mut PgConnection, bucket: &str, prefix: &str, r: &Key
     .bind(&r.last_key)
     .bind(r.listed)
     .bind(r.finished)
+    .bind(&r.inventory_file)
+    .bind(r.rows_done)
     .execute(conn)
     .await?;
     Ok(())

@@ -6,6 +6,7 @@
 //! [`ops`] for the operator's commands, one file each.
 
 pub mod enqueue;
+pub mod inventory;
 pub mod list;
 pub mod ops;
 pub mod ranges;
@@ -91,6 +92,36 @@ pub async fn feed(
     let mut ranges =
         common::db::load_ranges(&clients.db, bucket, prefix).await.context("reading the listing's ranges")?;
     let resumed_after = checkpoint.last_key.clone();
+    let inventory = match &args.inventory {
+        Some(location) => Some(Arc::new(inventory::read_manifest(&clients.s3, location, bucket).await?)),
+        None => None,
+    };
+    if let Some(manifest) = &inventory {
+        let files: Vec<Option<&str>> = manifest.files.iter().map(|f| Some(f.key.as_str())).collect();
+        if ranges.is_empty() && checkpoint.listed == 0 {
+            ranges = (0..files.len())
+                .map(|no| KeyRange {
+                    no: no as i32,
+                    inventory_file: files[no].map(str::to_owned),
+                    ..KeyRange::default()
+                })
+                .collect();
+            common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
+                .await
+                .context("saving the input's parts")?;
+        }
+        let saved: Vec<Option<&str>> = ranges.iter().map(|r| r.inventory_file.as_deref()).collect();
+        anyhow::ensure!(
+            saved == files,
+            "the checkpoint of s3://{bucket}/{prefix} is not of this inventory report (an earlier run listed the \
+             prefix or read another report): finish that input, or start over with RESTART=true"
+        );
+    } else if ranges.iter().any(|r| r.inventory_file.is_some()) {
+        anyhow::bail!(
+            "an earlier run read s3://{bucket}/{prefix} from an inventory report: set the same INVENTORY_MANIFEST to \
+             resume it, or start over with RESTART=true"
+        );
+    }
     if ranges.is_empty() && args.list_ranges > 1 {
         ranges = ranges::plan(&lister, resumed_after.as_deref(), args.list_ranges.into()).await?;
         common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
@@ -111,9 +142,21 @@ pub async fn feed(
         .iter()
         .enumerate()
         .filter(|(_, r)| !r.finished)
-        .map(|(i, r)| {
-            let bounds = (r.resume_after().map(str::to_owned), r.until.clone());
-            lister.clone().spawn(i, bounds, tx.clone(), shutdown.clone())
+        .map(|(i, r)| match &inventory {
+            Some(manifest) => inventory::spawn(
+                clients.s3.clone(),
+                manifest.clone(),
+                i,
+                prefix.to_owned(),
+                r.rows_done as u64,
+                args.page_size as usize,
+                tx.clone(),
+                shutdown.clone(),
+            ),
+            None => {
+                let bounds = (r.resume_after().map(str::to_owned), r.until.clone());
+                lister.clone().spawn(i, bounds, tx.clone(), shutdown.clone())
+            }
         })
         .collect();
     drop(tx);
@@ -121,7 +164,12 @@ pub async fn feed(
     let mut unfinished = ranges.iter().filter(|r| !r.finished).count();
     while let Some((i, item)) = pages.recv().await {
         let page = match item? {
-            list::Listing::Page(page) => page,
+            list::Listing::Page { objects, rows_through } => {
+                if let Some(rows) = rows_through {
+                    ranges[i].rows_done = rows as i64;
+                }
+                objects
+            }
             list::Listing::Complete => {
                 ranges[i].finished = true;
                 unfinished -= 1;

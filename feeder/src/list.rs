@@ -23,7 +23,12 @@ use tokio_util::sync::CancellationToken;
 /// What the lister sends, in order: pages, then `Complete` once the prefix is exhausted.
 #[derive(Debug)]
 pub enum Listing {
-    Page(Vec<ObjectMessage>),
+    /// Objects in order; `rows_through`: for an inventory file, the CSV rows read through
+    /// the last one (its checkpoint).
+    Page {
+        objects: Vec<ObjectMessage>,
+        rows_through: Option<u64>,
+    },
     Complete,
 }
 
@@ -77,7 +82,9 @@ impl Lister {
                 if let Some(last) = objects.last() {
                     after = Some(last.key.clone());
                 }
-                if !objects.is_empty() && tx.send((index, Ok(Listing::Page(objects)))).await.is_err() {
+                if !objects.is_empty()
+                    && tx.send((index, Ok(Listing::Page { objects, rows_through: None }))).await.is_err()
+                {
                     return;
                 }
                 if complete {

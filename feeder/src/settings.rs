@@ -73,6 +73,13 @@ pub struct RunArgs {
     #[arg(long, env = "LIST_RANGES", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub list_ranges: u16,
 
+    /// Read the objects from this S3 Inventory report instead of listing the prefix:
+    /// `s3://bucket/path/manifest.json` of a CSV report of SOURCE_BUCKET_NAME with the Key,
+    /// Size and ETag fields. Each data file keeps its own checkpoint. A report is a snapshot:
+    /// objects written after it are found by `verify` and enqueued by `reconcile`.
+    #[arg(long, env = "INVENTORY_MANIFEST")]
+    pub inventory: Option<String>,
+
     /// SendMessageBatch calls (of ten messages each) in flight at once.
     #[arg(long, env = "SEND_CONCURRENCY", default_value = "16")]
     pub send_concurrency: NonZeroUsize,
@@ -98,6 +105,7 @@ impl Default for RunArgs {
             page_size: 1000,
             objects_per_message: 10,
             list_ranges: 1,
+            inventory: None,
             send_concurrency: NonZeroUsize::new(16).unwrap(),
             max_backlog: 100_000,
             restart: false,
