@@ -9,6 +9,8 @@
 //!   message comes back later) and the others proceed; every statement runs under the
 //!   session's `lock_timeout` and `statement_timeout` (`DB_LOCK_TIMEOUT`,
 //!   `DB_STATEMENT_TIMEOUT`);
+//! - with `REWRITE_JOURNAL` (the default) every rewritten row is recorded (id, old and new
+//!   path, when) by the same statement, for `feeder report` and `feeder rollback`;
 //! - a batch that fails (a deadlock, a trigger, a constraint, a timeout) is retried row by row
 //!   at once, so one bad row fails only its own object; the `UPDATE` is idempotent (I5).
 
@@ -46,10 +48,17 @@ pub struct Rewriter {
 }
 
 impl Rewriter {
-    pub fn spawn(pool: PgPool, max: usize, max_wait: Duration, parallel: usize) -> (Self, tokio::task::JoinHandle<()>) {
+    /// `journal`: record every rewrite in `avatar_migration_journal`, in the same statement.
+    pub fn spawn(
+        pool: PgPool,
+        max: usize,
+        max_wait: Duration,
+        parallel: usize,
+        journal: bool,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (batcher, handle) = Batcher::spawn(max, max_wait, parallel, move |pairs: Vec<Pair>| {
             let pool = pool.clone();
-            async move { rewrite_batch(&pool, &pairs).await }
+            async move { rewrite_batch(&pool, &pairs, journal).await }
         });
         (Self { batcher }, handle)
     }
@@ -60,8 +69,8 @@ impl Rewriter {
     }
 }
 
-async fn rewrite_batch(pool: &PgPool, pairs: &[Pair]) -> Vec<Result<Rewritten, RewriteError>> {
-    match common::db::rewrite_paths(pool, pairs).await {
+async fn rewrite_batch(pool: &PgPool, pairs: &[Pair], journal: bool) -> Vec<Result<Rewritten, RewriteError>> {
+    match common::db::rewrite_paths(pool, pairs, journal).await {
         Ok(mut done) => {
             // A path twice in one batch (a duplicate delivery) counts its rows once.
             pairs.iter().map(|(old, _)| Ok(done.remove(old).unwrap_or_default())).collect()
@@ -71,7 +80,7 @@ async fn rewrite_batch(pool: &PgPool, pairs: &[Pair]) -> Vec<Result<Rewritten, R
         Err(err @ sqlx::Error::Database(_)) if pairs.len() > 1 => {
             tracing::warn!(error = %err, rows = pairs.len(), "batch rewrite failed; rewriting row by row");
             let singles = pairs.iter().map(|pair| async move {
-                let result = common::db::rewrite_paths(pool, std::slice::from_ref(pair)).await;
+                let result = common::db::rewrite_paths(pool, std::slice::from_ref(pair), journal).await;
                 result
                     .map(|mut done| done.remove(&pair.0).unwrap_or_default())
                     .map_err(|e| RewriteError::Database(Arc::new(e)))

@@ -27,10 +27,12 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
     let clients = feeder::connect(&settings).await?;
     let done = match settings.command.clone().unwrap_or(Command::Run) {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
-        Command::Status => ops::status::status(&settings, &clients).await.map(|_| true),
+        Command::Status(args) => ops::status::status(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Verify(args) => ops::verify::verify(&settings, &args, &clients).await.map(|v| v.is_done()),
         Command::Reconcile(args) => ops::reconcile::reconcile(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Failures => ops::failures::failures(&clients).await.map(|_| true),
+        Command::Report(args) => ops::report::report(&args, &clients).await.map(|_| true),
+        Command::Rollback(args) => ops::rollback::rollback(&settings, &args, &clients).await.map(|_| true),
     }?;
     Ok(done)
 }

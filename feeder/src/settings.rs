@@ -35,8 +35,10 @@ pub enum Command {
     /// List the source prefix and enqueue every object (the default). Exits 0 with a summary.
     Run,
     /// Show the listing checkpoint, the queue and dead-letter queue depths, how many rows are
-    /// legacy or modern, and the failures recorded so far. Counting rows scans the table.
-    Status,
+    /// legacy or modern, the failures recorded so far, rows rewritten per second over the last
+    /// five minutes (from the rewrite journal) and an ETA. Counting rows scans the table
+    /// (once, also with --watch).
+    Status(StatusArgs),
     /// Check that the migration is done: every row's path names an existing object, and no
     /// row still points at the legacy prefix unless it was set aside with a reason. Rows
     /// pointing at a missing legacy object are recorded (reason row_object_missing). Exit 0
@@ -49,6 +51,14 @@ pub enum Command {
     /// List what was set aside for the operator: source missing, destination conflict,
     /// malformed message, rows whose object is missing, ...
     Failures,
+    /// What was moved (from the rewrite journal: row id, old path, new path, when) and what
+    /// was set aside, with reasons: totals, or every record with --csv.
+    Report(ReportArgs),
+    /// Point the rows the migration rewrote back at their legacy paths (from the rewrite
+    /// journal), compare-and-set: only rows whose path is still the one the migration wrote,
+    /// and only while their legacy object exists. Refuses while the queue holds messages
+    /// (stop the consumers and purge it first). Destination objects are left in place.
+    Rollback(RollbackArgs),
 }
 
 /// Options of `run`.
@@ -136,4 +146,59 @@ pub struct ReconcileArgs {
     /// caused it: a grant, a restored archive, a resolved conflict).
     #[arg(long)]
     pub include_set_aside: bool,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StatusArgs {
+    /// Also print the reading as one JSON object, as the last line of stdout: rows_legacy,
+    /// rows_modern, rows_other, rows_left, objects_listed, listing_complete, queue_visible,
+    /// queue_in_flight, queue_delayed, dlq_visible, failures (by reason), rewrites_recorded,
+    /// objects_per_s (rows rewritten per second over the last five minutes), eta_s.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Keep watching until interrupted: a progress bar with rate and ETA on a terminal, one
+    /// line a minute otherwise (containers, CloudWatch). Rows are counted once, then followed
+    /// through the journal.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Seconds between readings with --watch.
+    #[arg(long, default_value = "5")]
+    pub interval: u64,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ReportArgs {
+    /// Print the totals as one JSON object, as the last line of stdout: rows_rewritten,
+    /// rows_rolled_back, first_rewrite, last_rewrite, set_aside (by reason).
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+
+    /// Print every record as CSV (kind, row_id, old_path, new_path, at, reason, detail): each
+    /// rewrite (kind moved or rolled_back), then each object set aside (kind set_aside).
+    #[arg(long)]
+    pub csv: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RollbackArgs {
+    /// Count what would be pointed back, changed since, held or without its legacy object;
+    /// write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Roll back even though the queue holds messages (consumers would migrate those rows
+    /// again).
+    #[arg(long)]
+    pub force: bool,
+
+    /// HEAD requests (legacy objects) in flight at once.
+    #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
+    pub concurrency: NonZeroUsize,
+
+    /// Also print the result as one JSON object, as the last line of stdout: dry_run, entries,
+    /// rows_rolled_back, rows_changed_since, rows_held, legacy_missing.
+    #[arg(long)]
+    pub json: bool,
 }

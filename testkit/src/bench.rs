@@ -449,8 +449,16 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
 
 /// Row rewrites per second through the consumer's own statement (`common::db::rewrite_paths`):
 /// `rows` rows in a fresh database with the index the binaries build, rewritten in batches of
-/// `batch` by `parallel` connections at once (the consumer's defaults: 100 and 3).
-pub async fn rewrites(server: &Server, rows: usize, batch: usize, parallel: usize) -> anyhow::Result<f64> {
+/// `batch` by `parallel` connections at once (the consumer's defaults: 100 and 3), with or
+/// without the rewrite journal.
+/// Returns rows/s and, with the journal, its bytes on disk per row (table and index).
+pub async fn rewrites(
+    server: &Server,
+    rows: usize,
+    batch: usize,
+    parallel: usize,
+    journal: bool,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let env = Env::with(&server.s3, &server.sqs, 60).await;
     common::db::prepare(&env.db).await?;
     let keys: Vec<String> = (0..rows).map(key).collect();
@@ -461,7 +469,7 @@ pub async fn rewrites(server: &Server, rows: usize, batch: usize, parallel: usiz
     let pairs: Vec<(String, String)> = keys.iter().map(|k| (k.clone(), k.replacen("image/", "avatar/", 1))).collect();
     let started = Instant::now();
     let mut done = futures::stream::iter(pairs.chunks(batch))
-        .map(|chunk| common::db::rewrite_paths(&env.db, chunk))
+        .map(|chunk| common::db::rewrite_paths(&env.db, chunk, journal))
         .buffer_unordered(parallel);
     let mut rewritten = 0;
     while let Some(result) = done.next().await {
@@ -469,7 +477,9 @@ pub async fn rewrites(server: &Server, rows: usize, batch: usize, parallel: usiz
     }
     let elapsed = started.elapsed().as_secs_f64();
     ensure!(rewritten as usize == rows, "{rewritten} of {rows} rows rewritten");
-    Ok(rows as f64 / elapsed)
+    let bytes: i64 =
+        sqlx::query_scalar("SELECT pg_total_relation_size('avatar_migration_journal')").fetch_one(&env.db).await?;
+    Ok((rows as f64 / elapsed, journal.then_some(bytes as f64 / rows as f64)))
 }
 
 /// The table, one line per (server, tool).
@@ -494,7 +504,26 @@ pub fn table(summaries: &[Summary]) -> String {
 }
 
 /// One JSON object: every summary, and our objects/s over each peer's on the same server.
-pub fn json(config: &Config, summaries: &[Summary], rewrites_per_s: Option<f64>) -> String {
+/// Row rewrites measured: rows/s with the journal (the default), without it, and the
+/// journal's bytes per row.
+#[derive(Debug, Clone, Copy)]
+pub struct Rewrites {
+    pub journal_per_s: f64,
+    pub plain_per_s: f64,
+    pub journal_bytes_per_row: f64,
+}
+
+/// The server the headline fields are about: SeaweedFS (it enforces conditional copies, as
+/// AWS does) when it ran, else the first.
+fn headline_server(summaries: &[Summary]) -> Option<&str> {
+    summaries
+        .iter()
+        .map(|s| s.server.as_str())
+        .find(|s| *s == "seaweedfs")
+        .or(summaries.first().map(|s| s.server.as_str()))
+}
+
+pub fn json(config: &Config, summaries: &[Summary], rewrites: Option<Rewrites>) -> String {
     let mut servers = serde_json::Map::new();
     for s in summaries {
         let entry = servers.entry(s.server.clone()).or_insert_with(|| json!({}));
@@ -515,14 +544,32 @@ pub fn json(config: &Config, summaries: &[Summary], rewrites_per_s: Option<f64>)
             ratios.insert(name, json!((ratio * 1000.0).round() / 1000.0));
         }
     }
+    let server = headline_server(summaries).unwrap_or_default();
+    let ours = summaries.iter().find(|s| s.server == server && s.tool == "pipeline");
+    let best = summaries
+        .iter()
+        .filter(|s| s.server == server && !s.tool.starts_with("pipeline"))
+        .max_by(|a, b| a.objects_per_s.total_cmp(&b.objects_per_s));
+    let round = |x: f64, places: i32| (x * 10f64.powi(places)).round() / 10f64.powi(places);
     json!({
         "objects": config.objects,
+        "s3_server": server,
+        "pipeline_objects_per_s": ours.map(|o| round(o.objects_per_s, 1)),
+        "best_peer": best.map(|b| b.tool.clone()),
+        "best_peer_objects_per_s": best.map(|b| round(b.objects_per_s, 1)),
+        "ratio": ours.zip(best).map(|(o, b)| round(o.objects_per_s / b.objects_per_s, 3)),
+        "cpu_s_per_10k": ours.map(|o| round(o.cpu_s_per_10k, 3)),
+        "peer_cpu_s_per_10k": best.map(|b| round(b.cpu_s_per_10k, 3)),
+        "peak_rss_mib": ours.map(|o| round(o.peak_rss_mib, 1)),
+        "requests_per_object": ours.and_then(|o| o.requests_per_object).map(|r| round(r, 3)),
         "reps": config.reps,
         "consumers": config.consumers,
         "concurrency": config.concurrency,
         "servers": servers,
         "ratios": ratios,
-        "rewrites_per_s": rewrites_per_s.map(|r| r.round()),
+        "rewrites_per_s": rewrites.map(|r| r.journal_per_s.round()),
+        "rewrites_without_journal_per_s": rewrites.map(|r| r.plain_per_s.round()),
+        "journal_bytes_per_row": rewrites.map(|r| r.journal_bytes_per_row.round()),
     })
     .to_string()
 }

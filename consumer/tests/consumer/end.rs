@@ -3,13 +3,7 @@
 
 use testkit::{Env, binary};
 
-use crate::helpers::{drain, feed_with, legacy_keys, receive, seed_legacy};
-
-/// Runs `feeder <args>`; returns (exit code, stdout).
-fn feeder(env: &Env, args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(binary("feeder")).envs(env.vars()).args(args).output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use crate::helpers::{drain, feed_with, feeder, legacy_keys, receive, seed_legacy};
 
 /// Receives and deletes `n` messages, as if they had expired after the queue's retention.
 async fn lose_messages(env: &Env, n: usize) {

@@ -24,6 +24,17 @@ pub async fn feed_with(env: &Env, args: &[&str]) -> u64 {
     feeder::feed(&settings, &settings.run, &clients, CancellationToken::new()).await.unwrap().enqueued
 }
 
+/// Runs `feeder <args>`; returns (exit code, stdout).
+pub fn feeder(env: &Env, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(binary("feeder")).envs(env.vars()).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last line of a command's stdout, as JSON.
+pub fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 /// The consumer binary, set up for this environment, draining and exiting when idle.
 pub fn consumer(env: &Env, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(binary("consumer"));

@@ -8,6 +8,7 @@ mod errors;
 mod helpers;
 mod identity;
 mod multipart;
+mod operations;
 mod rows;
 mod seaweedfs;
 mod secrets;

@@ -3,13 +3,17 @@
 //!
 //! | command | reads | writes |
 //! |---|---|---|
-//! | [`status`] | checkpoint, queue depths, row counts, failure counts | nothing |
+//! | [`status`] | checkpoint, queue depths, row counts, failure counts, the journal's counter | nothing |
 //! | [`verify`] | every row, a HEAD per legacy or modern row | failures: `row_object_missing` |
 //! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
 //! | [`failures`] | the failure records | nothing |
+//! | [`report`] | the rewrite journal, the failure records | nothing |
+//! | [`rollback`] | the rewrite journal, a HEAD per legacy object | `avatars.path` (compare-and-set), the journal's `rolled_back_at` |
 
 pub mod failures;
 pub mod reconcile;
+pub mod report;
+pub mod rollback;
 pub mod status;
 pub mod verify;
 

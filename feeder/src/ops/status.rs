@@ -1,50 +1,218 @@
 //! `feeder status`: where the migration stands: the listing checkpoint, the queue and
-//! dead-letter queue depths, rows by prefix and failures by reason. Writes nothing. Counting
-//! rows scans the table (exempt from the statement timeout).
+//! dead-letter queue depths, rows by prefix, failures by reason, and (from the rewrite
+//! journal) rows rewritten per second over the last minutes and an ETA. Writes nothing.
+//! Counting rows scans the table (exempt from the statement timeout), so `--watch` counts
+//! them once and then follows the journal's counter, which is cheap.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aws_sdk_sqs::types::QueueAttributeName;
-use common::aws::{describe, queue_depth};
+use common::aws::{QueueDepth, describe, queue_depth};
+use common::db::{Checkpoint, JournalSummary, RowCounts};
+use tokio_util::sync::CancellationToken;
 
+use crate::settings::StatusArgs;
 use crate::{Clients, Settings};
 
-pub async fn status(settings: &Settings, clients: &Clients) -> anyhow::Result<()> {
-    let mapping = settings.storage.mapping()?;
-    let cp = common::db::load_checkpoint(&clients.db, &mapping.source_bucket, mapping.source_prefix.as_str()).await?;
-    println!(
-        "listing:  {} objects in {} pages enqueued{}{}",
-        cp.listed,
-        cp.pages,
-        if cp.finished { ", complete" } else { ", not complete" },
-        cp.last_key.map(|k| format!(", last key {k:?}")).unwrap_or_default()
-    );
-    let ranges = common::db::load_ranges(&clients.db, &mapping.source_bucket, mapping.source_prefix.as_str()).await?;
-    if !ranges.is_empty() {
-        let finished = ranges.iter().filter(|r| r.finished).count();
-        println!("ranges:   {} key ranges listed at once, {finished} complete", ranges.len());
+/// The window over which the rate is measured.
+pub const RATE_WINDOW: Duration = Duration::from_secs(300);
+/// Without a terminal, `--watch` prints one line this often.
+const PLAIN_EVERY: Duration = Duration::from_secs(60);
+
+/// One reading.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub listing: Checkpoint,
+    /// (ranges, complete) when listed in key ranges or from an inventory report.
+    pub parts: Option<(usize, usize)>,
+    pub queue: QueueDepth,
+    pub dlq: Option<QueueDepth>,
+    pub rows: RowCounts,
+    pub failures: Vec<(String, i64)>,
+    pub journal: JournalSummary,
+}
+
+impl Status {
+    /// Rows rewritten per second over the last [`RATE_WINDOW`] (from the journal).
+    pub fn objects_per_s(&self) -> f64 {
+        self.journal.recent as f64 / self.journal.window_s.max(1.0)
     }
-    let depth = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
-    let dlq = match dead_letter_queue(clients, &settings.queue.queue_url).await? {
-        Some(url) => {
-            let d = queue_depth(&clients.sqs, &url).await?;
-            format!("{} messages in the dead-letter queue", d.total())
+
+    /// Legacy rows not set aside: what is left to do.
+    pub fn rows_left(&self) -> i64 {
+        let set_aside: i64 = self.failures.iter().map(|(_, n)| n).sum();
+        (self.rows.legacy - set_aside).max(0)
+    }
+
+    /// Seconds until the rows left are rewritten at the current rate; `None` when nothing
+    /// moves.
+    pub fn eta_s(&self) -> Option<f64> {
+        let rate = self.objects_per_s();
+        (self.rows_left() == 0).then_some(0.0).or((rate > 0.0).then(|| self.rows_left() as f64 / rate))
+    }
+
+    pub fn json(&self) -> String {
+        let failures: serde_json::Map<String, serde_json::Value> =
+            self.failures.iter().map(|(r, n)| (r.clone(), (*n).into())).collect();
+        serde_json::json!({
+            "rows_legacy": self.rows.legacy,
+            "rows_modern": self.rows.modern,
+            "rows_other": self.rows.all - self.rows.legacy - self.rows.modern,
+            "rows_left": self.rows_left(),
+            "objects_listed": self.listing.listed,
+            "listing_complete": self.listing.finished,
+            "queue_visible": self.queue.visible,
+            "queue_in_flight": self.queue.in_flight,
+            "queue_delayed": self.queue.delayed,
+            "dlq_visible": self.dlq.map(|d| d.visible),
+            "failures": failures,
+            "rewrites_recorded": self.journal.last_id,
+            "objects_per_s": (self.objects_per_s() * 1000.0).round() / 1000.0,
+            "eta_s": self.eta_s().map(f64::round),
+        })
+        .to_string()
+    }
+
+    fn print(&self) {
+        let cp = &self.listing;
+        println!(
+            "listing:  {} objects in {} pages enqueued{}{}",
+            cp.listed,
+            cp.pages,
+            if cp.finished { ", complete" } else { ", not complete" },
+            cp.last_key.as_ref().map(|k| format!(", last key {k:?}")).unwrap_or_default()
+        );
+        if let Some((all, done)) = self.parts {
+            println!("ranges:   {all} key ranges or inventory files, {done} complete");
         }
-        None => "no dead-letter queue configured".to_owned(),
+        let dlq = match self.dlq {
+            Some(d) => format!("{} messages in the dead-letter queue", d.total()),
+            None => "no dead-letter queue configured".to_owned(),
+        };
+        let q = self.queue;
+        println!("queue:    {} waiting, {} in flight, {} delayed; {dlq}", q.visible, q.in_flight, q.delayed);
+        let r = self.rows;
+        println!(
+            "rows:     {} in all: {} legacy, {} modern, {} other",
+            r.all,
+            r.legacy,
+            r.modern,
+            r.all - r.legacy - r.modern
+        );
+        let failures = self.failures.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
+        println!("set aside: {}", if failures.is_empty() { "none".to_owned() } else { failures });
+        println!("progress: {}", self.progress_line());
+    }
+
+    fn progress_line(&self) -> String {
+        let eta = match self.eta_s() {
+            Some(s) => format!("ETA {}", humantime::format_duration(Duration::from_secs(s as u64))),
+            None => "no rewrites in the last 5 minutes: no ETA".to_owned(),
+        };
+        format!("{:.1} rows/s over the last 5 minutes, {} rows left, {eta}", self.objects_per_s(), self.rows_left())
+    }
+}
+
+/// Reads everything once.
+pub async fn read(settings: &Settings, clients: &Clients) -> anyhow::Result<Status> {
+    let mapping = settings.storage.mapping()?;
+    let (legacy, modern) = (mapping.source_prefix.as_str(), mapping.destination_prefix.as_str());
+    let rows = common::db::count_rows(&clients.db, legacy, modern).await?;
+    let mut status = Status { rows, ..Status::default() };
+    refresh(settings, clients, &mut status).await?;
+    Ok(status)
+}
+
+/// Everything but the row counts, which follow the journal's counter instead.
+async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) -> anyhow::Result<()> {
+    let mapping = settings.storage.mapping()?;
+    let (bucket, prefix) = (&mapping.source_bucket, mapping.source_prefix.as_str());
+    status.listing = common::db::load_checkpoint(&clients.db, bucket, prefix).await?;
+    let ranges = common::db::load_ranges(&clients.db, bucket, prefix).await?;
+    status.parts = (!ranges.is_empty()).then(|| (ranges.len(), ranges.iter().filter(|r| r.finished).count()));
+    status.queue = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
+    status.dlq = match dead_letter_queue(clients, &settings.queue.queue_url).await? {
+        Some(url) => Some(queue_depth(&clients.sqs, &url).await?),
+        None => None,
     };
-    println!("queue:    {} waiting, {} in flight, {} delayed; {dlq}", depth.visible, depth.in_flight, depth.delayed);
-    let rows = common::db::count_rows(&clients.db, mapping.source_prefix.as_str(), mapping.destination_prefix.as_str())
-        .await?;
-    println!(
-        "rows:     {} in all: {} legacy, {} modern, {} other",
-        rows.all,
-        rows.legacy,
-        rows.modern,
-        rows.all - rows.legacy - rows.modern
-    );
-    let failures = common::db::failure_counts(&clients.db).await?;
-    let failures = failures.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
-    println!("set aside: {}", if failures.is_empty() { "none".to_owned() } else { failures });
+    status.failures = common::db::failure_counts(&clients.db).await?;
+    let journal = common::db::journal_summary(&clients.db, RATE_WINDOW).await?;
+    // After the first reading: rows rewritten since the last one moved from legacy to modern.
+    if status.journal.window_s > 0.0 {
+        let moved = (journal.last_id - status.journal.last_id).max(0);
+        status.rows.legacy = (status.rows.legacy - moved).max(0);
+        status.rows.modern += moved;
+    }
+    status.journal = journal;
     Ok(())
+}
+
+/// `feeder status [--json] [--watch]`.
+pub async fn status(
+    settings: &Settings,
+    args: &StatusArgs,
+    clients: &Clients,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut status = read(settings, clients).await?;
+    if !args.watch {
+        status.print();
+        if args.json {
+            println!("{}", status.json());
+        }
+        return Ok(());
+    }
+    let every = Duration::from_secs(args.interval.max(1));
+    let bar = std::io::stderr().is_terminal().then(|| progress_bar(&status));
+    let mut last_plain: Option<Instant> = None;
+    loop {
+        match &bar {
+            Some(bar) => {
+                bar.set_length((status.rows_left() + status.rows.modern) as u64);
+                bar.set_position(status.rows.modern as u64);
+                let q = status.queue;
+                bar.set_message(format!(
+                    "{:.0} rows/s, queue {} waiting / {} in flight, {} set aside",
+                    status.objects_per_s(),
+                    q.visible,
+                    q.in_flight,
+                    status.failures.iter().map(|(_, n)| n).sum::<i64>()
+                ));
+            }
+            None if last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) => {
+                last_plain = Some(Instant::now());
+                if args.json {
+                    println!("{}", status.json());
+                } else {
+                    println!("status: {} modern, {}", status.rows.modern, status.progress_line());
+                }
+            }
+            None => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        refresh(settings, clients, &mut status).await?;
+    }
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    if args.json {
+        println!("{}", status.json());
+    }
+    Ok(())
+}
+
+fn progress_bar(status: &Status) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new((status.rows_left() + status.rows.modern) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows modern ({percent}%), ETA {eta}: {msg}")
+            .expect("a valid template"),
+    );
+    bar
 }
 
 async fn dead_letter_queue(clients: &Clients, queue_url: &str) -> anyhow::Result<Option<String>> {

@@ -1,9 +1,12 @@
 //! `scripts/bench`: our pipeline against rclone and s5cmd on the same servers, the same objects,
 //! in the same run (`testkit::bench`). Prints a table, then, as its last line on stdout, one
-//! JSON object: `{"objects":N,"reps":R,...,"servers":{"<server>":{"<tool>":{"objects_per_s":…,
-//! "cpu_s_per_10k":…,"peak_rss_mib":…,"server_cpu_s_per_10k":…,"requests_per_object":…}}},
-//! "ratios":{"<server>_<pipeline variant>_vs_<peer>":…},"rewrites_per_s":…}` (our objects/s over the peer's;
-//! row rewrites per second through the consumer's statement).
+//! JSON object: `{"objects":N,"s3_server":"…","pipeline_objects_per_s":X,"best_peer":"…",
+//! "best_peer_objects_per_s":Y,"ratio":X/Y,"cpu_s_per_10k":A,"peer_cpu_s_per_10k":B,
+//! "peak_rss_mib":M,"requests_per_object":R,…}` about the server that enforces conditional
+//! copies (SeaweedFS) when it ran, then every measure: `"servers":{"<server>":{"<tool>":{…}}}`,
+//! `"ratios":{"<server>_<pipeline variant>_vs_<peer>":…}` (our objects/s over the peer's), and
+//! row rewrites per second through the consumer's statement with and without the journal
+//! (`rewrites_per_s`, `rewrites_without_journal_per_s`, `journal_bytes_per_row`).
 
 use std::process::ExitCode;
 
@@ -94,9 +97,15 @@ async fn main() -> ExitCode {
         let rewrites = match args.rewrites {
             0 => None,
             rows => {
-                let per_s = testkit::bench::rewrites(&config.servers[0], rows, 100, 3).await?;
-                eprintln!("bench: row rewrites: {rows} rows at {per_s:.0} rows/s");
-                Some(per_s)
+                let server = &config.servers[0];
+                let (plain_per_s, _) = testkit::bench::rewrites(server, rows, 100, 3, false).await?;
+                let (journal_per_s, bytes) = testkit::bench::rewrites(server, rows, 100, 3, true).await?;
+                let journal_bytes_per_row = bytes.unwrap_or_default();
+                eprintln!(
+                    "bench: row rewrites: {rows} rows at {journal_per_s:.0} rows/s with the journal \
+                     ({journal_bytes_per_row:.0} bytes a row), {plain_per_s:.0} without"
+                );
+                Some(testkit::bench::Rewrites { journal_per_s, plain_per_s, journal_bytes_per_row })
             }
         };
         anyhow::Ok((summaries, rewrites))
@@ -105,7 +114,11 @@ async fn main() -> ExitCode {
         Ok((summaries, rewrites)) => {
             print!("{}", testkit::bench::table(&summaries));
             if let Some(r) = rewrites {
-                println!("row rewrites: {r:.0} rows/s (batches of 100, three at once)");
+                println!(
+                    "row rewrites (batches of 100, three at once): {:.0} rows/s with the journal ({:.0} bytes a \
+                     row on disk), {:.0} without",
+                    r.journal_per_s, r.journal_bytes_per_row, r.plain_per_s
+                );
             }
             println!("{}", testkit::bench::json(&config, &summaries, rewrites));
             ExitCode::SUCCESS
