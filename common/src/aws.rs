@@ -31,8 +31,38 @@ pub fn s3_client(config: &SdkConfig, force_path_style: bool) -> S3 {
     let conf = aws_sdk_s3::config::Builder::from(config)
         .force_path_style(force_path_style)
         .retry_config(RetryConfig::adaptive().with_max_attempts(8))
+        .interceptor(CountSlowDowns)
         .build();
     S3::from_conf(conf)
+}
+
+/// S3 answers (attempts, retried ones included) that asked this process to slow down: 503
+/// (`SlowDown`, `ServiceUnavailable`) or 429. Read by the consumer's metrics.
+pub static S3_SLOWDOWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts every attempt S3 answered with 503 or 429 into [`S3_SLOWDOWNS`]; the SDK retries
+/// them by itself, so they are otherwise invisible.
+#[derive(Debug)]
+struct CountSlowDowns;
+
+impl aws_sdk_s3::config::Intercept for CountSlowDowns {
+    fn name(&self) -> &'static str {
+        "CountSlowDowns"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &aws_sdk_s3::config::interceptors::FinalizerInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        _: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        if let Some(response) = context.response()
+            && matches!(response.status().as_u16(), 503 | 429)
+        {
+            S3_SLOWDOWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 pub fn sqs_client(config: &SdkConfig) -> Sqs {

@@ -9,14 +9,13 @@
 //! is dropped the pending deletes are flushed before the task ends.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use common::aws::{Sqs, describe};
 
 use crate::batch::Batcher;
-use crate::process::Stats;
+use crate::metrics::Stats;
 
 /// How long a delete waits for nine others. Messages stay invisible for the visibility
 /// timeout (a minute by default), so this costs nothing but this much delay before the queue
@@ -40,7 +39,8 @@ impl Acker {
                 for (result, objects) in delete_batch(&sqs, &queue_url, handles).await.into_iter().zip(objects) {
                     match result {
                         Ok(()) => {
-                            stats.acked.fetch_add(objects, Relaxed);
+                            stats.deleted.inc();
+                            stats.acked.inc_by(objects);
                         }
                         Err(why) => tracing::warn!(error = why, "message not deleted: it comes back, harmlessly"),
                     }

@@ -7,6 +7,7 @@ pub mod ack;
 pub mod batch;
 pub mod copy;
 pub mod lease;
+pub mod metrics;
 pub mod multipart;
 pub mod process;
 pub mod receive;
@@ -20,7 +21,7 @@ use common::exit::{Failure, SetupResult};
 use tokio_util::sync::CancellationToken;
 
 pub use common::setup::Clients;
-pub use process::Stats;
+pub use metrics::Stats;
 pub use settings::Settings;
 
 /// Connects to everything and checks it (see `common::setup::connect`); every problem here is a
@@ -38,6 +39,19 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     let started = Instant::now();
     let mapping = settings.storage.mapping().setup()?;
     let stats = Arc::new(Stats::default());
+    // The endpoint outlives the work by nothing: it stops with the run.
+    let endpoint = CancellationToken::new();
+    let _stop_endpoint = endpoint.clone().drop_guard();
+    if let Some(addr) = settings.metrics_addr {
+        let health = metrics::Health {
+            s3: clients.s3.clone(),
+            sqs: clients.sqs.clone(),
+            db: clients.db.clone(),
+            bucket: mapping.destination_bucket.clone(),
+            queue_url: settings.queue.queue_url.clone(),
+        };
+        metrics::serve(addr, stats.clone(), health, endpoint.clone()).await.setup()?;
+    }
     let (rewriter, rewriter_task) = record::Rewriter::spawn(
         clients.db.clone(),
         settings.db_batch_size.get(),

@@ -10,6 +10,19 @@ async fn main() -> ExitCode {
         return report("consumer", Err(Failure::Setup(err)));
     }
     let settings = Settings::parse();
+    if settings.health_check {
+        let Some(addr) = settings.metrics_addr else {
+            eprintln!("consumer --health-check: METRICS_ADDR is not set: there is no endpoint to ask");
+            return ExitCode::FAILURE;
+        };
+        return match consumer::metrics::probe(addr).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("consumer --health-check: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     common::telemetry::init();
     report("consumer", start(settings).await)
 }

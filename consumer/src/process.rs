@@ -9,8 +9,7 @@
 //! it to the dead-letter queue.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::Message;
 use common::aws::Sqs;
@@ -23,6 +22,7 @@ use tracing::Instrument;
 use crate::ack::Acker;
 use crate::copy::{Copied, Copier, CopyError};
 use crate::lease::Lease;
+use crate::metrics::{InFlight, Stats};
 use crate::record::Rewriter;
 
 pub struct Worker {
@@ -61,37 +61,6 @@ impl Halt {
     }
 }
 
-/// What this process did, for the summary line and for tests.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub received: AtomicU64,
-    pub copied: AtomicU64,
-    pub already_present: AtomicU64,
-    pub rows_rewritten: AtomicU64,
-    pub set_aside: AtomicU64,
-    pub retry_later: AtomicU64,
-    /// Objects whose message was deleted.
-    pub acked: AtomicU64,
-}
-
-impl Stats {
-    pub fn print_summary(&self, elapsed: Duration) {
-        let g = |c: &AtomicU64| c.load(Relaxed);
-        println!(
-            "consumer: received {} messages; copied {}, already present {}; rows rewritten {}; \
-             set aside {}; left for retry {}; acknowledged {}; in {:.1}s",
-            g(&self.received),
-            g(&self.copied),
-            g(&self.already_present),
-            g(&self.rows_rewritten),
-            g(&self.set_aside),
-            g(&self.retry_later),
-            g(&self.acked),
-            elapsed.as_secs_f64()
-        );
-    }
-}
-
 enum Outcome {
     Done,
     SetAside {
@@ -106,7 +75,8 @@ enum Outcome {
 
 impl Worker {
     pub async fn handle(&self, message: Message) {
-        self.stats.received.fetch_add(1, Relaxed);
+        self.stats.received.inc();
+        let _in_flight = InFlight::start(&self.stats.in_flight);
         let id = message.message_id().unwrap_or_default().to_owned();
         let Some(receipt) = message.receipt_handle().map(str::to_owned) else {
             tracing::warn!(message_id = id, "message without a receipt handle: ignored");
@@ -174,9 +144,12 @@ impl Worker {
                 detail: format!("key is not under SOURCE_PREFIX {:?}", mapping.source_prefix.as_str()),
             });
         };
-        match self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination).await {
-            Ok(Copied::Copied) => self.stats.copied.fetch_add(1, Relaxed),
-            Ok(Copied::AlreadyPresent) => self.stats.already_present.fetch_add(1, Relaxed),
+        let started = Instant::now();
+        let copied = self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination).await;
+        self.stats.copy_seconds.observe(started.elapsed().as_secs_f64());
+        match copied {
+            Ok(Copied::Copied) => self.stats.copied.inc(),
+            Ok(Copied::AlreadyPresent) => self.stats.already_present.inc(),
             Err(CopyError::SetAside { reason, detail }) => {
                 return Err(Outcome::SetAside { subject: msg.key.clone(), reason, detail });
             }
@@ -188,14 +161,17 @@ impl Worker {
 
     /// Points the object's rows at its destination, which exists (I1).
     async fn rewrite_rows(&self, msg: &ObjectMessage, destination: String) -> Outcome {
-        match self.rewriter.rewrite(msg.key.clone(), destination).await {
+        let started = Instant::now();
+        let rewritten = self.rewriter.rewrite(msg.key.clone(), destination).await;
+        self.stats.rewrite_seconds.observe(started.elapsed().as_secs_f64());
+        match rewritten {
             Ok(Rewritten { rows, held: 0 }) => {
-                self.stats.rows_rewritten.fetch_add(rows, Relaxed);
+                self.stats.rows_rewritten.inc_by(rows);
                 tracing::debug!(rows, "object moved");
                 Outcome::Done
             }
             Ok(Rewritten { rows, held }) => {
-                self.stats.rows_rewritten.fetch_add(rows, Relaxed);
+                self.stats.rows_rewritten.inc_by(rows);
                 Outcome::RetryLater(format!(
                     "{held} row(s) at the old path are held by another transaction (skipped, not waited for)"
                 ))
@@ -212,20 +188,20 @@ impl Worker {
             Outcome::SetAside { subject, reason, detail } => {
                 tracing::warn!(reason = reason.as_str(), detail, "set aside for the operator");
                 if let Err(err) = common::db::record_failure(&self.db, &subject, reason, &detail).await {
-                    self.stats.retry_later.fetch_add(1, Relaxed);
+                    self.stats.retry_later.inc();
                     tracing::warn!(error = %err, "cannot record the failure: the message comes back later");
                     return false;
                 }
-                self.stats.set_aside.fetch_add(1, Relaxed);
+                self.stats.count_set_aside(reason.as_str());
                 true
             }
             Outcome::RetryLater(why) => {
-                self.stats.retry_later.fetch_add(1, Relaxed);
+                self.stats.retry_later.inc();
                 tracing::warn!(error = why, "not done: the message comes back after its visibility timeout");
                 false
             }
             Outcome::Fatal(why) => {
-                self.stats.retry_later.fetch_add(1, Relaxed);
+                self.stats.retry_later.inc();
                 self.halt.halt(anyhow::anyhow!(why));
                 false
             }

@@ -112,6 +112,17 @@ pub struct Settings {
     #[arg(long, env = "REWRITE_JOURNAL", value_parser = clap::builder::BoolishValueParser::new(), default_value = "true", action = clap::ArgAction::Set)]
     pub rewrite_journal: bool,
 
+    /// Serve Prometheus metrics on /metrics and a health check on /health at this address
+    /// (e.g. 127.0.0.1:9090; the image sets 0.0.0.0:9090). /health answers 200 only when S3,
+    /// SQS and PostgreSQL all answer. Unset: no endpoint.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Ask the running consumer's /health (at METRICS_ADDR) and exit 0 when it answers 200, 1
+    /// otherwise: the container's health check (the image has no curl).
+    #[arg(long)]
+    pub health_check: bool,
+
     /// Database connections this process opens at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub database_max_connections: u32,

@@ -1,12 +1,13 @@
-//! Operating a migration: the rewrite journal, `feeder status --json`, `feeder report` and
-//! `feeder rollback`, each on a prepared state with exact counts.
+//! Operating a migration: the rewrite journal, `feeder status --json`, `feeder report`,
+//! `feeder rollback`, and the consumer's metrics and health endpoint, each on a prepared state
+//! with exact counts.
 
 use std::collections::BTreeMap;
 
 use serde_json::json;
-use testkit::Env;
+use testkit::{Env, wait_until};
 
-use crate::helpers::{drain, feed, feeder, last_json, seed_legacy};
+use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, seed_legacy, wait_exit};
 
 /// After a run with a conflict and a row whose object is missing: every rewrite is in the
 /// journal, the report counts them and the set-aside by reason (and lists each one in CSV),
@@ -126,4 +127,99 @@ async fn rollback_points_rows_back_only_where_it_is_safe() {
     assert_eq!(env.path_of(ids[2]).await, keys[2], "the held row, once free");
     let (_, out) = feeder(&env, &["report", "--json"]);
     assert_eq!(last_json(&out)["rows_rolled_back"], 8);
+}
+
+/// `GET path` on the consumer's endpoint: (status, body).
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// The value of one sample (`name{labels} value`) in a scrape.
+fn sample(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// During a run the consumer serves Prometheus metrics whose counters match the end state
+/// (objects copied, set aside by reason, rows rewritten, messages deleted, latencies), and a
+/// health check that answers 200 while S3, SQS and PostgreSQL answer and 503 naming S3 once
+/// S3 fails (counted as slow-downs); `consumer --health-check` follows it.
+#[tokio::test]
+async fn metrics_and_health_are_served_during_a_run() {
+    use testkit::proxy::{Fault, FaultProxy, Rule, When};
+    let env = Env::new().await;
+    let (keys, _) = seed_legacy(&env, 0..30).await;
+    env.put(&env.source_bucket, "image/conflict.png", b"legacy").await;
+    env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
+    env.insert_rows(&["image/conflict.png".into()]).await;
+    feed_with(&env, &["--objects-per-message=1"]).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = consumer(&env, &[("METRICS_ADDR", &addr), ("AWS_ENDPOINT_URL_S3", &s3.url)]);
+    cmd.env_remove("EXIT_WHEN_IDLE").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+
+    let expected_deleted = keys.len() as f64 + 1.0;
+    wait_until("every message deleted, as the metrics say", std::time::Duration::from_secs(60), || async {
+        match tokio::net::TcpStream::connect(&addr).await {
+            Ok(_) => sample(&http_get(&addr, "/metrics").await.1, "avatar_migration_messages_deleted_total")
+                .is_some_and(|n| n >= expected_deleted),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let (status, scrape) = http_get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 30);
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+    let expect = |name: &str, value: f64| assert_eq!(sample(&scrape, name), Some(value), "{name}\n{scrape}");
+    expect("avatar_migration_objects_copied_total", 30.0);
+    expect("avatar_migration_objects_already_present_total", 0.0);
+    expect("avatar_migration_objects_set_aside_total{reason=\"destination_conflict\"}", 1.0);
+    expect("avatar_migration_rows_rewritten_total", 30.0);
+    expect("avatar_migration_messages_received_total", expected_deleted);
+    expect("avatar_migration_messages_deleted_total", expected_deleted);
+    expect("avatar_migration_objects_acknowledged_total", expected_deleted);
+    expect("avatar_migration_messages_in_flight", 0.0);
+    expect("avatar_migration_s3_copy_seconds_count", expected_deleted);
+    expect("avatar_migration_db_rewrite_seconds_count", 30.0);
+    expect("avatar_migration_s3_slowdowns_total", 0.0);
+
+    assert_eq!(http_get(&addr, "/health").await.0, 200);
+    // Without blocking the runtime: the fault proxy runs on it.
+    let check = || {
+        tokio::process::Command::new(testkit::binary("consumer"))
+            .envs(env.vars())
+            .env("METRICS_ADDR", &addr)
+            .arg("--health-check")
+            .output()
+    };
+    let ok = check().await.unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    // S3 stops answering but with 503: health fails, naming S3, and the slow-downs show.
+    s3.add(Rule::always(
+        When { method: Some("HEAD"), ..When::default() },
+        Fault::Error { status: 503, code: "SlowDown" },
+    ));
+    let (status, body) = http_get(&addr, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("S3: ") && !body.contains("SQS") && !body.contains("PostgreSQL"), "{body}");
+    let failed = check().await.unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("503"), "{}", String::from_utf8_lossy(&failed.stderr));
+    assert!(sample(&http_get(&addr, "/metrics").await.1, "avatar_migration_s3_slowdowns_total").unwrap() > 0.0);
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut child, std::time::Duration::from_secs(30)).await.success());
 }

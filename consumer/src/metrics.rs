@@ -1,0 +1,292 @@
+//! What the consumer counts, and the HTTP endpoint that serves it (`METRICS_ADDR`): Prometheus
+//! metrics on `/metrics` and a health check on `/health`.
+//!
+//! Promises:
+//! - every counter is the one the exit summary prints (one set of counters, not two);
+//! - `/health` answers 200 only when S3 (the destination bucket), SQS (the queue) and
+//!   PostgreSQL (`SELECT 1`) each answered within [`CHECK_TIMEOUT`], else 503 naming what
+//!   failed; it never prints a secret (the database is named by nothing but "PostgreSQL");
+//! - the endpoint never stops the work: a failure to serve one request is logged and dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::aws::{S3, Sqs, describe};
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// How long each dependency gets to answer a health check.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+type Labels = Vec<(String, String)>;
+
+/// The consumer's counters, shared by the workers, the exit summary and `/metrics`.
+#[derive(Debug)]
+pub struct Stats {
+    /// Messages received.
+    pub received: Counter,
+    /// Messages deleted (every object done or recorded).
+    pub deleted: Counter,
+    pub copied: Counter,
+    pub already_present: Counter,
+    pub rows_rewritten: Counter,
+    pub set_aside: Counter,
+    pub set_aside_by_reason: Family<Labels, Counter>,
+    /// Objects left for a later delivery (their message comes back).
+    pub retry_later: Counter,
+    /// Objects whose message was deleted.
+    pub acked: Counter,
+    /// Messages being worked on now.
+    pub in_flight: Gauge,
+    /// Seconds to put one object at its destination (checks and copy).
+    pub copy_seconds: Histogram,
+    /// Seconds from asking for an object's row rewrite to its result (batching included).
+    pub rewrite_seconds: Histogram,
+    s3_slowdowns: Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let seconds = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        Self {
+            received: Counter::default(),
+            deleted: Counter::default(),
+            copied: Counter::default(),
+            already_present: Counter::default(),
+            rows_rewritten: Counter::default(),
+            set_aside: Counter::default(),
+            set_aside_by_reason: Family::default(),
+            retry_later: Counter::default(),
+            acked: Counter::default(),
+            in_flight: Gauge::default(),
+            copy_seconds: seconds(),
+            rewrite_seconds: seconds(),
+            s3_slowdowns: Counter::default(),
+        }
+    }
+}
+
+impl Stats {
+    pub fn print_summary(&self, elapsed: Duration) {
+        println!(
+            "consumer: received {} messages; copied {}, already present {}; rows rewritten {}; \
+             set aside {}; left for retry {}; acknowledged {}; in {:.1}s",
+            self.received.get(),
+            self.copied.get(),
+            self.already_present.get(),
+            self.rows_rewritten.get(),
+            self.set_aside.get(),
+            self.retry_later.get(),
+            self.acked.get(),
+            elapsed.as_secs_f64()
+        );
+    }
+
+    /// Counts an object set aside with its reason.
+    pub fn count_set_aside(&self, reason: &str) {
+        self.set_aside.inc();
+        self.set_aside_by_reason.get_or_create(&vec![("reason".to_owned(), reason.to_owned())]).inc();
+    }
+
+    /// Every metric, registered under `avatar_migration_`.
+    fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("avatar_migration");
+        r.register("messages_received", "Messages received from the queue", self.received.clone());
+        r.register("messages_deleted", "Messages deleted: every object done or recorded", self.deleted.clone());
+        r.register("objects_copied", "Objects this process copied", self.copied.clone());
+        r.register(
+            "objects_already_present",
+            "Objects whose destination already held the same bytes",
+            self.already_present.clone(),
+        );
+        r.register(
+            "objects_set_aside",
+            "Objects recorded for the operator, by reason",
+            self.set_aside_by_reason.clone(),
+        );
+        r.register("objects_retried", "Objects left for a later delivery", self.retry_later.clone());
+        r.register("objects_acknowledged", "Objects whose message was deleted", self.acked.clone());
+        r.register("rows_rewritten", "Rows pointed at their object's copy", self.rows_rewritten.clone());
+        r.register("messages_in_flight", "Messages being worked on", self.in_flight.clone());
+        r.register("s3_copy_seconds", "Seconds to put one object at its destination", self.copy_seconds.clone());
+        r.register(
+            "db_rewrite_seconds",
+            "Seconds from asking an object's row rewrite to its result",
+            self.rewrite_seconds.clone(),
+        );
+        r.register(
+            "s3_slowdowns",
+            "S3 answers asking to slow down (503, 429), retried ones included",
+            self.s3_slowdowns.clone(),
+        );
+        r
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        // The SDK's interceptor counts into a process-wide counter: catch up with it.
+        let seen = common::aws::S3_SLOWDOWNS.load(std::sync::atomic::Ordering::Relaxed);
+        self.s3_slowdowns.inc_by(seen.saturating_sub(self.s3_slowdowns.get()));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry()).expect("writing to a String");
+        out
+    }
+}
+
+/// Counts a message in flight until dropped.
+pub struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    pub fn start(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What `/health` checks.
+#[derive(Clone)]
+pub struct Health {
+    pub s3: S3,
+    pub sqs: Sqs,
+    pub db: PgPool,
+    pub bucket: String,
+    pub queue_url: String,
+}
+
+impl Health {
+    /// `Ok` when every dependency answered; otherwise what failed, one per line.
+    pub async fn check(&self) -> Result<(), String> {
+        let s3 = within("S3", async {
+            self.s3.head_bucket().bucket(&self.bucket).send().await.map(|_| ()).map_err(|e| describe(&e))
+        });
+        let sqs = within("SQS", async {
+            self.sqs
+                .get_queue_attributes()
+                .queue_url(&self.queue_url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| describe(&e))
+        });
+        let db = within("PostgreSQL", async {
+            sqlx::query("SELECT 1").execute(&self.db).await.map(|_| ()).map_err(|e| match e {
+                sqlx::Error::Database(e) => e.message().to_owned(),
+                other => other.to_string(),
+            })
+        });
+        let (s3, sqs, db) = tokio::join!(s3, sqs, db);
+        let failed: Vec<String> = [s3, sqs, db].into_iter().filter_map(Result::err).collect();
+        if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
+    }
+}
+
+/// Runs one check within [`CHECK_TIMEOUT`], naming `what` when it fails.
+async fn within(what: &str, check: impl Future<Output = Result<(), String>>) -> Result<(), String> {
+    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(format!("{what}: {why}")),
+        Err(_) => Err(format!("{what}: no answer within {CHECK_TIMEOUT:?}")),
+    }
+}
+
+/// Serves `/metrics` and `/health` on `addr` until `stop` fires; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    health: Health,
+    stop: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("METRICS_ADDR: cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(address = %bound, "serving /metrics and /health");
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let (stats, health) = (stats.clone(), health.clone());
+            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let (stats, health) = (stats.clone(), health.clone());
+                async move { Ok::<_, std::convert::Infallible>(answer(request.uri().path(), &stats, &health).await) }
+            });
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                    tracing::debug!(error = %e, "metrics endpoint: connection ended");
+                }
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn answer(path: &str, stats: &Stats, health: &Health) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", stats.encode()),
+        "/health" => {
+            let started = Instant::now();
+            match health.check().await {
+                Ok(()) => (StatusCode::OK, "text/plain", format!("ok ({:.0?})\n", started.elapsed())),
+                Err(why) => {
+                    tracing::warn!(failed = why, "health check failed");
+                    (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n"))
+                }
+            }
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "/metrics or /health\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response
+}
+
+/// `consumer --health-check`: asks the running consumer's `/health` on `addr` (the loopback
+/// when it listens on every interface); `Ok` on 200. For the container's health check, which
+/// has no curl.
+pub async fn probe(addr: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = if addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), addr.port()) } else { addr };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await?;
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::time::timeout(CHECK_TIMEOUT * 2, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from http://{target}/health"))??;
+    let status_line = answer.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status_line.split_whitespace().nth(1) == Some("200"),
+        "http://{target}/health: {status_line}: {}",
+        answer.split("\r\n\r\n").nth(1).unwrap_or_default().trim()
+    );
+    Ok(())
+}
