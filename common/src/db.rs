@@ -293,9 +293,36 @@ pub struct FailureRecord {
 }
 
 pub async fn list_failures(pool: &PgPool) -> sqlx::Result<Vec<FailureRecord>> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = failures_page(pool, None, after.as_ref(), 1000).await?;
+        let Some(last) = page.last() else { return Ok(all) };
+        after = Some((last.reason.clone(), last.subject.clone()));
+        all.extend(page);
+    }
+}
+
+/// Failure records after `after` (reason, subject) in that order, at most `limit`; only of
+/// `reason` when given. Pages through the records without loading them all.
+pub async fn failures_page(
+    pool: &PgPool,
+    reason: Option<&str>,
+    after: Option<&(String, String)>,
+    limit: i64,
+) -> sqlx::Result<Vec<FailureRecord>> {
+    let (after_reason, after_subject) =
+        after.map(|(r, s)| (Some(r.as_str()), Some(s.as_str()))).unwrap_or((None, None));
     let rows = sqlx::query(
-        "SELECT subject, reason, detail, occurrences FROM avatar_migration_failures ORDER BY reason, subject",
+        "SELECT subject, reason, detail, occurrences FROM avatar_migration_failures
+         WHERE ($1::text IS NULL OR reason = $1)
+           AND ($2::text IS NULL OR (reason, subject) > ($2, $3))
+         ORDER BY reason, subject LIMIT $4",
     )
+    .bind(reason)
+    .bind(after_reason)
+    .bind(after_subject)
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     Ok(rows

@@ -49,8 +49,8 @@ pub enum Command {
     /// written late. The plan ends with verify -> reconcile -> (consumers drain) -> verify.
     Reconcile(ReconcileArgs),
     /// List what was set aside for the operator: source missing, destination conflict,
-    /// malformed message, rows whose object is missing, ...
-    Failures,
+    /// malformed message, rows whose object is missing, ... Streamed, one per line.
+    Failures(FailuresArgs),
     /// What was moved (from the rewrite journal: row id, old path, new path, when) and what
     /// was set aside, with reasons: totals, or every record with --csv.
     Report(ReportArgs),
@@ -201,4 +201,21 @@ pub struct RollbackArgs {
     /// rows_rolled_back, rows_changed_since, rows_held, legacy_missing.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct FailuresArgs {
+    /// Only this reason (source_missing, destination_conflict, destination_unproven,
+    /// access_denied, object_archived, malformed_message, outside_prefix, row_object_missing,
+    /// key_too_long, encryption_key_unusable).
+    #[arg(long)]
+    pub reason: Option<String>,
+
+    /// One JSON object per line: reason, subject, occurrences, detail.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+
+    /// CSV with a header: reason, subject, occurrences, detail.
+    #[arg(long)]
+    pub csv: bool,
 }

@@ -9,9 +9,10 @@ use testkit::{Env, wait_until};
 
 use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, seed_legacy, wait_exit};
 
-/// After a run with a conflict and a row whose object is missing: every rewrite is in the
-/// journal, the report counts them and the set-aside by reason (and lists each one in CSV),
-/// and status says where things stand, with the rate and an ETA of zero (nothing left).
+/// After a run with a conflict and a malformed message: every rewrite is in the journal, the
+/// report counts them and the set-aside by reason (and lists each one in CSV), `failures`
+/// streams them as JSON or CSV, one reason or all, and status says where things stand, with
+/// the rate and an ETA of zero (nothing left).
 #[tokio::test]
 async fn status_and_report_tell_what_was_moved_and_set_aside() {
     let env = Env::new().await;
@@ -20,6 +21,7 @@ async fn status_and_report_tell_what_was_moved_and_set_aside() {
     env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
     env.insert_rows(&["image/conflict.png".into()]).await;
     feed(&env).await;
+    env.send_raw("not a message").await;
     drain(&env, &[]).await;
 
     let journal: Vec<(String, String, String)> =
@@ -39,16 +41,29 @@ async fn status_and_report_tell_what_was_moved_and_set_aside() {
     let report = last_json(&out);
     assert_eq!(report["rows_rewritten"], 12);
     assert_eq!(report["rows_rolled_back"], 0);
-    assert_eq!(report["set_aside"], json!({"destination_conflict": 1}));
+    assert_eq!(report["set_aside"], json!({"destination_conflict": 1, "malformed_message": 1}));
 
     let (code, csv) = feeder(&env, &["report", "--csv"]);
     assert_eq!(code, Some(0), "{csv}");
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "kind,row_id,old_path,new_path,at,reason,detail");
     assert_eq!(lines.iter().filter(|l| l.starts_with("moved,")).count(), 12);
-    let conflict: Vec<&&str> = lines.iter().filter(|l| l.starts_with("set_aside,")).collect();
-    assert_eq!(conflict.len(), 1);
-    assert!(conflict[0].contains("image/conflict.png") && conflict[0].contains("destination_conflict"));
+    let set_aside: Vec<&&str> = lines.iter().filter(|l| l.starts_with("set_aside,")).collect();
+    assert_eq!(set_aside.len(), 2);
+    assert!(set_aside[0].contains("image/conflict.png") && set_aside[0].contains("destination_conflict"));
+
+    let (code, out) = feeder(&env, &["failures", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let records: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reasons: Vec<&str> = records.iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["destination_conflict", "malformed_message"]);
+    assert_eq!(records[0]["subject"], "image/conflict.png");
+    let (code, out) = feeder(&env, &["failures", "--csv", "--reason", "malformed_message"]);
+    assert_eq!(code, Some(0), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0], "reason,subject,occurrences,detail");
+    assert!(lines[1].starts_with("malformed_message,message ") && lines[1].contains("not a message"), "{out}");
 
     let (code, out) = feeder(&env, &["status", "--json"]);
     assert_eq!(code, Some(0), "{out}");
@@ -58,7 +73,7 @@ async fn status_and_report_tell_what_was_moved_and_set_aside() {
     assert_eq!(status["rows_left"], 0, "the legacy row left is set aside");
     assert_eq!((status["queue_visible"].clone(), status["queue_in_flight"].clone()), (json!(0), json!(0)));
     assert_eq!(status["dlq_visible"], 0);
-    assert_eq!(status["failures"], json!({"destination_conflict": 1}));
+    assert_eq!(status["failures"], json!({"destination_conflict": 1, "malformed_message": 1}));
     assert_eq!(status["listing_complete"], true);
     assert_eq!(status["objects_listed"], 13);
     assert_eq!(status["rewrites_recorded"], 12);

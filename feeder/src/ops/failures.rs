@@ -1,13 +1,42 @@
-//! `feeder failures`: prints what was set aside, one per line: reason, subject, occurrences,
-//! detail. Writes nothing.
+//! `feeder failures`: what was set aside, streamed page by page (never every record at once):
+//! one per line (reason, subject, occurrences, detail, tab-separated), or CSV, or one JSON
+//! object per line; `--reason` keeps one reason. Writes nothing.
+
+use std::io::Write;
 
 use crate::Clients;
+use crate::settings::FailuresArgs;
 
-pub async fn failures(clients: &Clients) -> anyhow::Result<()> {
-    let all = common::db::list_failures(&clients.db).await?;
-    for f in &all {
-        println!("{}\t{}\t{}\t{}", f.reason, f.subject, f.occurrences, f.detail);
+pub async fn failures(args: &FailuresArgs, clients: &Clients) -> anyhow::Result<u64> {
+    let stdout = std::io::stdout();
+    let mut csv = args.csv.then(|| csv::Writer::from_writer(stdout.lock()));
+    if let Some(out) = &mut csv {
+        out.write_record(["reason", "subject", "occurrences", "detail"])?;
     }
-    eprintln!("{} set aside", all.len());
-    Ok(())
+    let mut count = 0;
+    let mut after = None;
+    loop {
+        let page = common::db::failures_page(&clients.db, args.reason.as_deref(), after.as_ref(), 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.reason.clone(), last.subject.clone()));
+        count += page.len() as u64;
+        for f in &page {
+            let occurrences = f.occurrences.to_string();
+            match &mut csv {
+                Some(out) => out.write_record([&f.reason, &f.subject, &occurrences, &f.detail])?,
+                None if args.json => println!(
+                    "{}",
+                    serde_json::json!({"reason": f.reason, "subject": f.subject, "occurrences": f.occurrences,
+                                       "detail": f.detail})
+                ),
+                None => println!("{}\t{}\t{}\t{}", f.reason, f.subject, f.occurrences, f.detail),
+            }
+        }
+    }
+    if let Some(mut out) = csv {
+        out.flush()?;
+    }
+    std::io::stdout().flush()?;
+    eprintln!("{count} set aside");
+    Ok(count)
 }
