@@ -278,6 +278,35 @@ pub async fn queue_retention(sqs: &Sqs, queue_url: &str) -> anyhow::Result<std::
     Ok(std::time::Duration::from_secs(secs))
 }
 
+/// The queue's redrive policy: its dead-letter queue's URL and `maxReceiveCount`; `None`
+/// without one.
+pub async fn redrive_policy(sqs: &Sqs, queue_url: &str) -> anyhow::Result<Option<(String, u32)>> {
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::RedrivePolicy)
+        .send()
+        .await
+        .map_err(|e| anyhow!("reading the redrive policy of {queue_url}: {}", describe(&e)))?;
+    let Some(policy) = out.attributes().and_then(|a| a.get(&QueueAttributeName::RedrivePolicy)) else {
+        return Ok(None);
+    };
+    let policy: serde_json::Value = serde_json::from_str(policy).context("the queue's RedrivePolicy is not JSON")?;
+    let Some(name) = policy["deadLetterTargetArn"].as_str().and_then(|arn| arn.rsplit(':').next()) else {
+        return Ok(None);
+    };
+    // SQS writes it as a number or as a string, depending on who set it.
+    let max = &policy["maxReceiveCount"];
+    let max = max.as_u64().or_else(|| max.as_str().and_then(|s| s.parse().ok())).unwrap_or(0) as u32;
+    let url = sqs
+        .get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .map_err(|e| anyhow!("finding the dead-letter queue {name}: {}", describe(&e)))?;
+    Ok(url.queue_url().map(|u| (u.to_owned(), max)))
+}
+
 /// Messages waiting, in flight and delayed in a queue (SQS's approximate counts).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueDepth {

@@ -248,6 +248,9 @@ pub enum Reason {
     KeyTooLong,
     /// The object's KMS key is disabled, missing or not granted (`KMS.*`).
     EncryptionKeyUnusable,
+    /// Failed on every delivery up to the queue's `maxReceiveCount`: its message goes to the
+    /// dead-letter queue; the detail holds the last error. `feeder redrive` retries it.
+    RetriesExhausted,
 }
 
 impl Reason {
@@ -264,6 +267,7 @@ impl Reason {
             Reason::ObjectArchived => "object_archived",
             Reason::KeyTooLong => "key_too_long",
             Reason::EncryptionKeyUnusable => "encryption_key_unusable",
+            Reason::RetriesExhausted => "retries_exhausted",
         }
     }
 }
@@ -329,6 +333,16 @@ pub async fn failures_page(
         .into_iter()
         .map(|r| FailureRecord { subject: r.get(0), reason: r.get(1), detail: r.get(2), occurrences: r.get(3) })
         .collect())
+}
+
+/// Forgets the records of these subjects with this reason (they are being retried).
+pub async fn clear_failures(pool: &PgPool, subjects: &[String], reason: Reason) -> sqlx::Result<u64> {
+    let done = sqlx::query("DELETE FROM avatar_migration_failures WHERE reason = $1 AND subject = ANY($2)")
+        .bind(reason.as_str())
+        .bind(subjects)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
 }
 
 /// How many failures of each reason are recorded (one `GROUP BY`, never every row).

@@ -71,6 +71,16 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         multipart: settings.multipart(),
     };
     copier.destination_check = copier.resolve_destination_check().await;
+    let max_receive_count = match common::aws::redrive_policy(&clients.sqs, &settings.queue.queue_url).await {
+        Ok(policy) => policy.map(|(_, max)| max),
+        Err(err) => {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "cannot read the queue's redrive policy: dead-lettered keys get no reason"
+            );
+            None
+        }
+    };
     let worker = Arc::new(process::Worker {
         sqs: clients.sqs.clone(),
         db: clients.db.clone(),
@@ -81,6 +91,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         visibility: settings.visibility_timeout(),
         stats: stats.clone(),
         halt: halt.clone(),
+        max_receive_count,
     });
     let ended = receive::run(&settings.receive_config(), worker, stop).await;
     match ended {

@@ -35,6 +35,10 @@ pub struct Worker {
     pub visibility: Duration,
     pub stats: std::sync::Arc<Stats>,
     pub halt: std::sync::Arc<Halt>,
+    /// The queue's `maxReceiveCount`: on that delivery an object that fails again is recorded
+    /// (`retries_exhausted`, with its last error) before its message goes to the dead-letter
+    /// queue. `None`: no dead-letter queue.
+    pub max_receive_count: Option<u32>,
 }
 
 /// Stops the whole process on an error no retry can fix (a bucket gone, credentials refused,
@@ -103,17 +107,20 @@ impl Worker {
             Ok(objects) => {
                 let mut deletable = true;
                 let mut rewrites = Vec::new();
+                let receipts = receive_count(&message);
                 for msg in &objects {
                     let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
                     match self.copy_object(msg).instrument(span.clone()).await {
                         Ok(destination) => rewrites.push(
                             async move {
                                 let outcome = self.rewrite_rows(msg, destination).await;
+                                self.note_exhausted(&outcome, &msg.key, receipts).await;
                                 self.settle(outcome).await
                             }
                             .instrument(span),
                         ),
                         Err(outcome) => {
+                            self.note_exhausted(&outcome, &msg.key, receipts).instrument(span.clone()).await;
                             let fatal = matches!(outcome, Outcome::Fatal(_));
                             deletable &= self.settle(outcome).instrument(span).await;
                             if fatal {
@@ -131,6 +138,20 @@ impl Worker {
         drop(lease);
         if deletable {
             self.acker.ack(receipt, objects).await;
+        }
+    }
+
+    /// On the last delivery before the dead-letter queue, records why the object keeps
+    /// failing, so that `feeder failures` shows a reason for every dead-lettered key.
+    async fn note_exhausted(&self, outcome: &Outcome, key: &str, receipts: u32) {
+        let Outcome::RetryLater(why) = outcome else { return };
+        let Some(max) = self.max_receive_count.filter(|&max| max > 0 && receipts >= max) else { return };
+        let detail = format!(
+            "received {receipts} times (maxReceiveCount {max}): its message goes to the dead-letter queue \
+             (feeder redrive retries it); last error: {why}"
+        );
+        if let Err(err) = common::db::record_failure(&self.db, key, Reason::RetriesExhausted, &detail).await {
+            tracing::warn!(error = %err, "cannot record why the object keeps failing");
         }
     }
 
@@ -207,6 +228,15 @@ impl Worker {
             }
         }
     }
+}
+
+/// How many times SQS delivered this message (1 when it does not say).
+fn receive_count(message: &Message) -> u32 {
+    message
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -222,6 +222,7 @@ impl Receiver {
             .max_number_of_messages(max as i32)
             .wait_time_seconds(self.config.wait.as_secs() as i32)
             .visibility_timeout(self.config.visibility.as_secs().min(43_200) as i32)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await?;
         Ok(out.messages.unwrap_or_default())

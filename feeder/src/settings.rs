@@ -59,6 +59,9 @@ pub enum Command {
     /// and only while their legacy object exists. Refuses while the queue holds messages
     /// (stop the consumers and purge it first). Destination objects are left in place.
     Rollback(RollbackArgs),
+    /// Move the dead-letter queue's messages back to the queue, once what made them fail is
+    /// fixed (their keys' retries_exhausted records are forgotten as they are retried).
+    Redrive(RedriveArgs),
 }
 
 /// Options of `run`.
@@ -207,7 +210,7 @@ pub struct RollbackArgs {
 pub struct FailuresArgs {
     /// Only this reason (source_missing, destination_conflict, destination_unproven,
     /// access_denied, object_archived, malformed_message, outside_prefix, row_object_missing,
-    /// key_too_long, encryption_key_unusable).
+    /// key_too_long, encryption_key_unusable, retries_exhausted).
     #[arg(long)]
     pub reason: Option<String>,
 
@@ -218,4 +221,11 @@ pub struct FailuresArgs {
     /// CSV with a header: reason, subject, occurrences, detail.
     #[arg(long)]
     pub csv: bool,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RedriveArgs {
+    /// Show how many messages wait and some of their keys; move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }

@@ -415,7 +415,8 @@ fn env_sample_documents_every_setting() {
 
 /// A transient failure (here the database refusing the rewrite) leaves the message to come
 /// back; once the database accepts it, the object completes. A message that keeps failing
-/// lands in the dead-letter queue after maxReceiveCount (5) receipts instead of looping forever.
+/// lands in the dead-letter queue after maxReceiveCount (5) receipts instead of looping forever,
+/// its key recorded with the last error; `feeder redrive` moves it back once fixed.
 #[tokio::test]
 async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
     let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 1).await;
@@ -437,23 +438,33 @@ async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
     assert_eq!(env.path_of(ids[0]).await, "image/flaky.png", "not rewritten while the database refuses");
     assert_eq!(env.depth(&env.dlq_url).await.0, 1, "after 5 receipts the message is in the dead-letter queue");
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
-    assert_eq!(env.failures().await, vec![], "a transient failure is not recorded as permanent");
+    // On its last delivery the key was recorded with the last error, so the operator sees why.
+    assert_eq!(env.failures().await, vec![("retries_exhausted".to_owned(), "image/flaky.png".to_owned())]);
+    let detail: String =
+        sqlx::query_scalar("SELECT detail FROM avatar_migration_failures").fetch_one(&env.db).await.unwrap();
+    assert!(
+        detail.contains("received 5 times (maxReceiveCount 5)") && detail.contains("database refuses writes"),
+        "{detail}"
+    );
     // The operator sees it: `feeder status` follows the redrive policy to the dead-letter queue.
     let status = std::process::Command::new(testkit::binary("feeder")).envs(env.vars()).arg("status").output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("1 messages in the dead-letter queue"), "{status}");
     assert!(status.contains("rows:     1 in all: 1 legacy, 0 modern"), "{status}");
+    let feeder = |args: &[&str]| {
+        let out = std::process::Command::new(testkit::binary("feeder")).envs(env.vars()).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dry = feeder(&["redrive", "--dry-run"]);
+    assert!(dry.contains("would move image/flaky.png"), "{dry}");
+    assert_eq!(env.depth(&env.dlq_url).await.0, 1, "a dry run moves nothing");
 
-    // The database accepts writes again; the same object fed again completes.
+    // The database accepts writes again; the dead letter is moved back and completes.
     sqlx::raw_sql("DROP TRIGGER refuse ON avatars").execute(&env.db).await.unwrap();
-    feeder::feed(
-        &feeder::Settings::try_parse_from(env.args("feeder")).unwrap(),
-        &feeder::RunArgs { restart: true, ..feeder::RunArgs::default() },
-        &feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() },
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    assert!(feeder(&["redrive"]).contains("moved 1 messages"));
+    assert_eq!(env.depth(&env.dlq_url).await, (0, 0));
+    assert_eq!(env.failures().await, vec![], "retried: its record is forgotten");
     drain(&env, &vis).await;
     assert_eq!(env.path_of(ids[0]).await, "avatar/flaky.png");
 }

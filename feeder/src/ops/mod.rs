@@ -7,11 +7,13 @@
 //! | [`verify`] | every row, a HEAD per legacy or modern row | failures: `row_object_missing` |
 //! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
 //! | [`failures`] | the failure records | nothing |
+//! | [`redrive`] | the dead-letter queue | queue messages (moved back); failures: `retries_exhausted` forgotten |
 //! | [`report`] | the rewrite journal, the failure records | nothing |
 //! | [`rollback`] | the rewrite journal, a HEAD per legacy object | `avatars.path` (compare-and-set), the journal's `rolled_back_at` |
 
 pub mod failures;
 pub mod reconcile;
+pub mod redrive;
 pub mod report;
 pub mod rollback;
 pub mod status;

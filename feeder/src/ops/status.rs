@@ -7,9 +7,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use aws_sdk_sqs::types::QueueAttributeName;
-use common::aws::{QueueDepth, describe, queue_depth};
+use common::aws::{QueueDepth, queue_depth, redrive_policy};
 use common::db::{Checkpoint, JournalSummary, RowCounts};
 use tokio_util::sync::CancellationToken;
 
@@ -133,8 +131,8 @@ async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) ->
     let ranges = common::db::load_ranges(&clients.db, bucket, prefix).await?;
     status.parts = (!ranges.is_empty()).then(|| (ranges.len(), ranges.iter().filter(|r| r.finished).count()));
     status.queue = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
-    status.dlq = match dead_letter_queue(clients, &settings.queue.queue_url).await? {
-        Some(url) => Some(queue_depth(&clients.sqs, &url).await?),
+    status.dlq = match redrive_policy(&clients.sqs, &settings.queue.queue_url).await? {
+        Some((url, _)) => Some(queue_depth(&clients.sqs, &url).await?),
         None => None,
     };
     status.failures = common::db::failure_counts(&clients.db).await?;
@@ -213,30 +211,4 @@ fn progress_bar(status: &Status) -> indicatif::ProgressBar {
             .expect("a valid template"),
     );
     bar
-}
-
-async fn dead_letter_queue(clients: &Clients, queue_url: &str) -> anyhow::Result<Option<String>> {
-    let out = clients
-        .sqs
-        .get_queue_attributes()
-        .queue_url(queue_url)
-        .attribute_names(QueueAttributeName::RedrivePolicy)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the redrive policy of {queue_url}: {}", describe(&e)))?;
-    let Some(policy) = out.attributes().and_then(|a| a.get(&QueueAttributeName::RedrivePolicy)) else {
-        return Ok(None);
-    };
-    let policy: serde_json::Value = serde_json::from_str(policy).context("the queue's RedrivePolicy is not JSON")?;
-    let Some(name) = policy["deadLetterTargetArn"].as_str().and_then(|arn| arn.rsplit(':').next()) else {
-        return Ok(None);
-    };
-    let url = clients
-        .sqs
-        .get_queue_url()
-        .queue_name(name)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("finding the dead-letter queue {name}: {}", describe(&e)))?;
-    Ok(url.queue_url().map(str::to_owned))
 }
