@@ -65,6 +65,11 @@ fn messages(objects: &[ObjectMessage], per_message: usize) -> Vec<Outgoing<'_>> 
         .collect()
 }
 
+/// How many messages these objects go in.
+pub fn message_count(objects: &[ObjectMessage], per_message: usize) -> usize {
+    messages(objects, per_message).len()
+}
+
 /// Groups messages into batches of at most [`BATCH`] entries and [`BATCH_BYTES`].
 fn batches<'a, 'o>(messages: &'a [Outgoing<'o>]) -> Vec<&'a [Outgoing<'o>]> {
     runs(messages, BATCH, BATCH_BYTES, 0, |m| m.body.len())

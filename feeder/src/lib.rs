@@ -37,8 +37,10 @@ pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
 pub struct Summary {
     /// Objects listed by this run.
     pub listed: u64,
-    /// Messages sent by this run.
+    /// Objects sent by this run.
     pub enqueued: u64,
+    /// Messages they went in (with `--dry-run`: would go in).
+    pub messages: u64,
     /// The key this run resumed after, when it resumed from a checkpoint.
     pub resumed_after: Option<String>,
     /// Whether the whole prefix has now been listed and enqueued.
@@ -60,14 +62,18 @@ pub async fn feed(
         common::db::load_checkpoint(&clients.db, bucket, prefix).await.context("reading the feeder checkpoint")?;
     if args.restart {
         checkpoint = Checkpoint::default();
-        common::db::replace_ranges(&clients.db, bucket, prefix, &[]).await.context("clearing the listing's ranges")?;
+        if !args.dry_run {
+            common::db::replace_ranges(&clients.db, bucket, prefix, &[])
+                .await
+                .context("clearing the listing's ranges")?;
+        }
     } else if checkpoint.finished {
         println!(
             "feeder: s3://{bucket}/{prefix} was already listed completely ({} objects); nothing to do \
              (use `feeder --restart true` to list it again)",
             checkpoint.listed
         );
-        return Ok(Summary { listed: 0, enqueued: 0, resumed_after: checkpoint.last_key, finished: true });
+        return Ok(Summary { listed: 0, enqueued: 0, messages: 0, resumed_after: checkpoint.last_key, finished: true });
     }
     // SQS deletes a message older than the queue's retention period, whether or not it was
     // consumed: the backlog limit keeps the queue from holding that much; `verify` and
@@ -106,9 +112,11 @@ pub async fn feed(
                     ..KeyRange::default()
                 })
                 .collect();
-            common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
-                .await
-                .context("saving the input's parts")?;
+            if !args.dry_run {
+                common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
+                    .await
+                    .context("saving the input's parts")?;
+            }
         }
         let saved: Vec<Option<&str>> = ranges.iter().map(|r| r.inventory_file.as_deref()).collect();
         anyhow::ensure!(
@@ -124,9 +132,11 @@ pub async fn feed(
     }
     if ranges.is_empty() && args.list_ranges > 1 {
         ranges = ranges::plan(&lister, resumed_after.as_deref(), args.list_ranges.into()).await?;
-        common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
-            .await
-            .context("saving the listing's ranges")?;
+        if !args.dry_run {
+            common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
+                .await
+                .context("saving the listing's ranges")?;
+        }
         tracing::info!(ranges = ranges.len(), "listing in key ranges at once");
     }
     if let Some(key) = &resumed_after {
@@ -160,7 +170,7 @@ pub async fn feed(
         })
         .collect();
     drop(tx);
-    let mut summary = Summary { listed: 0, enqueued: 0, resumed_after, finished: false };
+    let mut summary = Summary { listed: 0, enqueued: 0, messages: 0, resumed_after, finished: false };
     let mut unfinished = ranges.iter().filter(|r| !r.finished).count();
     while let Some((i, item)) = pages.recv().await {
         let page = match item? {
@@ -173,7 +183,7 @@ pub async fn feed(
             list::Listing::Complete => {
                 ranges[i].finished = true;
                 unfinished -= 1;
-                if in_ranges {
+                if in_ranges && !args.dry_run {
                     common::db::save_progress(&clients.db, bucket, prefix, &checkpoint, Some(&ranges[i]))
                         .await
                         .context("saving the feeder checkpoint")?;
@@ -184,6 +194,11 @@ pub async fn feed(
                 continue;
             }
         };
+        if args.dry_run {
+            summary.listed += page.len() as u64;
+            summary.messages += enqueue::message_count(&page, args.objects_per_message.into()) as u64;
+            continue;
+        }
         wait_for_room(clients, &settings.queue.queue_url, args.max_backlog, &shutdown).await?;
         let sent = enqueue::enqueue(
             &clients.sqs,
@@ -194,6 +209,7 @@ pub async fn feed(
         )
         .await
         .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
+        summary.messages += enqueue::message_count(&page, args.objects_per_message.into()) as u64;
         summary.listed += page.len() as u64;
         summary.enqueued += sent;
         checkpoint.listed += page.len() as i64;
@@ -221,6 +237,15 @@ pub async fn feed(
     for lister in listers {
         lister.await.context("a listing task failed")?;
     }
+    if args.dry_run {
+        println!(
+            "feeder: dry run: would enqueue {} objects of s3://{bucket}/{prefix} in {} messages; nothing was sent or \
+             saved",
+            summary.listed, summary.messages
+        );
+        summary.finished = unfinished == 0;
+        return Ok(summary);
+    }
     if unfinished == 0 {
         checkpoint.finished = true;
         common::db::save_checkpoint(&clients.db, bucket, prefix, &checkpoint)
@@ -239,12 +264,13 @@ fn print_summary(mapping: &KeyMapping, summary: &Summary, checkpoint: &Checkpoin
     let resumed = summary.resumed_after.as_ref().map(|k| format!(" (resumed after {k:?})")).unwrap_or_default();
     let state = if summary.finished { "done" } else { "interrupted: run again to resume" };
     println!(
-        "feeder: {state}: listed {} objects under s3://{}/{}{resumed}, enqueued {} messages in {secs:.1}s \
-         ({:.0}/s); {} listed in all",
+        "feeder: {state}: listed {} objects under s3://{}/{}{resumed}, enqueued {} objects in {} messages in \
+         {secs:.1}s ({:.0} objects/s); {} listed in all",
         summary.listed,
         mapping.source_bucket,
         mapping.source_prefix,
         summary.enqueued,
+        summary.messages,
         summary.enqueued as f64 / secs.max(0.001),
         checkpoint.listed,
     );

@@ -106,6 +106,11 @@ pub struct RunArgs {
     #[arg(long, env = "MAX_BACKLOG", default_value = "100000")]
     pub max_backlog: u64,
 
+    /// List (or read the inventory report) and count what would be enqueued, in how many
+    /// messages; send nothing and save no checkpoint.
+    #[arg(long, env = "DRY_RUN", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
+    pub dry_run: bool,
+
     /// Ignore the checkpoint and list from the start (messages for objects already moved are
     /// harmless: consumers find them done).
     #[arg(long, env = "RESTART", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
@@ -119,6 +124,7 @@ impl Default for RunArgs {
             objects_per_message: 10,
             list_ranges: 1,
             inventory: None,
+            dry_run: false,
             send_concurrency: NonZeroUsize::new(16).unwrap(),
             max_backlog: 100_000,
             restart: false,

@@ -471,3 +471,24 @@ async fn a_corrupt_or_foreign_inventory_report_is_an_error() {
     assert!(err.contains("not SOURCE_BUCKET_NAME"), "{err}");
     assert_eq!(env.drain().await.len(), 0, "nothing sent");
 }
+
+/// A dry run lists (here in key ranges) and counts objects and messages, but sends nothing
+/// and saves no checkpoint or range: a real run afterwards starts from the beginning.
+#[tokio::test]
+async fn a_dry_run_counts_and_sends_or_saves_nothing() {
+    let env = Env::new().await;
+    let keys = awkward_uneven_keys();
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    let (settings, clients) = (settings(&env), clients(&env).await);
+    let dry = RunArgs { dry_run: true, list_ranges: 4, ..run_args(7) };
+    let summary = feeder::feed(&settings, &dry, &clients, CancellationToken::new()).await.unwrap();
+    let n = keys.len() as u64;
+    assert_eq!((summary.listed, summary.enqueued, summary.finished), (n, 0, true));
+    assert!(summary.messages >= n.div_ceil(10), "{summary:?}");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0), "nothing sent");
+    assert_eq!(common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap(), Default::default());
+    assert!(common::db::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap().is_empty());
+    let real = RunArgs { dry_run: false, ..dry };
+    let real = feeder::feed(&settings, &real, &clients, CancellationToken::new()).await.unwrap();
+    assert_eq!((real.listed, real.messages), (n, summary.messages), "the same count, for real");
+}
