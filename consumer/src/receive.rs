@@ -141,22 +141,14 @@ impl Receiver {
         // queue, short enough to resume promptly after a network blip.
         let mut backoff = Duration::from_secs(1);
         while !drain.is_cancelled() {
-            // Receive as soon as one permit is free, for as many messages as there are free
-            // permits then (up to ten): waiting for ten would leave permits idle meanwhile.
             let mut held = tokio::select! {
-                p = self.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                p = self.permits.clone().acquire_many_owned(per_receive as u32) => p.expect("semaphore never closed"),
                 _ = drain.cancelled() => break,
             };
-            for _ in 1..per_receive {
-                match self.permits.clone().try_acquire_owned() {
-                    Ok(more) => held.merge(more),
-                    Err(_) => break,
-                }
-            }
             let received = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                r = self.receive(held.num_permits()) => r,
+                r = self.receive(per_receive) => r,
             };
             let messages = match received {
                 Ok(messages) => {
