@@ -24,7 +24,7 @@ use common::db::Reason;
 use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
 
-use crate::multipart::{self, Multipart};
+use crate::multipart::{self, InParts, Multipart};
 
 /// Where, under the destination prefix, [`Copier::resolve_destination_check`] puts its two
 /// short-lived objects (the IAM grant for deleting them is scoped to it).
@@ -195,15 +195,19 @@ impl Copier {
         }
         if size > self.multipart.threshold {
             let (source, destination) = ((src_bucket.as_str(), source_key), (dst_bucket.as_str(), destination_key));
-            if multipart::copy(&self.s3, &self.multipart, source, destination).await? {
-                return Ok(Copied::Copied);
-            }
-            return match self.head(dst_bucket, destination_key).await? {
-                Some(dest) => self.compare(source_key, listed_etag, destination_key, dest).await,
-                None => {
-                    Err(CopyError::Transient("the multipart copy was refused (412), yet no destination exists".into()))
+            match multipart::copy(&self.s3, &self.multipart, source, destination).await? {
+                InParts::Copied => return Ok(Copied::Copied),
+                InParts::DestinationExists => {
+                    return match self.head(dst_bucket, destination_key).await? {
+                        Some(dest) => self.compare(source_key, listed_etag, destination_key, dest).await,
+                        None => Err(CopyError::Transient(
+                            "the multipart copy was refused (412), yet no destination exists".into(),
+                        )),
+                    };
                 }
-            };
+                // Replaced by a smaller object since it was listed: copied whole below.
+                InParts::Small => {}
+            }
         }
         let source_missing = || CopyError::SetAside {
             reason: Reason::SourceMissing,

@@ -54,16 +54,30 @@ struct Source {
     head: aws_sdk_s3::operation::head_object::HeadObjectOutput,
 }
 
-/// Copies `source` to `destination` in parts. `Ok(false)`: the destination appeared meanwhile
-/// (the server refused to complete over it); the caller compares.
+/// What a copy in parts did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InParts {
+    Copied,
+    /// The destination appeared meanwhile (the server refused to complete over it): the
+    /// caller compares.
+    DestinationExists,
+    /// The source is now no larger than the threshold (it was replaced since it was listed):
+    /// the caller copies it whole.
+    Small,
+}
+
+/// Copies `source` to `destination` in parts.
 pub async fn copy(
     s3: &S3,
     config: &Multipart,
     (src_bucket, src_key): (&str, &str),
     (dst_bucket, dst_key): (&str, &str),
-) -> Result<bool, CopyError> {
+) -> Result<InParts, CopyError> {
     let step = |what: &str| format!("{what} s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
     let source = head_source(s3, src_bucket, src_key).await?;
+    if source.size <= config.threshold {
+        return Ok(InParts::Small);
+    }
     let part_size = part_size(s3, config, src_bucket, src_key, &source).await;
     let tagging = tagging(s3, src_bucket, src_key).await?;
     let h = &source.head;
@@ -89,7 +103,7 @@ pub async fn copy(
     let done =
         copy_parts(s3, config, &source, part_size, (src_bucket, src_key), (dst_bucket, dst_key), &upload_id).await;
     match done {
-        Ok(true) => guard.disarm(),
+        Ok(InParts::Copied) => guard.disarm(),
         // The destination appeared meanwhile, or a part failed: the parts are removed.
         _ => guard.abort().await,
     }
@@ -105,7 +119,7 @@ async fn copy_parts(
     (src_bucket, src_key): (&str, &str),
     (dst_bucket, dst_key): (&str, &str),
     upload_id: &str,
-) -> Result<bool, CopyError> {
+) -> Result<InParts, CopyError> {
     let step = |what: &str| format!("{what} s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
     let copy_source = common::keys::copy_source(src_bucket, src_key);
     let count = (source.size + part_size - 1) / part_size;
@@ -149,8 +163,8 @@ async fn copy_parts(
         .send()
         .await;
     match completed {
-        Ok(_) => Ok(true),
-        Err(e) if status(&e) == Some(412) => Ok(false),
+        Ok(_) => Ok(InParts::Copied),
+        Err(e) if status(&e) == Some(412) => Ok(InParts::DestinationExists),
         Err(e) => Err(CopyError::from_s3(&step("completing a multipart copy"), &e)),
     }
 }

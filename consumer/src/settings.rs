@@ -106,9 +106,9 @@ pub struct Settings {
 
     /// Record every row rewrite (row id, old path, new path, when) in the table
     /// `avatar_migration_journal`, in the same statement as the rewrite: what `feeder report`
-    /// lists and `feeder rollback` undoes. Measured: rewrites about 10 % slower (24,175 against
-    /// 26,718 rows/s locally) and 124 bytes a row on disk (37 GB at 300 M rows): see
-    /// docs/operations.md, which also says when to drop it.
+    /// lists and `feeder rollback` undoes. Measured: rewrites up to 10 % slower and 125 bytes a
+    /// row on disk (37 GB at 300 M rows): see docs/operations.md, which also says when to
+    /// drop it.
     #[arg(long, env = "REWRITE_JOURNAL", value_parser = clap::builder::BoolishValueParser::new(), default_value = "true", action = clap::ArgAction::Set)]
     pub rewrite_journal: bool,
 
