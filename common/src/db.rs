@@ -220,6 +220,12 @@ pub async fn rewrite_paths(
         .collect())
 }
 
+/// How many rows point at `path` (through the index on `path`).
+pub async fn count_at_path(pool: &PgPool, path: &str) -> sqlx::Result<u64> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM avatars WHERE path = $1").bind(path).fetch_one(pool).await?;
+    Ok(n as u64)
+}
+
 /// Why an object (or message) was set aside for the operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {

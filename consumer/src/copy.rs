@@ -257,6 +257,28 @@ impl Copier {
         Err(CopyError::Transient(format!("source s3://{src_bucket}/{source_key} keeps changing")))
     }
 
+    /// What [`Self::ensure_copied`] would do, without writing: `Ok(Copied::Copied)` means it
+    /// would copy; `AlreadyPresent` and the set-aside errors are decided as for real (HEADs,
+    /// and the bounded comparison when metadata cannot tell).
+    pub async fn inspect(
+        &self,
+        source_key: &str,
+        listed_etag: &str,
+        destination_key: &str,
+    ) -> Result<Copied, CopyError> {
+        let (dst_bucket, src_bucket) = (&self.mapping.destination_bucket, &self.mapping.source_bucket);
+        if let Some(dest) = self.head(dst_bucket, destination_key).await? {
+            return self.compare(source_key, listed_etag, destination_key, dest).await;
+        }
+        match self.head(src_bucket, source_key).await? {
+            Some(_) => Ok(Copied::Copied),
+            None => Err(CopyError::SetAside {
+                reason: Reason::SourceMissing,
+                detail: format!("source object s3://{src_bucket}/{source_key} does not exist"),
+            }),
+        }
+    }
+
     /// The destination exists: done if it holds the source's bytes, set aside otherwise.
     async fn compare(
         &self,

@@ -70,7 +70,10 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         destination_check: settings.destination_check,
         multipart: settings.multipart(),
     };
-    copier.destination_check = copier.resolve_destination_check().await;
+    // A dry run writes nothing, not even the probe's objects; it looks at every destination.
+    if !settings.dry_run {
+        copier.destination_check = copier.resolve_destination_check().await;
+    }
     let max_receive_count = match common::aws::redrive_policy(&clients.sqs, &settings.queue.queue_url).await {
         Ok(policy) => policy.map(|(_, max)| max),
         Err(err) => {
@@ -92,6 +95,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         stats: stats.clone(),
         halt: halt.clone(),
         max_receive_count,
+        dry_run: settings.dry_run.then(process::DryRun::default),
     });
     let ended = receive::run(&settings.receive_config(), worker, stop).await;
     match ended {
@@ -109,6 +113,12 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
                 "shutdown grace period over with objects still in flight: their messages come back later"
             );
         }
+    }
+    if settings.dry_run {
+        println!(
+            "consumer: dry run: nothing was copied, written or deleted; the counts below are what would have been \
+             done (messages come back after their visibility timeout)"
+        );
     }
     stats.print_summary(started.elapsed());
     match halt.take() {

@@ -39,6 +39,15 @@ pub struct Worker {
     /// (`retries_exhausted`, with its last error) before its message goes to the dead-letter
     /// queue. `None`: no dead-letter queue.
     pub max_receive_count: Option<u32>,
+    /// `--dry-run`: inspect and report, write nothing, delete no message; stop at the first
+    /// message seen twice (the queue has come round).
+    pub dry_run: Option<DryRun>,
+}
+
+/// The state of a dry run.
+#[derive(Default)]
+pub struct DryRun {
+    seen: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Stops the whole process on an error no retry can fix (a bucket gone, credentials refused,
@@ -56,6 +65,11 @@ impl Halt {
     pub fn halt(&self, err: anyhow::Error) {
         tracing::error!(error = format!("{err:#}"), "stopping: this error stops every object, not just one");
         self.error.lock().expect("never poisoned").get_or_insert(err);
+        self.stop.cancel();
+    }
+
+    /// Stops the process without an error (a dry run that has seen every message).
+    pub fn finish(&self) {
         self.stop.cancel();
     }
 
@@ -87,6 +101,9 @@ impl Worker {
             return;
         };
         let body = message.body().unwrap_or_default();
+        if let Some(dry) = &self.dry_run {
+            return self.inspect(dry, &id, body).await;
+        }
         // A slow message keeps itself invisible until it is done.
         let lease = Lease::start(self.sqs.clone(), self.queue_url.clone(), receipt.clone(), self.visibility);
         let (deletable, objects) = match common::message::decode(body) {
@@ -138,6 +155,58 @@ impl Worker {
         drop(lease);
         if deletable {
             self.acker.ack(receipt, objects).await;
+        }
+    }
+
+    /// A dry run's handling of one message: says what would happen to each object, changes
+    /// nothing; the message comes back after its visibility timeout.
+    async fn inspect(&self, dry: &DryRun, id: &str, body: &str) {
+        if !dry.seen.lock().expect("never poisoned").insert(id.to_owned()) {
+            println!("dry run: message {id} came back: every message was seen; stopping");
+            self.halt.finish();
+            return;
+        }
+        let objects = match common::message::decode(body) {
+            Ok(objects) => objects,
+            Err(err) => {
+                self.stats.count_set_aside(Reason::MalformedMessage.as_str());
+                println!("dry run: message {id}: would set aside (malformed_message): {err}");
+                return;
+            }
+        };
+        for msg in &objects {
+            let Some(destination) = self.copier.mapping.destination_key(&msg.key) else {
+                self.stats.count_set_aside(Reason::OutsidePrefix.as_str());
+                println!("dry run: {}: would set aside (outside_prefix)", msg.key);
+                continue;
+            };
+            let verdict = match self.copier.inspect(&msg.key, &msg.etag, &destination).await {
+                Ok(Copied::Copied) => {
+                    self.stats.copied.inc();
+                    format!("would copy to {destination} ({} bytes)", msg.size)
+                }
+                Ok(Copied::AlreadyPresent) => {
+                    self.stats.already_present.inc();
+                    format!("already present at {destination}")
+                }
+                Err(CopyError::SetAside { reason, detail }) => {
+                    self.stats.count_set_aside(reason.as_str());
+                    println!("dry run: {}: would set aside ({}): {detail}", msg.key, reason.as_str());
+                    continue;
+                }
+                Err(CopyError::Transient(why) | CopyError::Fatal(why)) => {
+                    self.stats.retry_later.inc();
+                    println!("dry run: {}: cannot tell now: {why}", msg.key);
+                    continue;
+                }
+            };
+            match common::db::count_at_path(&self.db, &msg.key).await {
+                Ok(rows) => {
+                    self.stats.rows_rewritten.inc_by(rows);
+                    println!("dry run: {}: {verdict}; would rewrite {rows} row(s)", msg.key);
+                }
+                Err(err) => println!("dry run: {}: {verdict}; cannot count its rows: {err}", msg.key),
+            }
         }
     }
 

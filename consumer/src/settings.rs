@@ -123,6 +123,13 @@ pub struct Settings {
     #[arg(long)]
     pub health_check: bool,
 
+    /// Receive messages and report what would be done with each object (copy, already
+    /// present, set aside with its reason, rows to rewrite), without copying, writing or
+    /// deleting anything: the messages come back after VISIBILITY_TIMEOUT. Stops once a
+    /// message comes back (every message was seen) or on SIGTERM.
+    #[arg(long, env = "DRY_RUN", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
+    pub dry_run: bool,
+
     /// Database connections this process opens at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub database_max_connections: u32,

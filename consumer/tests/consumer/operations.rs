@@ -238,3 +238,43 @@ async fn metrics_and_health_are_served_during_a_run() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(wait_exit(&mut child, std::time::Duration::from_secs(30)).await.success());
 }
+
+/// A dry run says what would happen to each object (copy with its rows, already present,
+/// conflict) and changes nothing: no copy, no row, no failure record, no message deleted, no
+/// probe object; it stops once the messages come round again.
+#[tokio::test]
+async fn a_consumer_dry_run_reports_and_changes_nothing() {
+    let env = Env::new().await;
+    let (keys, ids) = seed_legacy(&env, 0..3).await;
+    env.put(&env.source_bucket, "image/conflict.png", b"legacy").await;
+    env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
+    env.put(&env.source_bucket, "image/same.png", b"same").await;
+    env.put(&env.destination_bucket, "avatar/same.png", b"same").await;
+    env.insert_rows(&["image/conflict.png".into(), "image/same.png".into(), "image/same.png".into()]).await;
+    feed_with(&env, &["--objects-per-message=1"]).await;
+    let destination_before = env.keys(&env.destination_bucket).await;
+
+    let out = drain(&env, &[("DRY_RUN", "true"), ("VISIBILITY_TIMEOUT", "2")]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for key in &keys {
+        let line = format!(
+            "dry run: {key}: would copy to {} (3 bytes); would rewrite 1 row(s)",
+            key.replacen("image/", "avatar/", 1)
+        );
+        assert!(stdout.contains(&line), "{line}\n{stdout}");
+    }
+    assert!(
+        stdout.contains("dry run: image/same.png: already present at avatar/same.png; would rewrite 2 row(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("dry run: image/conflict.png: would set aside (destination_conflict)"), "{stdout}");
+    assert!(stdout.contains("every message was seen; stopping"), "{stdout}");
+    assert!(stdout.contains("copied 3, already present 1; rows rewritten 5; set aside 1"), "{stdout}");
+
+    assert_eq!(env.keys(&env.destination_bucket).await, destination_before, "nothing copied, no probe object");
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 0, "no row rewritten");
+    assert_eq!(env.path_of(ids[0]).await, keys[0]);
+    assert_eq!(env.failures().await, vec![], "nothing recorded");
+    let (visible, in_flight) = env.depth(&env.queue_url).await;
+    assert_eq!(visible + in_flight, 5, "every message is still in the queue");
+}
