@@ -117,6 +117,17 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
          );
          CREATE INDEX IF NOT EXISTS avatar_migration_journal_at
              ON avatar_migration_journal USING brin (rewritten_at);
+         CREATE TABLE IF NOT EXISTS avatar_migration_verify (
+             source_bucket text NOT NULL,
+             source_prefix text NOT NULL,
+             last_key      text,
+             objects       bigint NOT NULL DEFAULT 0,
+             missing_copy  bigint NOT NULL DEFAULT 0,
+             conflicts     bigint NOT NULL DEFAULT 0,
+             unproven      bigint NOT NULL DEFAULT 0,
+             finished      boolean NOT NULL DEFAULT false,
+             PRIMARY KEY (source_bucket, source_prefix)
+         );
          CREATE TABLE IF NOT EXISTS avatar_migration_failures (
              subject     text NOT NULL,
              reason      text NOT NULL,
@@ -683,4 +694,46 @@ pub async fn roll_back(pool: &PgPool, journal_ids: &[i64], dry: bool) -> sqlx::R
     } else {
         RolledBack { rows: back, changed: entries - at_new, held: at_new - back }
     })
+}
+
+/// Where `feeder verify --objects` stands: (last key, objects, missing copies, conflicts,
+/// unproven, finished).
+pub type ObjectCheckRow = (Option<String>, i64, i64, i64, i64, bool);
+
+pub async fn load_object_check_row(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Option<ObjectCheckRow>> {
+    sqlx::query_as(
+        "SELECT last_key, objects, missing_copy, conflicts, unproven, finished FROM avatar_migration_verify
+         WHERE source_bucket = $1 AND source_prefix = $2",
+    )
+    .bind(bucket)
+    .bind(prefix)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn save_object_check_row(
+    pool: &PgPool,
+    bucket: &str,
+    prefix: &str,
+    row: &ObjectCheckRow,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO avatar_migration_verify
+             (source_bucket, source_prefix, last_key, objects, missing_copy, conflicts, unproven, finished)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (source_bucket, source_prefix) DO UPDATE
+         SET last_key = EXCLUDED.last_key, objects = EXCLUDED.objects, missing_copy = EXCLUDED.missing_copy,
+             conflicts = EXCLUDED.conflicts, unproven = EXCLUDED.unproven, finished = EXCLUDED.finished",
+    )
+    .bind(bucket)
+    .bind(prefix)
+    .bind(&row.0)
+    .bind(row.1)
+    .bind(row.2)
+    .bind(row.3)
+    .bind(row.4)
+    .bind(row.5)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

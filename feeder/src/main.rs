@@ -28,7 +28,7 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
     let done = match settings.command.clone().unwrap_or(Command::Run) {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
         Command::Status(args) => ops::status::status(&settings, &args, &clients, shutdown).await.map(|_| true),
-        Command::Verify(args) => ops::verify::verify(&settings, &args, &clients).await.map(|v| v.is_done()),
+        Command::Verify(args) => ops::verify::verify(&settings, &args, &clients, shutdown).await.map(|v| v.is_done()),
         Command::Reconcile(args) => ops::reconcile::reconcile(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Failures(args) => ops::failures::failures(&args, &clients).await.map(|_| true),
         Command::Report(args) => ops::report::report(&args, &clients).await.map(|_| true),

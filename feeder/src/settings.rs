@@ -134,13 +134,25 @@ impl Default for RunArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VerifyArgs {
+    /// Also check the objects: stream the source prefix and check that each legacy object has
+    /// its copy with the same bytes. Resumable: the position is saved after each page, and a
+    /// run that was interrupted goes on from there.
+    #[arg(long)]
+    pub objects: bool,
+
+    /// With --objects: check N consecutive objects from a random point instead (a quick look;
+    /// nothing saved).
+    #[arg(long, requires = "objects")]
+    pub sample: Option<u64>,
+
     /// HEAD requests in flight at once while verifying.
     #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
 
     /// Also print the result as one JSON object, as the last line of stdout: rows_checked,
     /// rows_modern, rows_legacy, rows_other, rows_unresolvable, rows_legacy_missing,
-    /// rows_legacy_set_aside, rows_legacy_pending, done.
+    /// rows_legacy_set_aside, rows_legacy_pending, done; with --objects also legacy_objects,
+    /// legacy_missing_copy, conflicts, unproven, objects_complete.
     #[arg(long)]
     pub json: bool,
 }

@@ -22,6 +22,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sqlx::Row;
 use testkit::{Env, wait_until};
+use tokio_util::sync::CancellationToken;
 
 const AWKWARD: &[&str] = &[
     "image/with space.png",
@@ -137,14 +138,53 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
 
     // The operator's check reports the row whose object never existed, and only it.
     let settings = feeder::Settings::try_parse_from(env.args("feeder")).unwrap();
-    let clients = feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() };
-    let args = feeder::settings::VerifyArgs { concurrency: 8.try_into().unwrap(), json: false };
-    let verification = feeder::ops::verify::verify(&settings, &args, &clients).await.unwrap();
+    let args =
+        feeder::settings::VerifyArgs { concurrency: 8.try_into().unwrap(), json: false, objects: true, sample: None };
+    let verify = |args: feeder::settings::VerifyArgs| {
+        let settings = settings.clone();
+        let clients = feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() };
+        async move { feeder::ops::verify::verify(&settings, &args, &clients, CancellationToken::new()).await.unwrap() }
+    };
+    let verification = verify(args.clone()).await;
     assert_eq!(
         (verification.rows, verification.other_prefix, verification.unresolved, verification.legacy_missing),
         (rows.len() as u64, 1, 1, 1)
     );
     assert_eq!(env.failures().await, vec![("row_object_missing".to_owned(), "image/avatar-gone.png".to_owned())]);
+    // The objects: every legacy object (with a row or not) has its copy with the same bytes.
+    let objects = verification.objects.unwrap();
+    assert_eq!((objects.objects, objects.missing_copy, objects.conflicts, objects.finished), (35, 0, 0, true));
+
+    // A copy replaced by other bytes of the same size, and one deleted: both found.
+    env.put(&env.destination_bucket, &modern(&legacy[1]), b"LEGACY").await;
+    env.s3.delete_object().bucket(&env.destination_bucket).key(modern(&legacy[2])).send().await.unwrap();
+    let objects = verify(args.clone()).await.objects.unwrap();
+    assert_eq!((objects.objects, objects.missing_copy, objects.conflicts, objects.unproven), (35, 1, 1, 0));
+    // Resumable: an interrupted check goes on after its saved position, keeping its counts.
+    let mut sorted = env.keys(&env.source_bucket).await;
+    sorted.retain(|k| k.starts_with("image/"));
+    sorted.sort();
+    common::db::save_object_check_row(
+        &env.db,
+        &env.source_bucket,
+        "image/",
+        &(Some(sorted[9].clone()), 10, 0, 0, 0, false),
+    )
+    .await
+    .unwrap();
+    let resumed = verify(args.clone()).await.objects.unwrap();
+    let (missing_after, conflicts_after) = (
+        sorted[10..].iter().filter(|k| **k == legacy[2]).count() as i64,
+        sorted[10..].iter().filter(|k| **k == legacy[1]).count() as i64,
+    );
+    assert_eq!(
+        (resumed.objects, resumed.missing_copy, resumed.conflicts, resumed.finished),
+        (35, missing_after, conflicts_after, true)
+    );
+    // A sample checks N consecutive objects from a random place (going round the end of the
+    // prefix), saving nothing.
+    let sample = verify(feeder::settings::VerifyArgs { sample: Some(5), ..args }).await.objects.unwrap();
+    assert!(sample.objects == 5 && sample.sample, "{sample:?}");
 }
 
 /// I1: a sampler reads rows while the pipeline runs; every path it sees names an object.

@@ -4,7 +4,7 @@
 //! | command | reads | writes |
 //! |---|---|---|
 //! | [`status`] | checkpoint, queue depths, row counts, failure counts, the journal's counter | nothing |
-//! | [`verify`] | every row, a HEAD per legacy or modern row | failures: `row_object_missing` |
+//! | [`verify`] | every row, a HEAD per legacy or modern row; with `--objects` ([`objects`]) the source listing, HEADs of each legacy object and its copy | failures: `row_object_missing`; the object check's position |
 //! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
 //! | [`failures`] | the failure records | nothing |
 //! | [`redrive`] | the dead-letter queue | queue messages (moved back); failures: `retries_exhausted` forgotten |
@@ -12,6 +12,7 @@
 //! | [`rollback`] | the rewrite journal, a HEAD per legacy object | `avatars.path` (compare-and-set), the journal's `rolled_back_at` |
 
 pub mod failures;
+pub mod objects;
 pub mod reconcile;
 pub mod redrive;
 pub mod report;

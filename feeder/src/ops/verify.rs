@@ -37,6 +37,8 @@ pub struct Verification {
     pub legacy_pending: u64,
     /// Some of the pending rows: (id, path).
     pub pending_sample: Vec<(i64, String)>,
+    /// With `--objects`: what the object check found.
+    pub objects: Option<super::objects::ObjectCheck>,
 }
 
 impl Verification {
@@ -44,14 +46,15 @@ impl Verification {
         self.unresolved == 0
     }
 
-    /// Every row resolves and none is left legacy without a recorded reason.
+    /// Every row resolves and none is left legacy without a recorded reason; with `--objects`,
+    /// also every legacy object checked has its copy with the same bytes.
     pub fn is_done(&self) -> bool {
-        self.unresolved == 0 && self.legacy_pending == 0
+        self.unresolved == 0 && self.legacy_pending == 0 && self.objects.as_ref().is_none_or(|o| o.all_copied())
     }
 
     /// One JSON object, for programs (`--json`).
     pub fn json(&self) -> String {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "rows_checked": self.rows,
             "rows_modern": self.modern,
             "rows_legacy": self.legacy,
@@ -61,13 +64,25 @@ impl Verification {
             "rows_legacy_set_aside": self.legacy_set_aside,
             "rows_legacy_pending": self.legacy_pending,
             "done": self.is_done(),
-        })
-        .to_string()
+        });
+        if let Some(o) = &self.objects {
+            json["legacy_objects"] = o.objects.into();
+            json["legacy_missing_copy"] = o.missing_copy.into();
+            json["conflicts"] = o.conflicts.into();
+            json["unproven"] = o.unproven.into();
+            json["objects_complete"] = (o.finished && !o.sample).into();
+        }
+        json.to_string()
     }
 }
 
 /// Checks every row; see the module documentation.
-pub async fn verify(settings: &Settings, args: &VerifyArgs, clients: &Clients) -> anyhow::Result<Verification> {
+pub async fn verify(
+    settings: &Settings,
+    args: &VerifyArgs,
+    clients: &Clients,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Verification> {
     let mapping = settings.storage.mapping()?;
     let mut result = Verification::default();
     let mut after_id = i64::MIN;
@@ -133,6 +148,9 @@ pub async fn verify(settings: &Settings, args: &VerifyArgs, clients: &Clients) -
                 }
             }
         }
+    }
+    if args.objects {
+        result.objects = Some(super::objects::check(settings, args, clients, shutdown).await?);
     }
     print_report(&result);
     if args.json {
