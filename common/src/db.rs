@@ -128,6 +128,18 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
              finished      boolean NOT NULL DEFAULT false,
              PRIMARY KEY (source_bucket, source_prefix)
          );
+         CREATE TABLE IF NOT EXISTS avatar_migration_cleanup (
+             source_bucket text NOT NULL,
+             source_prefix text NOT NULL,
+             last_key      text,
+             objects       bigint NOT NULL DEFAULT 0,
+             deleted       bigint NOT NULL DEFAULT 0,
+             referenced    bigint NOT NULL DEFAULT 0,
+             not_copied    bigint NOT NULL DEFAULT 0,
+             failed        bigint NOT NULL DEFAULT 0,
+             finished      boolean NOT NULL DEFAULT false,
+             PRIMARY KEY (source_bucket, source_prefix)
+         );
          CREATE TABLE IF NOT EXISTS avatar_migration_failures (
              subject     text NOT NULL,
              reason      text NOT NULL,
@@ -733,6 +745,45 @@ pub async fn save_object_check_row(
     .bind(row.3)
     .bind(row.4)
     .bind(row.5)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Where `feeder cleanup` stands: (last key, objects, deleted, referenced, not copied,
+/// failed, finished).
+pub type CleanupRow = (Option<String>, i64, i64, i64, i64, i64, bool);
+
+pub async fn load_cleanup_row(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Option<CleanupRow>> {
+    sqlx::query_as(
+        "SELECT last_key, objects, deleted, referenced, not_copied, failed, finished FROM avatar_migration_cleanup
+         WHERE source_bucket = $1 AND source_prefix = $2",
+    )
+    .bind(bucket)
+    .bind(prefix)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn save_cleanup_row(pool: &PgPool, bucket: &str, prefix: &str, row: &CleanupRow) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO avatar_migration_cleanup
+             (source_bucket, source_prefix, last_key, objects, deleted, referenced, not_copied, failed, finished)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (source_bucket, source_prefix) DO UPDATE
+         SET last_key = EXCLUDED.last_key, objects = EXCLUDED.objects, deleted = EXCLUDED.deleted,
+             referenced = EXCLUDED.referenced, not_copied = EXCLUDED.not_copied, failed = EXCLUDED.failed,
+             finished = EXCLUDED.finished",
+    )
+    .bind(bucket)
+    .bind(prefix)
+    .bind(&row.0)
+    .bind(row.1)
+    .bind(row.2)
+    .bind(row.3)
+    .bind(row.4)
+    .bind(row.5)
+    .bind(row.6)
     .execute(pool)
     .await?;
     Ok(())

@@ -96,6 +96,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         halt: halt.clone(),
         max_receive_count,
         dry_run: settings.dry_run.then(process::DryRun::default),
+        delete_source: settings.delete_source,
     });
     let ended = receive::run(&settings.receive_config(), worker, stop).await;
     match ended {

@@ -45,6 +45,8 @@ pub struct Stats {
     pub retry_later: Counter,
     /// Objects whose message was deleted.
     pub acked: Counter,
+    /// Sources deleted after their move (`DELETE_SOURCE`).
+    pub sources_deleted: Counter,
     /// Messages being worked on now.
     pub in_flight: Gauge,
     /// Seconds to put one object at its destination (checks and copy).
@@ -67,6 +69,7 @@ impl Default for Stats {
             set_aside_by_reason: Family::default(),
             retry_later: Counter::default(),
             acked: Counter::default(),
+            sources_deleted: Counter::default(),
             in_flight: Gauge::default(),
             copy_seconds: seconds(),
             rewrite_seconds: seconds(),
@@ -79,7 +82,7 @@ impl Stats {
     pub fn print_summary(&self, elapsed: Duration) {
         println!(
             "consumer: received {} messages; copied {}, already present {}; rows rewritten {}; \
-             set aside {}; left for retry {}; acknowledged {}; in {:.1}s",
+             set aside {}; left for retry {}; acknowledged {}; sources deleted {}; in {:.1}s",
             self.received.get(),
             self.copied.get(),
             self.already_present.get(),
@@ -87,6 +90,7 @@ impl Stats {
             self.set_aside.get(),
             self.retry_later.get(),
             self.acked.get(),
+            self.sources_deleted.get(),
             elapsed.as_secs_f64()
         );
     }
@@ -116,6 +120,7 @@ impl Stats {
         r.register("objects_retried", "Objects left for a later delivery", self.retry_later.clone());
         r.register("objects_acknowledged", "Objects whose message was deleted", self.acked.clone());
         r.register("rows_rewritten", "Rows pointed at their object's copy", self.rows_rewritten.clone());
+        r.register("sources_deleted", "Legacy objects deleted after their move", self.sources_deleted.clone());
         r.register("messages_in_flight", "Messages being worked on", self.in_flight.clone());
         r.register("s3_copy_seconds", "Seconds to put one object at its destination", self.copy_seconds.clone());
         r.register(

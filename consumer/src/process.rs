@@ -39,6 +39,8 @@ pub struct Worker {
     /// (`retries_exhausted`, with its last error) before its message goes to the dead-letter
     /// queue. `None`: no dead-letter queue.
     pub max_receive_count: Option<u32>,
+    /// `DELETE_SOURCE`: delete each source once its copy is proven and no row references it.
+    pub delete_source: bool,
     /// `--dry-run`: inspect and report, write nothing, delete no message; stop at the first
     /// message seen twice (the queue has come round).
     pub dry_run: Option<DryRun>,
@@ -131,6 +133,9 @@ impl Worker {
                         Ok(destination) => rewrites.push(
                             async move {
                                 let outcome = self.rewrite_rows(msg, destination).await;
+                                if self.delete_source && matches!(outcome, Outcome::Done) {
+                                    self.delete_source(msg).await;
+                                }
                                 self.note_exhausted(&outcome, &msg.key, receipts).await;
                                 self.settle(outcome).await
                             }
@@ -155,6 +160,35 @@ impl Worker {
         drop(lease);
         if deletable {
             self.acker.ack(receipt, objects).await;
+        }
+    }
+
+    /// `DELETE_SOURCE`: the object's copy holds its bytes (copied or proven already present)
+    /// and its rows moved; deletes the source when no row references its legacy path any more,
+    /// conditional on the listed ETag (a source replaced since is kept). A failure only keeps
+    /// the object: `feeder cleanup` finds it later.
+    async fn delete_source(&self, msg: &ObjectMessage) {
+        let bucket = &self.copier.mapping.source_bucket;
+        match common::db::count_at_path(&self.db, &msg.key).await {
+            Ok(0) => {}
+            Ok(rows) => {
+                tracing::info!(rows, "source kept: rows still reference it");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "source kept: cannot count the rows that reference it");
+                return;
+            }
+        }
+        let mut delete = self.copier.s3.delete_object().bucket(bucket).key(&msg.key);
+        if !msg.etag.is_empty() {
+            delete = delete.if_match(&msg.etag);
+        }
+        match delete.send().await {
+            Ok(_) => {
+                self.stats.sources_deleted.inc();
+            }
+            Err(err) => tracing::warn!(error = common::aws::describe(&err), "source kept: the delete failed"),
         }
     }
 

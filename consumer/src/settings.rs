@@ -130,6 +130,13 @@ pub struct Settings {
     #[arg(long, env = "DRY_RUN", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
     pub dry_run: bool,
 
+    /// Delete each legacy object right after its rows moved, when its copy holds its bytes
+    /// and no row references the legacy path any more (conditional on the listed ETag).
+    /// Needs s3:DeleteObject on the legacy prefix (the stack's EnableLegacyCleanup). Off: the
+    /// legacy objects stay for `feeder cleanup` after verification.
+    #[arg(long, env = "DELETE_SOURCE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
+    pub delete_source: bool,
+
     /// Database connections this process opens at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub database_max_connections: u32,

@@ -32,6 +32,7 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
         Command::Reconcile(args) => ops::reconcile::reconcile(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Failures(args) => ops::failures::failures(&args, &clients).await.map(|_| true),
         Command::Report(args) => ops::report::report(&args, &clients).await.map(|_| true),
+        Command::Cleanup(args) => ops::cleanup::cleanup(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Redrive(args) => ops::redrive::redrive(&settings, &args, &clients).await.map(|_| true),
         Command::Rollback(args) => ops::rollback::rollback(&settings, &args, &clients).await.map(|_| true),
     }?;

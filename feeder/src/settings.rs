@@ -59,6 +59,9 @@ pub enum Command {
     /// and only while their legacy object exists. Refuses while the queue holds messages
     /// (stop the consumers and purge it first). Destination objects are left in place.
     Rollback(RollbackArgs),
+    /// Delete legacy objects that are safely moved: only when their copy has the same bytes and
+    /// no row references the legacy path. Without --yes, a dry run that lists and counts.
+    Cleanup(CleanupArgs),
     /// Move the dead-letter queue's messages back to the queue, once what made them fail is
     /// fixed (their keys' retries_exhausted records are forgotten as they are retried).
     Redrive(RedriveArgs),
@@ -246,4 +249,24 @@ pub struct RedriveArgs {
     /// Show how many messages wait and some of their keys; move nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CleanupArgs {
+    /// Delete for real; without it, list and count what would be deleted.
+    #[arg(long)]
+    pub yes: bool,
+
+    /// Deletes per second at most.
+    #[arg(long)]
+    pub rate: Option<NonZeroUsize>,
+
+    /// Checks (HEADs, row counts) in flight at once.
+    #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
+    pub concurrency: NonZeroUsize,
+
+    /// Also print the result as one JSON object, as the last line of stdout: dry_run,
+    /// legacy_objects, deleted, kept_referenced, kept_not_copied, kept_delete_failed, complete.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -278,3 +278,84 @@ async fn a_consumer_dry_run_reports_and_changes_nothing() {
     let (visible, in_flight) = env.depth(&env.queue_url).await;
     assert_eq!(visible + in_flight, 5, "every message is still in the queue");
 }
+
+/// Cleanup deletes a legacy object only when its copy has the same bytes and no row
+/// references it: a row pointing at the legacy path again, a copy with other bytes and an
+/// object never copied are all kept; without --yes nothing is deleted.
+#[tokio::test]
+async fn cleanup_deletes_only_what_is_safely_moved() {
+    let env = Env::new().await;
+    let (keys, ids) = seed_legacy(&env, 0..6).await;
+    feed(&env).await;
+    drain(&env, &[]).await;
+    // The live service points row 0 back at its legacy path; the copy of key 1 is replaced by
+    // other bytes of the same size; an object arrives that was never copied.
+    sqlx::query("UPDATE avatars SET path = $1 WHERE id = $2")
+        .bind(&keys[0])
+        .bind(ids[0])
+        .execute(&env.db)
+        .await
+        .unwrap();
+    env.put(&env.destination_bucket, &keys[1].replacen("image/", "avatar/", 1), b"PNG").await;
+    env.put(&env.source_bucket, "image/never-copied.png", b"png").await;
+    let source_before = env.keys(&env.source_bucket).await;
+
+    let (code, out) = feeder(&env, &["cleanup", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        last_json(&out),
+        json!({"dry_run": true, "legacy_objects": 7, "deleted": 4, "kept_referenced": 1, "kept_not_copied": 2,
+               "kept_delete_failed": 0, "complete": true})
+    );
+    assert!(out.contains(&format!("cleanup: would delete {}", keys[5])), "{out}");
+    assert_eq!(env.keys(&env.source_bucket).await, source_before, "a dry run deletes nothing");
+
+    let (code, out) = feeder(&env, &["cleanup", "--yes", "--rate", "1000", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(last_json(&out)["deleted"], 4, "{out}");
+    let mut left = env.keys(&env.source_bucket).await;
+    left.sort();
+    assert_eq!(left, vec![keys[0].clone(), keys[1].clone(), "image/never-copied.png".to_owned()]);
+    for key in &keys[2..] {
+        let copy = key.replacen("image/", "avatar/", 1);
+        assert_eq!(env.get(&env.destination_bucket, &copy).await.as_deref(), Some(&b"png"[..]), "{copy}");
+    }
+}
+
+/// DELETE_SOURCE deletes each source once its copy holds its bytes (copied, or found already
+/// present) and its rows moved; a source set aside (a conflict) is kept, and so is one a row
+/// references again by the time of the delete (the live service writing the legacy path just
+/// after the rewrite), and every copy.
+#[tokio::test]
+async fn delete_source_deletes_only_moved_sources() {
+    let env = Env::new().await;
+    let (keys, ids) = seed_legacy(&env, 0..4).await;
+    common::db::prepare(&env.db).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION readd() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO avatars (path) VALUES (OLD.path); RETURN NULL; END $$;
+         CREATE TRIGGER readd AFTER UPDATE ON avatars FOR EACH ROW
+           WHEN (OLD.path = 'image/avatar-0.png') EXECUTE FUNCTION readd();",
+    )
+    .execute(&env.db)
+    .await
+    .unwrap();
+    env.put(&env.source_bucket, "image/same.png", b"same").await;
+    env.put(&env.destination_bucket, "avatar/same.png", b"same").await;
+    env.put(&env.source_bucket, "image/conflict.png", b"legacy").await;
+    env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
+    env.insert_rows(&["image/same.png".into(), "image/conflict.png".into()]).await;
+    feed(&env).await;
+    let out = drain(&env, &[("DELETE_SOURCE", "true")]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sources deleted 4;"), "{stdout}");
+    let mut kept = env.keys(&env.source_bucket).await;
+    kept.sort();
+    assert_eq!(kept, vec![keys[0].clone(), "image/conflict.png".to_owned()], "the referenced one and the conflict");
+    for (id, key) in ids.iter().zip(&keys) {
+        let copy = key.replacen("image/", "avatar/", 1);
+        assert_eq!(env.path_of(*id).await, copy);
+        assert_eq!(env.get(&env.destination_bucket, &copy).await.as_deref(), Some(&b"png"[..]));
+    }
+    assert_eq!(env.get(&env.destination_bucket, "avatar/same.png").await.as_deref(), Some(&b"same"[..]));
+}

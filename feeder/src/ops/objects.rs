@@ -49,7 +49,7 @@ impl ObjectCheck {
 }
 
 /// One legacy object's verdict.
-enum Verdict {
+pub(crate) enum Verdict {
     Same,
     MissingCopy,
     Conflict,
@@ -185,7 +185,11 @@ async fn check_segment(
     Ok(())
 }
 
-async fn verdict(clients: &Clients, source: (&str, &str), destination: (&str, &str)) -> anyhow::Result<Verdict> {
+pub(crate) async fn verdict(
+    clients: &Clients,
+    source: (&str, &str),
+    destination: (&str, &str),
+) -> anyhow::Result<Verdict> {
     let describe = |e: &dyn std::fmt::Display, (b, k): (&str, &str)| format!("HEAD s3://{b}/{k}: {e}");
     let Some(dst) = head_object(&clients.s3, destination.0, destination.1)
         .await

@@ -1,0 +1,191 @@
+//! `feeder cleanup`: deletes legacy objects once they are safely moved.
+//!
+//! Promises:
+//! - a legacy object is deleted only when its copy exists with the same bytes (the identity
+//!   rule of `verify --objects`) and no row references its legacy path (checked through the
+//!   index on `path` just before the delete batch); the delete is conditional on the ETag
+//!   listed, so an object replaced since is kept;
+//! - without `--yes` it is a dry run: it lists and counts what it would delete, deleting and
+//!   saving nothing;
+//! - deletes go in `DeleteObjects` batches of at most 1,000, at most `--rate` objects per
+//!   second; each key the batch reports as failed is counted and kept;
+//! - its position and counts are saved after each page (`avatar_migration_cleanup`), so an
+//!   interrupted cleanup resumes; a finished one starts over next time.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use futures::{StreamExt, TryStreamExt};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+use super::objects::{Verdict, verdict};
+use crate::list::{Lister, Listing};
+use crate::settings::CleanupArgs;
+use crate::{Clients, Settings};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    pub dry_run: bool,
+    pub last_key: Option<String>,
+    pub objects: i64,
+    /// Deleted (dry: that would be).
+    pub deleted: i64,
+    /// Kept: a row still references the legacy path.
+    pub referenced: i64,
+    /// Kept: no copy, or a copy that is not provably the same bytes.
+    pub not_copied: i64,
+    /// Kept: the delete failed (replaced since it was listed, or refused).
+    pub failed: i64,
+    pub finished: bool,
+}
+
+impl Cleanup {
+    pub fn json(&self) -> String {
+        serde_json::json!({
+            "dry_run": self.dry_run,
+            "legacy_objects": self.objects,
+            "deleted": self.deleted,
+            "kept_referenced": self.referenced,
+            "kept_not_copied": self.not_copied,
+            "kept_delete_failed": self.failed,
+            "complete": self.finished,
+        })
+        .to_string()
+    }
+
+    fn row(&self) -> common::db::CleanupRow {
+        (
+            self.last_key.clone(),
+            self.objects,
+            self.deleted,
+            self.referenced,
+            self.not_copied,
+            self.failed,
+            self.finished,
+        )
+    }
+}
+
+pub async fn cleanup(
+    settings: &Settings,
+    args: &CleanupArgs,
+    clients: &Clients,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Cleanup> {
+    let mapping = settings.storage.mapping()?;
+    let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
+    let dry_run = !args.yes;
+    let mut state = Cleanup { dry_run, ..Cleanup::default() };
+    if !dry_run && let Some(row) = common::db::load_cleanup_row(&clients.db, bucket, prefix).await? {
+        let (last_key, objects, deleted, referenced, not_copied, failed, finished) = row;
+        if !finished {
+            state = Cleanup { dry_run, last_key, objects, deleted, referenced, not_copied, failed, finished };
+        }
+    }
+    let lister = Arc::new(Lister {
+        s3: clients.s3.clone(),
+        bucket: bucket.to_owned(),
+        prefix: prefix.to_owned(),
+        page_size: 1000,
+    });
+    let (tx, mut pages) = tokio::sync::mpsc::channel(2);
+    let task = lister.spawn(0, (state.last_key.clone(), None), tx, shutdown.clone());
+    let started = Instant::now();
+    while let Some((_, item)) = pages.recv().await {
+        let page = match item? {
+            Listing::Page { objects, .. } => objects,
+            Listing::Complete => {
+                state.finished = true;
+                break;
+            }
+        };
+        let checks: Vec<(bool, Verdict)> = futures::stream::iter(page.iter().map(|o| {
+            let mapping = &mapping;
+            async move {
+                let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
+                let copy =
+                    verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination))
+                        .await?;
+                let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
+                anyhow::Ok((referenced, copy))
+            }
+        }))
+        .buffered(args.concurrency.get())
+        .try_collect()
+        .await?;
+        let mut doomed = Vec::new();
+        for (object, (referenced, copy)) in page.iter().zip(checks) {
+            state.objects += 1;
+            match (referenced, copy) {
+                (true, _) => state.referenced += 1,
+                (false, Verdict::Same) => doomed.push(object),
+                (false, _) => state.not_copied += 1,
+            }
+        }
+        if dry_run {
+            for object in &doomed {
+                println!("cleanup: would delete {}", object.key);
+            }
+            state.deleted += doomed.len() as i64;
+        } else if !doomed.is_empty() {
+            let ids = doomed
+                .iter()
+                .map(|o| ObjectIdentifier::builder().key(&o.key).e_tag(&o.etag).build().context("an object identifier"))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let out = clients
+                .s3
+                .delete_objects()
+                .bucket(bucket)
+                .delete(Delete::builder().set_objects(Some(ids)).quiet(true).build()?)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("deleting legacy objects in s3://{bucket}: {}", common::aws::describe(&e))
+                })?;
+            for error in out.errors() {
+                tracing::warn!(key = error.key(), code = error.code(), "legacy object not deleted: kept");
+            }
+            state.failed += out.errors().len() as i64;
+            state.deleted += (doomed.len() - out.errors().len()) as i64;
+            // At most `rate` deletes per second, over the whole run.
+            if let Some(rate) = args.rate {
+                let due = Duration::from_secs_f64(state.deleted as f64 / rate.get() as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+            }
+        }
+        state.last_key = page.last().map(|o| o.key.clone()).or(state.last_key.take());
+        if !dry_run {
+            common::db::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+    drop(pages);
+    task.await.context("the listing task failed")?;
+    if !dry_run {
+        common::db::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
+    }
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    println!(
+        "cleanup: {} legacy objects: {verb} {}; kept {} a row still references, {} without a copy of the same bytes, \
+         {} whose delete failed{}",
+        state.objects,
+        state.deleted,
+        state.referenced,
+        state.not_copied,
+        state.failed,
+        if dry_run { " (dry run: pass --yes to delete)" } else { "" }
+    );
+    if args.json {
+        println!("{}", state.json());
+    }
+    Ok(state)
+}
