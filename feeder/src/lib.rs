@@ -9,6 +9,7 @@ pub mod enqueue;
 pub mod inventory;
 pub mod list;
 pub mod ops;
+pub mod progress;
 pub mod ranges;
 pub mod settings;
 
@@ -171,6 +172,7 @@ pub async fn feed(
         .collect();
     drop(tx);
     let mut summary = Summary { listed: 0, enqueued: 0, messages: 0, resumed_after, finished: false };
+    let mut progress = progress::Progress::start(checkpoint.listed as u64);
     let mut unfinished = ranges.iter().filter(|r| !r.finished).count();
     while let Some((i, item)) = pages.recv().await {
         let page = match item? {
@@ -227,11 +229,13 @@ pub async fn feed(
             last_key = checkpoint.last_key.as_deref(),
             "page enqueued"
         );
+        progress.update(checkpoint.listed as u64, checkpoint.last_key.as_deref());
         if shutdown.is_cancelled() {
             break;
         }
     }
     drop(pages);
+    progress.finish();
     // A lister ends by itself once its channel is gone; a panic in one is an error, never the
     // end of the listing.
     for lister in listers {
