@@ -359,3 +359,27 @@ async fn delete_source_deletes_only_moved_sources() {
     }
     assert_eq!(env.get(&env.destination_bucket, "avatar/same.png").await.as_deref(), Some(&b"same"[..]));
 }
+
+/// `feeder status --watch` without a terminal prints a reading at once (then one a minute)
+/// and, on SIGTERM, a last one, and exits 0.
+#[tokio::test]
+async fn status_watch_prints_readings_until_stopped() {
+    use std::io::BufRead;
+    let env = Env::new().await;
+    seed_legacy(&env, 0..3).await;
+    feed(&env).await;
+    let mut child = std::process::Command::new(testkit::binary("feeder"))
+        .envs(env.vars())
+        .args(["status", "--watch", "--json", "--interval", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!((first["rows_legacy"].clone(), first["queue_visible"].clone()), (json!(3), json!(1)), "{first}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut child, std::time::Duration::from_secs(30)).await.success());
+    let last: serde_json::Value = serde_json::from_str(&lines.last().unwrap().unwrap()).unwrap();
+    assert_eq!(last["rows_legacy"], 3, "{last}");
+}
