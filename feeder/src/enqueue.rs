@@ -75,20 +75,28 @@ fn batches<'a, 'o>(messages: &'a [Outgoing<'o>]) -> Vec<&'a [Outgoing<'o>]> {
     runs(messages, BATCH, BATCH_BYTES, 0, |m| m.body.len())
 }
 
-/// Sends the objects, `per_message` to a message; returns how many objects were sent.
+/// What [`enqueue`] sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub objects: u64,
+    pub messages: u64,
+}
+
+/// Sends the objects, `per_message` to a message.
 pub async fn enqueue(
     sqs: &Sqs,
     queue_url: &str,
     objects: &[ObjectMessage],
     per_message: usize,
     concurrency: usize,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Sent> {
     let messages = messages(objects, per_message.max(1));
-    futures::stream::iter(batches(&messages))
+    let objects = futures::stream::iter(batches(&messages))
         .map(|chunk| send_batch(sqs, queue_url, chunk))
         .buffer_unordered(concurrency)
         .try_fold(0u64, |sent, n| async move { Ok(sent + n) })
-        .await
+        .await?;
+    Ok(Sent { objects, messages: messages.len() as u64 })
 }
 
 async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Outgoing<'_>]) -> anyhow::Result<u64> {

@@ -211,9 +211,9 @@ pub async fn feed(
         )
         .await
         .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
-        summary.messages += enqueue::message_count(&page, args.objects_per_message.into()) as u64;
+        summary.messages += sent.messages;
         summary.listed += page.len() as u64;
-        summary.enqueued += sent;
+        summary.enqueued += sent.objects;
         checkpoint.listed += page.len() as i64;
         checkpoint.pages += 1;
         checkpoint.last_key = page.last().map(|o| o.key.clone());

@@ -100,7 +100,8 @@ pub async fn reconcile(
             settings.run.send_concurrency.get(),
         )
         .await
-        .context("enqueueing legacy rows")?;
+        .context("enqueueing legacy rows")?
+        .objects;
     }
     let state = if shutdown.is_cancelled() { "interrupted (safe to run again)" } else { "done" };
     println!(
