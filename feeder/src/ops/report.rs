@@ -80,8 +80,14 @@ async fn csv(clients: &Clients) -> anyhow::Result<()> {
             out.write_record([kind, &e.row_id, &e.old_path, &e.new_path, &e.rewritten_at, "", ""])?;
         }
     }
-    for f in common::db::list_failures(&clients.db).await? {
-        out.write_record(["set_aside", "", &f.subject, "", "", &f.reason, &f.detail])?;
+    let mut after = None;
+    loop {
+        let page = common::db::failures_page(&clients.db, None, after.as_ref(), ROWS_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.reason.clone(), last.subject.clone()));
+        for f in &page {
+            out.write_record(["set_aside", "", &f.subject, "", "", &f.reason, &f.detail])?;
+        }
     }
     out.flush()?;
     std::io::stdout().flush()?;
