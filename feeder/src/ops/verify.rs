@@ -47,9 +47,13 @@ impl Verification {
     }
 
     /// Every row resolves and none is left legacy without a recorded reason; with `--objects`,
-    /// also every legacy object checked has its copy with the same bytes.
+    /// also every legacy object checked has its copy with the same bytes, and the check went
+    /// through the whole prefix (an interrupted check is not an answer; a sample answers for
+    /// what it checked).
     pub fn is_done(&self) -> bool {
-        self.unresolved == 0 && self.legacy_pending == 0 && self.objects.as_ref().is_none_or(|o| o.all_copied())
+        self.unresolved == 0
+            && self.legacy_pending == 0
+            && self.objects.as_ref().is_none_or(|o| o.all_copied() && (o.finished || o.sample))
     }
 
     /// One JSON object, for programs (`--json`).
