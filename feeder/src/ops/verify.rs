@@ -194,3 +194,19 @@ fn print_report(r: &Verification) {
         println!("verify: not done: rows that do not resolve need a person (feeder failures)");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Verification;
+    use crate::ops::objects::ObjectCheck;
+
+    #[test]
+    fn an_unfinished_object_check_is_not_done() {
+        let with = |objects| Verification { objects: Some(objects), ..Verification::default() };
+        assert!(Verification::default().is_done());
+        assert!(with(ObjectCheck { objects: 10, finished: true, ..ObjectCheck::default() }).is_done());
+        assert!(!with(ObjectCheck { objects: 10, finished: false, ..ObjectCheck::default() }).is_done(), "interrupted");
+        assert!(with(ObjectCheck { objects: 5, sample: true, ..ObjectCheck::default() }).is_done());
+        assert!(!with(ObjectCheck { missing_copy: 1, finished: true, ..ObjectCheck::default() }).is_done());
+    }
+}
