@@ -23,6 +23,11 @@ BEGIN
     END IF;
 END $$;
 
+-- Planner statistics: without them (a table never analyzed, a database fresh from pg_restore
+-- or pg_upgrade) each batched rewrite is planned as full scans. Only the owner may analyze;
+-- it reads a sample and blocks neither reads nor writes.
+ANALYZE avatars;
+
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'avatar_migrator') THEN

@@ -420,6 +420,47 @@ async fn processes_starting_together_prepare_the_database_once() {
     assert!(common::db::path_index_valid(&mut conn).await.unwrap());
 }
 
+/// A table loaded and never analyzed gets planner statistics when the processes prepare:
+/// without them PostgreSQL plans the batched rewrite as full scans of `avatars` (shown here by
+/// removing them), with them as index lookups.
+#[tokio::test]
+async fn preparing_gives_the_planner_statistics_so_rewrites_use_the_index() {
+    let env = Env::new().await;
+    let keys = legacy_keys(0..20_000);
+    env.insert_rows(&keys).await;
+    let batch = &keys[5_000..5_100];
+    let moved: Vec<String> = batch.iter().map(|k| modern(k)).collect();
+    let plan = || async {
+        let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", common::db::REWRITE_STATEMENT))
+            .bind(batch)
+            .bind(&moved)
+            .bind(true)
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+        lines.join("\n")
+    };
+    let statistics = || async {
+        let mut conn = env.db.acquire().await.unwrap();
+        common::db::has_path_statistics(&mut conn).await.unwrap()
+    };
+
+    common::db::prepare(&env.db).await.unwrap();
+    assert!(statistics().await);
+    let analyzed = plan().await;
+    assert!(!analyzed.contains("Seq Scan on avatars"), "{analyzed}");
+
+    sqlx::query("DELETE FROM pg_statistic WHERE starelid = 'avatars'::regclass").execute(&env.db).await.unwrap();
+    assert!(!statistics().await);
+    let blind = plan().await;
+    assert!(blind.contains("Seq Scan on avatars"), "without statistics the rewrite scans the table: {blind}");
+
+    common::db::prepare(&env.db).await.unwrap();
+    assert!(statistics().await, "preparing again analyzes the table");
+    let analyzed = plan().await;
+    assert!(!analyzed.contains("Seq Scan on avatars"), "{analyzed}");
+}
+
 /// The same pipeline on a second, independent implementation (moto), with two consumers at
 /// once: moto delivers some messages twice under concurrent receivers.
 #[tokio::test]
