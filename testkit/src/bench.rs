@@ -62,6 +62,8 @@ pub struct Config {
 struct Run {
     wall: f64,
     cpu: f64,
+    /// CPU seconds of each process (for us: the feeder, then each consumer).
+    cpus: Vec<f64>,
     /// Peak RSS of each process, MiB.
     rss: Vec<f64>,
     server_cpu: f64,
@@ -300,6 +302,7 @@ async fn pipeline(
     for p in procs {
         let (cpu, rss) = p.finish().await?;
         run.cpu += cpu;
+        run.cpus.push(cpu);
         run.rss.push(rss);
     }
     run.requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
@@ -388,7 +391,7 @@ async fn peer(config: &Config, tool: &str, server: &Server, source: &Env, counti
     route.show_kinds(tool);
     let copied = count_keys(source, &destination).await?;
     ensure!(copied == config.objects, "{tool} copied {copied} of {} objects", config.objects);
-    Ok(Run { wall, cpu, rss: vec![rss], server_cpu, requests })
+    Ok(Run { wall, cpu, cpus: vec![cpu], rss: vec![rss], server_cpu, requests })
 }
 
 /// Runs everything; returns a summary per (server, tool).
@@ -417,11 +420,12 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
                 }
                 .with_context(|| format!("{tool} on {}", server.name))?;
                 eprintln!(
-                    "bench: {} rep {rep}{} {tool}: {:.0} objects/s, cpu {:.1}s, server cpu {:.1}s, rss {:?} MiB{}",
+                    "bench: {} rep {rep}{} {tool}: {:.0} objects/s, cpu {:.1}s {:?}, server cpu {:.1}s, rss {:?} MiB{}",
                     server.name,
                     if counting { " (counting)" } else { "" },
                     config.objects as f64 / run.wall,
                     run.cpu,
+                    run.cpus.iter().map(|c| (c * 10.0).round() / 10.0).collect::<Vec<_>>(),
                     run.server_cpu,
                     run.rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
                     run.requests.map(|r| format!(", {r} requests")).unwrap_or_default(),
