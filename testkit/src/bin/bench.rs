@@ -23,6 +23,10 @@ struct Args {
     /// Timed repetitions per tool; a further counting one (through a proxy) comes first.
     #[arg(long, default_value = "3")]
     reps: usize,
+    /// Skip the counting repetition (requests per object are then not reported): for long
+    /// runs, such as 1,000,000 objects for the peak RSS.
+    #[arg(long)]
+    no_counting: bool,
     /// Consumer processes.
     #[arg(long, default_value = "2")]
     consumers: usize,
@@ -84,6 +88,7 @@ async fn main() -> ExitCode {
     let config = Config {
         objects: args.objects,
         reps: args.reps.max(1),
+        counting: !args.no_counting,
         consumers: args.consumers,
         concurrency: args.concurrency,
         pipeline_env,
