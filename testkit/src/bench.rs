@@ -64,13 +64,19 @@ pub struct Config {
 #[derive(Debug, Clone, Default)]
 struct Run {
     wall: f64,
-    cpu: f64,
     /// CPU seconds of each process (for us: the feeder, then each consumer).
     cpus: Vec<f64>,
     /// Peak RSS of each process, MiB.
     rss: Vec<f64>,
     server_cpu: f64,
     requests: Option<u64>,
+}
+
+impl Run {
+    /// CPU seconds of the tool's processes together.
+    fn cpu(&self) -> f64 {
+        self.cpus.iter().sum()
+    }
 }
 
 /// The medians of a tool's timed runs on one server.
@@ -304,7 +310,6 @@ async fn pipeline(
     let mut run = Run { wall, server_cpu, ..Run::default() };
     for p in procs {
         let (cpu, rss) = p.finish().await?;
-        run.cpu += cpu;
         run.cpus.push(cpu);
         run.rss.push(rss);
     }
@@ -413,7 +418,7 @@ async fn peer(config: &Config, tool: &str, server: &Server, source: &Env, counti
     route.show_kinds(tool);
     let copied = count_keys(source, &destination).await?;
     ensure!(copied == config.objects, "{tool} copied {copied} of {} objects", config.objects);
-    Ok(Run { wall, cpu, cpus: vec![cpu], rss: vec![rss], server_cpu, requests })
+    Ok(Run { wall, cpus: vec![cpu], rss: vec![rss], server_cpu, requests })
 }
 
 /// Runs everything; returns a summary per (server, tool).
@@ -447,7 +452,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
                     server.name,
                     if counting { " (counting)" } else { "" },
                     config.objects as f64 / run.wall,
-                    run.cpu,
+                    run.cpu(),
                     run.cpus.iter().map(|c| (c * 10.0).round() / 10.0).collect::<Vec<_>>(),
                     run.server_cpu,
                     run.rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
@@ -466,7 +471,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
                 server: server.name.clone(),
                 tool: tool.clone(),
                 objects_per_s: median(timed.iter().map(|r| config.objects as f64 / r.wall).collect()),
-                cpu_s_per_10k: median(timed.iter().map(|r| r.cpu * per_10k).collect()),
+                cpu_s_per_10k: median(timed.iter().map(|r| r.cpu() * per_10k).collect()),
                 peak_rss_mib: all.iter().flat_map(|r| r.rss.iter().copied()).fold(0.0, f64::max),
                 server_cpu_s_per_10k: median(timed.iter().map(|r| r.server_cpu * per_10k).collect()),
                 requests_per_object: requests,
