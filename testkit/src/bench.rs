@@ -324,18 +324,17 @@ async fn pipeline(
 /// How many rows point at their copy, counted exactly only once the journal says every row
 /// may have moved: counting a million rows five times a second took a core from the run it
 /// timed. The journal's highest id is read through its primary key; it may run ahead of the
-/// rows (a sequence has gaps), never behind, so the exact count has the last word. Without a
-/// journal (a `REWRITE_JOURNAL=false` variant) every poll counts.
+/// rows (a sequence has gaps), never behind, so the exact count has the last word. Before
+/// the processes create the journal (the query fails) and without entries (an empty journal,
+/// or a `REWRITE_JOURNAL=false` variant) every poll counts.
 async fn moved_at_least(env: &Env, n: i64) -> i64 {
-    let journaled: Option<i64> = sqlx::query_scalar(
-        "SELECT CASE WHEN to_regclass('avatar_migration_journal') IS NULL THEN NULL
-                     ELSE (SELECT coalesce(max(journal_id), 0) FROM avatar_migration_journal) END",
-    )
-    .fetch_one(&env.db)
-    .await
-    .unwrap_or(None);
+    let journaled: Option<i64> = sqlx::query_scalar("SELECT max(journal_id) FROM avatar_migration_journal")
+        .fetch_one(&env.db)
+        .await
+        .ok()
+        .flatten();
     match journaled {
-        Some(ids) if ids > 0 && ids < n => ids,
+        Some(ids) if ids < n => ids,
         _ => env.count_rows_with_prefix("avatar/").await,
     }
 }
