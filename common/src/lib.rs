@@ -7,6 +7,7 @@ pub mod db;
 pub mod exit;
 pub mod identity;
 pub mod keys;
+pub mod listing;
 pub mod message;
 pub mod settings;
 pub mod setup;

@@ -26,7 +26,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::list::{Item, Listing, decode_key};
+use crate::list::{Item, Listing};
+use common::listing::decode_key;
 
 /// The parts of `manifest.json` the feeder reads.
 #[derive(Debug, Deserialize)]
