@@ -9,12 +9,19 @@
 //! - the copy itself carries `If-None-Match: *` (closes the race with a live upload where the
 //!   server enforces it: AWS, SeaweedFS) and `x-amz-copy-source-if-match` on the source ETag;
 //!   servers that ignore the first are covered by the destination check before the copy
-//!   (`DESTINATION_CHECK=before-copy`, the default); where the server enforces it, the check
-//!   can wait for the server's 412 (`on-conflict`);
+//!   (`DESTINATION_CHECK=before-copy`); where the server enforces it, the check can wait for
+//!   the server's 412 (`on-conflict`); `auto`, the default, asks the server at start-up;
+//! - before-copy looks at a message's destinations with one listing ([`Lookahead`]) and HEADs
+//!   only those the listing does not prove absent; a listing stands in for a HEAD for at most
+//!   [`LOOKAHEAD_VALID`] (a HEAD, too, is only as fresh as its round trip: on a server that
+//!   ignores `If-None-Match` no check closes the race with a live upload, AWS closes it);
 //! - content type and user metadata are copied as they are (`MetadataDirective=COPY`);
 //! - the object is never downloaded, except for the bounded comparison;
 //! - every S3 error is classified (`common::aws::ErrorClass`): retried later, recorded for this
 //!   object with its reason, or fatal for the process.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -23,6 +30,7 @@ use common::aws::{ErrorClass, S3, classify_object_error, describe, permanent_obj
 use common::db::Reason;
 use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
+use common::listing::{self, Position};
 
 use crate::multipart::{self, InParts, Multipart};
 
@@ -85,6 +93,47 @@ pub enum DestinationCheck {
     /// Copy first and look at the destination only when the server refuses the copy (412):
     /// only for servers that enforce `If-None-Match: *` on CopyObject (AWS S3, SeaweedFS).
     OnConflict,
+}
+
+/// How long a [`Lookahead`] stands in for a HEAD: a destination it proved absent is copied
+/// without a HEAD only this soon after the listing (a message whose copies are slowed by
+/// retries HEADs its later destinations again).
+pub const LOOKAHEAD_VALID: Duration = Duration::from_secs(2);
+
+/// One listing of the destination, taken before a message's copies where each copy needs a
+/// look at its destination first (`before-copy`): one `ListObjectsV2` instead of a HEAD per
+/// object. A destination it proves absent is copied straight away (still conditionally); one
+/// it lists, one past the listed page, or any once the listing is older than
+/// [`LOOKAHEAD_VALID`], gets its HEAD as before.
+#[derive(Debug)]
+pub struct Lookahead {
+    present: HashSet<String>,
+    /// Every key up to this one was listed; `None`: every key after the start (the page was
+    /// the last).
+    seen_through: Option<String>,
+    taken: Instant,
+}
+
+impl Lookahead {
+    /// Whether the listing proved `key` absent, recently enough to skip its HEAD.
+    pub fn proves_absent(&self, key: &str) -> bool {
+        self.taken.elapsed() <= LOOKAHEAD_VALID
+            && !self.present.contains(key)
+            && self.seen_through.as_deref().is_none_or(|last| key <= last)
+    }
+}
+
+/// The longest prefix all `keys` share, cut back to a character boundary.
+fn common_prefix(keys: &[String]) -> &str {
+    let Some(first) = keys.first() else { return "" };
+    let mut len = first.len();
+    for key in &keys[1..] {
+        len = len.min(first.bytes().zip(key.bytes()).take_while(|(a, b)| a == b).count());
+    }
+    while !first.is_char_boundary(len) {
+        len -= 1;
+    }
+    &first[..len]
 }
 
 /// Copies objects of one mapping.
@@ -178,17 +227,54 @@ impl Copier {
         outcome
     }
 
-    /// Puts `source_key` at `destination_key` unless it is already there.
+    /// Lists the destination keys of one message at once, where each copy needs a look at its
+    /// destination first. `None` where no look is needed (`on-conflict`), for a single key (its
+    /// HEAD costs as much), and when the listing fails (each key then gets its HEAD).
+    ///
+    /// The listing starts just below the smallest key (after that key without its last
+    /// character) under the keys' common prefix, and asks for a few more keys than the message
+    /// has: keys of others between them (live uploads) end the page early, and the keys past
+    /// it are HEADed.
+    pub async fn look_ahead(&self, destinations: &[String]) -> Option<Lookahead> {
+        if self.destination_check == DestinationCheck::OnConflict || destinations.len() < 2 {
+            return None;
+        }
+        let mut after = destinations.iter().min()?.clone();
+        after.pop();
+        let from = if after.is_empty() { Position::First } else { Position::After(&after) };
+        let max_keys = (2 * destinations.len() + 8).min(1000) as i32;
+        let taken = Instant::now();
+        let bucket = &self.mapping.destination_bucket;
+        match listing::page(&self.s3, bucket, common_prefix(destinations), from, max_keys).await {
+            Ok((objects, next)) => {
+                let seen_through = match next {
+                    None => None,
+                    Some(_) => Some(objects.last()?.key.clone()),
+                };
+                Some(Lookahead { present: objects.into_iter().map(|o| o.key).collect(), seen_through, taken })
+            }
+            Err(err) => {
+                tracing::debug!(error = format!("{err:#}"), "a HEAD before each copy: the listing failed");
+                None
+            }
+        }
+    }
+
+    /// Puts `source_key` at `destination_key` unless it is already there. `proven_absent`: a
+    /// [`Lookahead`] proved the destination absent, so no HEAD is needed before the copy.
     pub async fn ensure_copied(
         &self,
         source_key: &str,
         listed_etag: &str,
         size: i64,
         destination_key: &str,
+        proven_absent: bool,
     ) -> Result<Copied, CopyError> {
         let (dst_bucket, src_bucket) = (&self.mapping.destination_bucket, &self.mapping.source_bucket);
-        // Anything but a proven `on-conflict` looks first (an unresolved `auto` included).
+        // Anything but a proven `on-conflict` looks first (an unresolved `auto` included),
+        // unless a listing just did.
         if self.destination_check != DestinationCheck::OnConflict
+            && !proven_absent
             && let Some(dest) = self.head(dst_bucket, destination_key).await?
         {
             return self.compare(source_key, listed_etag, destination_key, dest).await;
@@ -328,5 +414,47 @@ impl Copier {
                 detail: format!("destination s3://{dst_bucket}/{destination_key} exists: {why}; left as it is"),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookahead(present: &[&str], seen_through: Option<&str>, age: Duration) -> Lookahead {
+        Lookahead {
+            present: present.iter().map(|k| k.to_string()).collect(),
+            seen_through: seen_through.map(str::to_owned),
+            taken: Instant::now().checked_sub(age).expect("the clock has run this long"),
+        }
+    }
+
+    #[test]
+    fn a_lookahead_proves_absent_only_what_it_saw_not_listed_and_only_while_fresh() {
+        let whole = lookahead(&["avatar/b"], None, Duration::ZERO);
+        assert!(whole.proves_absent("avatar/a"));
+        assert!(!whole.proves_absent("avatar/b"), "listed: present");
+        assert!(whole.proves_absent("avatar/z"), "the page was the last: nothing after it exists");
+
+        let page = lookahead(&["avatar/b", "avatar/c"], Some("avatar/c"), Duration::ZERO);
+        assert!(page.proves_absent("avatar/a"));
+        assert!(page.proves_absent("avatar/bb"), "between two listed keys");
+        assert!(!page.proves_absent("avatar/c"));
+        assert!(!page.proves_absent("avatar/ca"), "past the page: not seen");
+        assert!(!page.proves_absent("avatar/d"));
+
+        let stale = lookahead(&[], None, LOOKAHEAD_VALID + Duration::from_millis(10));
+        assert!(!stale.proves_absent("avatar/a"), "too old to stand in for a HEAD");
+    }
+
+    #[test]
+    fn the_common_prefix_stops_at_a_character_boundary() {
+        let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(common_prefix(&keys(&["avatar/a-1", "avatar/a-2", "avatar/a-10"])), "avatar/a-");
+        assert_eq!(common_prefix(&keys(&["avatar/x", "image/x"])), "");
+        assert_eq!(common_prefix(&keys(&["avatar/only"])), "avatar/only");
+        // 'é' (C3 A9) and 'è' (C3 A8) share their first byte, which is no prefix of its own.
+        assert_eq!(common_prefix(&keys(&["avatar/é", "avatar/è"])), "avatar/");
+        assert_eq!(common_prefix(&[]), "");
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::ack::Acker;
-use crate::copy::{Copied, Copier, CopyError};
+use crate::copy::{Copied, Copier, CopyError, Lookahead};
 use crate::lease::Lease;
 use crate::metrics::{InFlight, Stats};
 use crate::record::Rewriter;
@@ -127,9 +127,12 @@ impl Worker {
                 let mut deletable = true;
                 let mut rewrites = Vec::new();
                 let receipts = receive_count(&message);
+                let destinations: Vec<String> =
+                    objects.iter().filter_map(|o| self.copier.mapping.destination_key(&o.key)).collect();
+                let lookahead = self.copier.look_ahead(&destinations).await;
                 for msg in &objects {
                     let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
-                    match self.copy_object(msg).instrument(span.clone()).await {
+                    match self.copy_object(msg, lookahead.as_ref()).instrument(span.clone()).await {
                         Ok(destination) => rewrites.push(
                             async move {
                                 let outcome = self.rewrite_rows(msg, destination).await;
@@ -259,7 +262,7 @@ impl Worker {
     }
 
     /// Copies the object; on success returns the destination key its rows may now point at.
-    async fn copy_object(&self, msg: &ObjectMessage) -> Result<String, Outcome> {
+    async fn copy_object(&self, msg: &ObjectMessage, lookahead: Option<&Lookahead>) -> Result<String, Outcome> {
         let mapping = &self.copier.mapping;
         let Some(destination) = mapping.destination_key(&msg.key) else {
             return Err(Outcome::SetAside {
@@ -269,7 +272,8 @@ impl Worker {
             });
         };
         let started = Instant::now();
-        let copied = self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination).await;
+        let absent = lookahead.is_some_and(|l| l.proves_absent(&destination));
+        let copied = self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination, absent).await;
         self.stats.copy_seconds.observe(started.elapsed().as_secs_f64());
         match copied {
             Ok(Copied::Copied) => self.stats.copied.inc(),

@@ -1,7 +1,10 @@
 //! Exact identity (I3, I5): an existing destination counts as done only when it holds the
 //! source's bytes, whatever its ETag says; otherwise it is left as it is and recorded.
 
+use std::time::Duration;
+
 use testkit::Env;
+use testkit::proxy::{Fault, FaultProxy, Rule, When};
 
 use crate::helpers::{assert_no_probe_left, drain, etag, feed, put_multipart, stdout};
 
@@ -54,4 +57,52 @@ async fn a_destination_too_large_to_compare_is_recorded_as_unproven() {
     drain(&env, &[("COMPARE_MAX_BYTES", "4")]).await;
     assert_eq!(env.path_of(ids[0]).await, "image/big.png");
     assert_eq!(env.failures().await, vec![("destination_unproven".to_owned(), "image/big.png".to_owned())]);
+}
+
+/// Where each copy needs a look at its destination first (MiniStack ignores `If-None-Match` on
+/// CopyObject), one listing per message looks at all of its destinations: only those it lists
+/// (and the ones past its page) are HEADed. Here three messages of ten: in the first, two
+/// destinations exist (the same bytes, and other bytes); in the third, forty live uploads sort
+/// between two of its keys, so the listing's page ends there and the eight keys past it are
+/// HEADed. Both existing destinations are still found (one done, one a conflict, neither
+/// overwritten) and every other object moves.
+#[tokio::test]
+async fn one_listing_per_message_replaces_the_heads_of_destinations_it_proves_absent() {
+    let env = Env::new().await;
+    let keys: Vec<String> = (0..30).map(|i| format!("image/item-{i:02} é.png")).collect();
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    let modern = |i: usize| format!("avatar/item-{i:02} é.png");
+    env.put(&env.destination_bucket, &modern(3), b"png").await;
+    env.put(&env.destination_bucket, &modern(5), b"newer bytes").await;
+    let live: Vec<String> = (0..40).map(|j| format!("{}-live-{j:02}", modern(21))).collect();
+    env.put_many(&env.destination_bucket, &live, b"a live upload").await;
+    let ids = env.insert_rows(&keys).await;
+    assert_eq!(feed(&env).await, 30);
+    assert_eq!(env.depth(&env.queue_url).await, (3, 0), "ten objects per message");
+
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    // Counts the HEADs of objects (the start-up checks HEAD buckets): forwarded, untouched.
+    s3.add(Rule::always(
+        When { method: Some("HEAD"), contains: Some("item-".into()), ..When::default() },
+        Fault::Delay(Duration::ZERO),
+    ));
+    drain(&env, &[("AWS_ENDPOINT_URL_S3", &s3.url), ("DESTINATION_CHECK", "before-copy")]).await;
+
+    let requests = s3.forwarded_by_kind();
+    assert_eq!(requests.get("S3 GET"), Some(&3), "one listing per message: {requests:?}");
+    assert_eq!(requests.get("S3 copy"), Some(&28), "{requests:?}");
+    // Two for each existing destination (it, then its source to compare with), and one for
+    // each of the eight keys past the third listing's page; without the listings: 32.
+    assert_eq!(s3.injected(), 2 * 2 + 8, "{requests:?}");
+
+    assert_eq!(env.failures().await, vec![("destination_conflict".to_owned(), keys[5].clone())]);
+    assert_eq!(env.get(&env.destination_bucket, &modern(5)).await.as_deref(), Some(&b"newer bytes"[..]));
+    for (i, id) in ids.iter().enumerate() {
+        let expected = if i == 5 { keys[5].clone() } else { modern(i) };
+        assert_eq!(env.path_of(*id).await, expected);
+    }
+    for key in &live {
+        assert_eq!(env.get(&env.destination_bucket, key).await.as_deref(), Some(&b"a live upload"[..]));
+    }
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
 }
