@@ -101,12 +101,15 @@ pub struct RunArgs {
     pub send_concurrency: NonZeroUsize,
 
     /// Pause listing (and `reconcile`) while the queue holds more than this many messages
-    /// (visible, in flight and delayed). Keeps the backlog from outliving the queue's
-    /// retention period: at the default, consumers draining more than 100,000 / retention
-    /// (0.3 messages/s for SQS's default 4 days) can never let a message expire, and one that
-    /// still does is found by `verify` and enqueued again by `reconcile`. Size it at least
-    /// consumers x CONCURRENCY so that no consumer starves. 0: no limit.
-    #[arg(long, env = "MAX_BACKLOG", default_value = "100000")]
+    /// (visible, in flight and delayed). The default, 12,000 messages (120,000 objects at ten a
+    /// message), is the deployed stack's `FeederMaxBacklog`: deep enough for its 40 consumer
+    /// tasks at 300 messages each (scaling on backlog per task settles at backlog / 300 tasks,
+    /// so less caps the fleet), and shallow enough that a message waits minutes, not days
+    /// (none outlives the queue's retention; one that still does is found by `verify` and
+    /// enqueued again by `reconcile`). A shallow queue also keeps MiniStack's SQS fast: it slows
+    /// as its queue deepens. Size it at least consumers x CONCURRENCY / OBJECTS_PER_MESSAGE, so
+    /// that no consumer starves. 0: no limit.
+    #[arg(long, env = "MAX_BACKLOG", default_value = "12000")]
     pub max_backlog: u64,
 
     /// List (or read the inventory report) and count what would be enqueued, in how many
@@ -129,7 +132,7 @@ impl Default for RunArgs {
             inventory: None,
             dry_run: false,
             send_concurrency: NonZeroUsize::new(16).unwrap(),
-            max_backlog: 100_000,
+            max_backlog: 12_000,
             restart: false,
         }
     }
