@@ -432,7 +432,14 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
         let first = if config.counting { 0 } else { 1 };
         for rep in first..=config.reps {
             let counting = rep == 0;
-            for tool in &config.tools {
+            // Every other repetition runs the tools in reverse order, so that no tool always
+            // inherits the same predecessor's aftermath on the server (with two repetitions,
+            // each tool runs once at each end of its pair of positions).
+            let mut order: Vec<&String> = config.tools.iter().collect();
+            if rep % 2 == 0 {
+                order.reverse();
+            }
+            for tool in order {
                 let run = match tool.split_once('+') {
                     _ if tool == "pipeline" => pipeline(config, server, &source, &keys, &[], counting).await,
                     Some(("pipeline", sets)) => {
