@@ -12,33 +12,25 @@ use aws_sdk_s3::types::EncodingType;
 use crate::aws::{S3, describe};
 use crate::message::ObjectMessage;
 
-/// Where a page starts: after a continuation token, after a key, or at the prefix's start.
-#[derive(Debug, Clone, Copy)]
-pub enum Position<'a> {
-    First,
-    After(&'a str),
-    Token(&'a str),
-}
-
 /// One page of at most `max_keys` objects under `prefix`, in S3's (UTF-8 binary) order, and
-/// the continuation token of the next one (`None`: this was the last page).
+/// the continuation token of the next one (`None`: this was the last page). The page starts
+/// after `token` when given, else after the key `after` (which errors name either way), else
+/// at the prefix's start.
 pub async fn page(
     s3: &S3,
     bucket: &str,
     prefix: &str,
-    from: Position<'_>,
+    token: Option<&str>,
+    after: Option<&str>,
     max_keys: i32,
 ) -> anyhow::Result<(Vec<ObjectMessage>, Option<String>)> {
-    let position = match from {
-        Position::After(k) => format!(" after key {k:?}"),
-        _ => String::new(),
-    };
+    let position = after.map(|k| format!(" after key {k:?}")).unwrap_or_default();
     let mut request =
         s3.list_objects_v2().bucket(bucket).prefix(prefix).max_keys(max_keys).encoding_type(EncodingType::Url);
-    request = match from {
-        Position::Token(t) => request.continuation_token(t),
-        Position::After(after) => request.start_after(after),
-        Position::First => request,
+    request = match (token, after) {
+        (Some(t), _) => request.continuation_token(t),
+        (None, Some(after)) => request.start_after(after),
+        (None, None) => request,
     };
     let out = request
         .send()

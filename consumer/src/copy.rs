@@ -30,7 +30,8 @@ use common::aws::{ErrorClass, S3, classify_object_error, describe, permanent_obj
 use common::db::Reason;
 use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
-use common::listing::{self, Position};
+use common::listing;
+use common::message::ObjectMessage;
 
 use crate::multipart::{self, InParts, Multipart};
 
@@ -227,25 +228,26 @@ impl Copier {
         outcome
     }
 
-    /// Lists the destination keys of one message at once, where each copy needs a look at its
-    /// destination first. `None` where no look is needed (`on-conflict`), for a single key (its
+    /// Lists the destination keys of one message's objects at once, where each copy needs a
+    /// look at its destination first. `None` where no look is needed (`on-conflict`), for a single key (its
     /// HEAD costs as much), and when the listing fails (each key then gets its HEAD).
     ///
     /// The listing starts just below the smallest key (after that key without its last
     /// character) under the keys' common prefix, and asks for a few more keys than the message
     /// has: keys of others between them (live uploads) end the page early, and the keys past
     /// it are HEADed.
-    pub async fn look_ahead(&self, destinations: &[String]) -> Option<Lookahead> {
-        if self.destination_check == DestinationCheck::OnConflict || destinations.len() < 2 {
+    pub async fn look_ahead(&self, objects: &[ObjectMessage]) -> Option<Lookahead> {
+        if self.destination_check == DestinationCheck::OnConflict || objects.len() < 2 {
             return None;
         }
+        let destinations: Vec<String> = objects.iter().filter_map(|o| self.mapping.destination_key(&o.key)).collect();
         let mut after = destinations.iter().min()?.clone();
         after.pop();
-        let from = if after.is_empty() { Position::First } else { Position::After(&after) };
         let max_keys = (2 * destinations.len() + 8).min(1000) as i32;
         let taken = Instant::now();
-        let bucket = &self.mapping.destination_bucket;
-        match listing::page(&self.s3, bucket, common_prefix(destinations), from, max_keys).await {
+        let (bucket, prefix) = (&self.mapping.destination_bucket, common_prefix(&destinations));
+        let after = Some(after.as_str()).filter(|a| !a.is_empty());
+        match listing::page(&self.s3, bucket, prefix, None, after, max_keys).await {
             Ok((objects, next)) => {
                 let seen_through = match next {
                     None => None,

@@ -127,9 +127,7 @@ impl Worker {
                 let mut deletable = true;
                 let mut rewrites = Vec::new();
                 let receipts = receive_count(&message);
-                let destinations: Vec<String> =
-                    objects.iter().filter_map(|o| self.copier.mapping.destination_key(&o.key)).collect();
-                let lookahead = self.copier.look_ahead(&destinations).await;
+                let lookahead = self.copier.look_ahead(&objects).await;
                 for msg in &objects {
                     let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
                     match self.copy_object(msg, lookahead.as_ref()).instrument(span.clone()).await {

@@ -13,7 +13,7 @@
 //!   safe to run again: it resumes from the last checkpoint).
 
 use common::aws::S3;
-use common::listing::{self, Position};
+use common::listing;
 use common::message::ObjectMessage;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -62,12 +62,9 @@ impl Lister {
                 if stop.is_cancelled() {
                     return;
                 }
-                let from = match (&token, &after) {
-                    (Some(t), _) => Position::Token(t),
-                    (None, Some(a)) => Position::After(a),
-                    (None, None) => Position::First,
-                };
-                let page = listing::page(&self.s3, &self.bucket, &self.prefix, from, self.page_size).await;
+                let (bucket, prefix) = (&self.bucket, &self.prefix);
+                let page =
+                    listing::page(&self.s3, bucket, prefix, token.as_deref(), after.as_deref(), self.page_size).await;
                 let (mut objects, next) = match page {
                     Ok(page) => page,
                     Err(err) => {
@@ -102,7 +99,7 @@ impl Lister {
 
     /// The first key under `prefix` after `after`, if any.
     pub async fn first_key_after(&self, prefix: &str, after: &str) -> anyhow::Result<Option<String>> {
-        let (objects, _) = listing::page(&self.s3, &self.bucket, prefix, Position::After(after), 1).await?;
+        let (objects, _) = listing::page(&self.s3, &self.bucket, prefix, None, Some(after), 1).await?;
         Ok(objects.into_iter().next().map(|o| o.key))
     }
 }
