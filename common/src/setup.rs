@@ -36,3 +36,17 @@ pub async fn connect(
     crate::db::prepare(&db).await.context("preparing the database").setup()?;
     Ok(Clients { s3, sqs, db })
 }
+
+/// The async runtime of a binary: a single-threaded one for `worker_threads == 1` (no
+/// wake-ups across threads: the least CPU per request), a multi-threaded one with that many
+/// workers otherwise.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(worker_threads);
+        builder
+    };
+    builder.enable_all().build()
+}

@@ -4,12 +4,20 @@ use clap::Parser;
 use common::exit::{Failure, SetupResult, report};
 use consumer::Settings;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     if let Err(err) = common::settings::load_dotenv() {
         return report("consumer", Err(Failure::Setup(err)));
     }
     let settings = Settings::parse();
+    match common::setup::runtime(settings.worker_threads.into()) {
+        Ok(runtime) => runtime.block_on(consume(settings)),
+        Err(err) => {
+            report("consumer", Err(Failure::Setup(anyhow::Error::from(err).context("starting the async runtime"))))
+        }
+    }
+}
+
+async fn consume(settings: Settings) -> ExitCode {
     if settings.health_check {
         let Some(addr) = settings.metrics_addr else {
             eprintln!("consumer --health-check: METRICS_ADDR is not set: there is no endpoint to ask");

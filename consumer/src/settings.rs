@@ -137,6 +137,14 @@ pub struct Settings {
     #[arg(long, env = "DELETE_SOURCE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
     pub delete_source: bool,
 
+    /// Threads this process runs on. 1 (the default): everything on one thread, which spends
+    /// about a tenth less CPU per object than two (no wake-ups across threads; measured in
+    /// docs/performance.md) and matches the stack's one-vCPU tasks: scale with more consumers,
+    /// not more threads. More: a multi-threaded runtime with this many workers, for a host with
+    /// cores to spare and one consumer on it.
+    #[arg(long, env = "WORKER_THREADS", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
+
     /// Database connections this process opens at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub database_max_connections: u32,
