@@ -74,6 +74,10 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     if !settings.dry_run {
         copier.destination_check = copier.resolve_destination_check().await;
     }
+    let concurrency = settings
+        .concurrency
+        .map_or_else(|| copy::default_concurrency(copier.destination_check), std::num::NonZeroUsize::get);
+    tracing::info!(concurrency, "objects worked on at once");
     let max_receive_count = match common::aws::redrive_policy(&clients.sqs, &settings.queue.queue_url).await {
         Ok(policy) => policy.map(|(_, max)| max),
         Err(err) => {
@@ -98,7 +102,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         dry_run: settings.dry_run.then(process::DryRun::default),
         delete_source: settings.delete_source,
     });
-    let ended = receive::run(&settings.receive_config(), worker, stop).await;
+    let ended = receive::run(&settings.receive_config(concurrency), worker, stop).await;
     match ended {
         receive::Ended::Finished => {
             // Every worker is done and dropped its handles on the batchers: they flush and stop.

@@ -29,10 +29,13 @@ pub struct Settings {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
-    /// Objects worked on at once by this process (each one a HEAD and a CopyObject, then a row
-    /// rewrite). Raise it until S3 answers SlowDown or the database is busy.
-    #[arg(long, env = "CONCURRENCY", default_value = "32")]
-    pub concurrency: NonZeroUsize,
+    /// Objects worked on at once by this process (each a CopyObject, then a row rewrite).
+    /// Unset (the default): 128 where the copy goes first (`on-conflict`, what `auto` picks on
+    /// AWS), 32 where each destination is looked at first (`before-copy`, whose listing of a
+    /// message's destinations goes stale when objects wait too long for their turn). Raise it
+    /// until S3 answers SlowDown or the database is busy.
+    #[arg(long, env = "CONCURRENCY")]
+    pub concurrency: Option<NonZeroUsize>,
 
     /// Seconds a received message stays invisible to other consumers. Extended every half of
     /// it while an object is still being worked on; after a crash, the message comes back this
@@ -167,13 +170,13 @@ impl Settings {
         }
     }
 
-    /// How the receive loop runs.
-    pub fn receive_config(&self) -> ReceiveConfig {
+    /// How the receive loop runs, with `concurrency` objects at once.
+    pub fn receive_config(&self, concurrency: usize) -> ReceiveConfig {
         // The long poll is shortened to the idle limit, so that an idle exit is not late.
         let wait = self.exit_when_idle.map_or(self.wait_time_seconds, |idle| idle.min(self.wait_time_seconds));
         ReceiveConfig {
             queue_url: self.queue.queue_url.clone(),
-            concurrency: self.concurrency.get(),
+            concurrency,
             wait: Duration::from_secs(wait),
             visibility: self.visibility_timeout(),
             exit_when_idle: self.exit_when_idle.map(Duration::from_secs),
