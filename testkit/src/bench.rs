@@ -50,7 +50,7 @@ pub struct Config {
     /// object); off for long runs, where it would double the time.
     pub counting: bool,
     pub consumers: usize,
-    pub concurrency: usize,
+    pub concurrency: Option<usize>,
     /// Further settings for the pipeline's consumers and feeder (`VAR=VALUE`).
     pub pipeline_env: Vec<(String, String)>,
     pub servers: Vec<Server>,
@@ -281,7 +281,9 @@ async fn pipeline(
     // Later settings win: the bench's own, then --set, then the variant's.
     let mut vars = env.vars();
     vars.push(("RUST_LOG".into(), "warn".into()));
-    vars.push(("CONCURRENCY".into(), config.concurrency.to_string()));
+    if let Some(concurrency) = config.concurrency {
+        vars.push(("CONCURRENCY".into(), concurrency.to_string()));
+    }
     vars.push(("EXIT_WHEN_IDLE".into(), "2".into()));
     vars.extend(config.pipeline_env.iter().cloned());
     vars.extend(extra.iter().cloned());

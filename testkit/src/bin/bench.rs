@@ -30,9 +30,9 @@ struct Args {
     /// Consumer processes.
     #[arg(long, default_value = "2")]
     consumers: usize,
-    /// Objects in flight per consumer.
-    #[arg(long, default_value = "32")]
-    concurrency: usize,
+    /// Objects in flight per consumer (`CONCURRENCY`); unset: the consumer's default.
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// A further setting for the pipeline's processes (repeatable), e.g. `DESTINATION_CHECK=before-copy`.
     #[arg(long = "set", value_name = "VAR=VALUE")]
     set: Vec<String>,

@@ -1,0 +1,83 @@
+//! The CPU one CopyObject costs through the AWS SDK, as the consumer builds its client, with
+//! nothing else around it: no queue, no database. The floor under the consumer's own CPU per
+//! object (docs/performance.md).
+//!
+//! Seeds N objects of 700 bytes into a fresh bucket, then copies them all server-side, K at
+//! once, twice: plainly, then with the consumer's headers (`x-amz-copy-source-if-match`,
+//! `If-None-Match: *`, `MetadataDirective: COPY`). Prints this process's CPU per copy for each.
+//! `WORKER_THREADS` picks the runtime as the consumer does (1, the default: one thread).
+//!
+//! ```text
+//! scripts/local-services up --with-seaweedfs && eval "$(scripts/local-services env)"
+//! AWS_ENDPOINT_URL=$SEAWEEDFS_ENDPOINT_URL cargo run --release -p testkit --example sdk_copy_cpu -- 6000 32
+//! ```
+
+use std::time::Instant;
+
+use anyhow::Context;
+use aws_sdk_s3::types::MetadataDirective;
+use futures::StreamExt;
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).context("unreadable /proc/self/stat");
+    // utime and stime, in clock ticks (100 a second on Linux).
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().as_deref().unwrap_or("6000").parse().context("N: a number of objects")?;
+    let at_once: usize = args.next().as_deref().unwrap_or("32").parse().context("K: copies at once")?;
+    let threads = std::env::var("WORKER_THREADS").ok().map(|v| v.parse()).transpose()?.unwrap_or(1);
+    common::setup::runtime(threads)?.block_on(run(n, at_once))
+}
+
+async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
+    let s3 = common::aws::s3_client(&common::aws::sdk_config().await?, true);
+    let bucket = format!("sdk-copy-cpu-{}", std::process::id());
+    s3.create_bucket().bucket(&bucket).send().await?;
+    let keys: Vec<String> = (0..n).map(|i| format!("image/{i:08}.png")).collect();
+    let body = bytes::Bytes::from(vec![b'x'; 700]);
+    let etags: Vec<String> = futures::stream::iter(&keys)
+        .map(|key| {
+            let put = s3.put_object().bucket(&bucket).key(key).body(body.clone().into()).send();
+            async move { put.await.map(|out| out.e_tag().unwrap_or_default().to_owned()) }
+        })
+        .buffered(at_once)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    for (headers, under) in [("plain", "plain"), ("consumer's headers", "conditional")] {
+        let (cpu, started) = (cpu_seconds()?, Instant::now());
+        let failed = futures::stream::iter(keys.iter().zip(&etags))
+            .map(|(key, etag)| {
+                let mut copy = s3
+                    .copy_object()
+                    .bucket(&bucket)
+                    .key(format!("{under}/{key}"))
+                    .copy_source(format!("{bucket}/{key}"));
+                if under == "conditional" {
+                    copy =
+                        copy.copy_source_if_match(etag).if_none_match("*").metadata_directive(MetadataDirective::Copy);
+                }
+                copy.send()
+            })
+            .buffer_unordered(at_once)
+            .filter(|sent| std::future::ready(sent.is_err()))
+            .count()
+            .await;
+        let (cpu, wall) = (cpu_seconds()? - cpu, started.elapsed().as_secs_f64());
+        println!(
+            "{headers}: {n} copies, {at_once} at once, in {wall:.1} s ({:.0}/s); CPU {:.0} us a copy ({:.2} s/10k); {failed} failed",
+            n as f64 / wall,
+            cpu / n as f64 * 1e6,
+            cpu / n as f64 * 1e4
+        );
+    }
+    Ok(())
+}
