@@ -31,9 +31,9 @@ pub struct Settings {
 
     /// Objects worked on at once by this process (each a CopyObject, then a row rewrite).
     /// Unset (the default): 128 where the copy goes first (`on-conflict`, what `auto` picks on
-    /// AWS), 32 where each destination is looked at first (`before-copy`, whose listing of a
-    /// message's destinations goes stale when objects wait too long for their turn). Raise it
-    /// until S3 answers SlowDown or the database is busy.
+    /// AWS), 32 where each destination is looked at first (`before-copy`, where 128 measured
+    /// slower; docs/performance.md). Raise it until S3 answers SlowDown or the database is
+    /// busy.
     #[arg(long, env = "CONCURRENCY")]
     pub concurrency: Option<NonZeroUsize>,
 
