@@ -306,8 +306,9 @@ async fn a_consumer_killed_mid_run_and_a_fresh_one_lose_nothing() {
     assert!(done_at_kill < 2000, "killed mid-run ({done_at_kill} done)");
 
     // An idle window shorter than the visibility timeout: the survivor still waits for the
-    // messages the dead consumer held to come back.
-    drain(&env, &[("VISIBILITY_TIMEOUT", "3"), ("EXIT_WHEN_IDLE", "1")]).await;
+    // messages the dead consumer held to come back. The first ran on one thread (the
+    // default); the survivor runs on two, so both runtimes finish a run.
+    drain(&env, &[("VISIBILITY_TIMEOUT", "3"), ("EXIT_WHEN_IDLE", "1"), ("WORKER_THREADS", "2")]).await;
     assert_eq!(env.count_rows_with_prefix("avatar/").await, 2000, "every row rewritten");
     let copied: BTreeSet<String> = env.keys(&env.destination_bucket).await.into_iter().collect();
     assert_eq!(copied, keys.iter().map(|k| modern(k)).collect::<BTreeSet<_>>());
