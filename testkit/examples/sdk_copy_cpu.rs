@@ -18,16 +18,6 @@ use anyhow::Context;
 use aws_sdk_s3::types::MetadataDirective;
 use futures::StreamExt;
 
-/// User + system CPU seconds of this process so far.
-fn cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).context("unreadable /proc/self/stat");
-    // utime and stime, in clock ticks (100 a second on Linux).
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
-
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().as_deref().unwrap_or("6000").parse().context("N: a number of objects")?;
@@ -53,7 +43,7 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
         .into_iter()
         .collect::<Result<_, _>>()?;
     for (headers, under) in [("plain", "plain"), ("consumer's headers", "conditional")] {
-        let (cpu, started) = (cpu_seconds()?, Instant::now());
+        let (cpu, started) = (testkit::bench::own_cpu()?, Instant::now());
         let failed = futures::stream::iter(keys.iter().zip(&etags))
             .map(|(key, etag)| {
                 let mut copy = s3
@@ -71,7 +61,7 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
             .filter(|sent| std::future::ready(sent.is_err()))
             .count()
             .await;
-        let (cpu, wall) = (cpu_seconds()? - cpu, started.elapsed().as_secs_f64());
+        let (cpu, wall) = (testkit::bench::own_cpu()? - cpu, started.elapsed().as_secs_f64());
         println!(
             "{headers}: {n} copies, {at_once} at once, in {wall:.1} s ({:.0}/s); CPU {:.0} us a copy ({:.2} s/10k); {failed} failed",
             n as f64 / wall,

@@ -101,25 +101,36 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// /proc counts CPU in USER_HZ, which Linux fixes at 100 for user space.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// A process's group and its CPU ticks (user + system), from the text of `/proc/<pid>/stat`.
+fn group_and_ticks(stat: &str) -> Option<(i32, u64)> {
+    // pid (comm) state ppid pgrp ... utime(14) stime(15): fields after the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some((fields.get(2)?.parse().ok()?, ticks(11).unwrap_or(0) + ticks(12).unwrap_or(0)))
+}
+
 /// CPU seconds (user + system) of every process in these process groups, from `/proc`.
 fn group_cpu(groups: &[i32]) -> f64 {
-    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
-    let ticks = 100.0;
-    let mut total = 0u64;
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0.0 };
-    for entry in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // pid (comm) state ppid pgrp ... utime(14) stime(15): fields after the last ')'.
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(pgrp), Some(utime), Some(stime)) = (fields.get(2), fields.get(11), fields.get(12)) else {
-            continue;
-        };
-        if pgrp.parse::<i32>().is_ok_and(|g| groups.contains(&g)) {
-            total += utime.parse::<u64>().unwrap_or(0) + stime.parse::<u64>().unwrap_or(0);
-        }
-    }
-    total as f64 / ticks
+    let total: u64 = dir
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter_map(|stat| group_and_ticks(&stat))
+        .filter(|(group, _)| groups.contains(group))
+        .map(|(_, ticks)| ticks)
+        .sum();
+    total as f64 / TICKS_PER_SECOND
+}
+
+/// CPU seconds (user + system) this process has spent so far, from `/proc/self/stat`.
+pub fn own_cpu() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let (_, ticks) = group_and_ticks(&stat).ok_or_else(|| anyhow::anyhow!("unreadable /proc/self/stat"))?;
+    Ok(ticks as f64 / TICKS_PER_SECOND)
 }
 
 /// A process run under `/usr/bin/time`, which writes its CPU time and peak RSS to a file.
