@@ -8,9 +8,14 @@
 //!   in flight (held by any consumer, dead or alive) or delayed, on every check over the idle
 //!   window; an empty receive alone proves nothing (a crashed consumer's messages are
 //!   invisible until their visibility timeout);
-//! - on shutdown receiving stops first, then in-flight objects get `SHUTDOWN_GRACE_SECONDS`
-//!   to finish; what is still unfinished then is abandoned (its lease ends, its message comes
-//!   back), so shutdown is bounded;
+//! - nor while a feeder is sending for the listing (its lease in the database,
+//!   `common::db::FeederLease`): a queue emptied faster than the feeder fills it, or a feeder
+//!   restarting after a crash, is not the end of the work;
+//! - an idle exit finishes every object received, however long that takes: nothing is
+//!   abandoned when no one asked the process to stop;
+//! - on shutdown (SIGTERM, a fatal error) receiving stops first, then in-flight objects get
+//!   `SHUTDOWN_GRACE_SECONDS` to finish; what is still unfinished then is abandoned (its lease
+//!   ends, its message comes back), so shutdown is bounded;
 //! - a receive error that no retry can cure (the queue is gone, access denied, bad
 //!   credentials) stops the process with that error; anything else is retried with backoff.
 
@@ -106,6 +111,11 @@ pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, stop: Cancellation
         let watcher = IdleWatcher {
             sqs: worker.sqs.clone(),
             queue_url: config.queue_url.clone(),
+            db: worker.db.clone(),
+            source: (
+                worker.copier.mapping.source_bucket.clone(),
+                worker.copier.mapping.source_prefix.as_str().to_owned(),
+            ),
             idle,
             activity: activity.clone(),
             tracker: tracker.clone(),
@@ -115,6 +125,14 @@ pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, stop: Cancellation
     loops.close();
     loops.wait().await;
     tracker.close();
+    if !stop.is_cancelled() {
+        // An idle exit: nobody asked to stop, so every object received is finished. A signal
+        // arriving meanwhile starts the grace period.
+        tokio::select! {
+            _ = tracker.wait() => return Ended::Finished,
+            _ = stop.cancelled() => {}
+        }
+    }
     if tokio::time::timeout(config.grace, tracker.wait()).await.is_ok() {
         return Ended::Finished;
     }
@@ -221,21 +239,34 @@ impl Receiver {
     }
 }
 
-/// Decides the idle exit: nothing in flight here, nothing received for the idle window, and
-/// the queue read empty (visible, in flight, delayed) on every check over that window.
+/// Decides the idle exit: nothing in flight here, nothing received for the idle window, no
+/// feeder sending for the listing, and the queue read empty (visible, in flight, delayed) on
+/// every check over that window.
 struct IdleWatcher {
     sqs: Sqs,
     queue_url: String,
+    db: sqlx::PgPool,
+    /// The listing's bucket and prefix, whose feeder lease is looked at.
+    source: (String, String),
     idle: Duration,
     activity: Arc<Activity>,
     tracker: TaskTracker,
+}
+
+/// What one check of the idle watcher found.
+#[derive(Debug)]
+enum Check {
+    /// Work may still come: why (logged when it changes) and the particulars.
+    Busy { why: &'static str, detail: String },
+    /// The queue is empty and no feeder is sending; whether the listing is unfinished.
+    Empty { listing_unfinished: bool },
 }
 
 impl IdleWatcher {
     async fn run(self, drain: CancellationToken) {
         let every = (self.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut empty_since: Option<Instant> = None;
-        let mut told = false;
+        let mut told = "";
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -245,33 +276,58 @@ impl IdleWatcher {
                 empty_since = None;
                 continue;
             }
-            match queue_depth(&self.sqs, &self.queue_url).await {
-                Ok(depth) if depth.total() == 0 => {
+            match self.check().await {
+                Check::Empty { listing_unfinished } => {
                     let since = *empty_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= self.idle {
+                        if listing_unfinished {
+                            tracing::warn!(
+                                "the queue is empty and no feeder is running, but the listing of s3://{}/{} is \
+                                 unfinished: run the feeder to resume it, and consumers for what it sends",
+                                self.source.0,
+                                self.source.1
+                            );
+                        }
                         tracing::info!(idle_secs = self.idle.as_secs_f64(), "queue empty: draining and exiting");
                         drain.cancel();
                         return;
                     }
                 }
-                Ok(depth) => {
+                Check::Busy { why, detail } => {
                     empty_since = None;
-                    if !told {
-                        tracing::info!(
-                            visible = depth.visible,
-                            in_flight = depth.in_flight,
-                            delayed = depth.delayed,
-                            "nothing received, but the queue is not empty: waiting for those messages to \
-                             come back or be deleted"
-                        );
-                        told = true;
+                    if why != told {
+                        tracing::info!(detail, "nothing received, but not exiting: {why}");
+                        told = why;
                     }
                 }
-                Err(err) => {
-                    empty_since = None;
-                    tracing::warn!(error = format!("{err:#}"), "cannot read the queue depth; not exiting");
-                }
             }
+        }
+    }
+
+    /// The listing's state is read before the queue's depth: a feeder ends its lease only
+    /// after its last message is sent, so a queue read empty after a lease read ended holds
+    /// everything that feeder sent.
+    async fn check(&self) -> Check {
+        let (bucket, prefix) = &self.source;
+        let listing = match common::db::listing_state(&self.db, bucket, prefix).await {
+            Ok(listing) => listing,
+            Err(err) => return Check::Busy { why: "cannot read the listing's state", detail: err.to_string() },
+        };
+        if listing.feeder_running {
+            return Check::Busy {
+                why: "a feeder is sending messages for the listing",
+                detail: format!("s3://{bucket}/{prefix}"),
+            };
+        }
+        match queue_depth(&self.sqs, &self.queue_url).await {
+            Ok(depth) if depth.total() == 0 => {
+                Check::Empty { listing_unfinished: listing.started && !listing.finished }
+            }
+            Ok(depth) => Check::Busy {
+                why: "the queue is not empty: waiting for those messages to come back or be deleted",
+                detail: format!("{} visible, {} in flight, {} delayed", depth.visible, depth.in_flight, depth.delayed),
+            },
+            Err(err) => Check::Busy { why: "cannot read the queue depth", detail: format!("{err:#}") },
         }
     }
 }

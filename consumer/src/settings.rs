@@ -52,8 +52,10 @@ pub struct Settings {
     /// nothing in flight here, and the queue's own counts (visible, in flight with any
     /// consumer, delayed) read 0 on every check for this many seconds more. A crashed
     /// consumer's messages count as in flight until their visibility timeout brings them
-    /// back, so they are waited for. Unset (the default): run until SIGTERM, as an ECS service
-    /// does.
+    /// back, so they are waited for; so is a feeder that is sending for the listing (`feeder`,
+    /// `reconcile`, `redrive` hold a lease in the database while they run, which outlives a
+    /// killed feeder by 15 s). Every object received is finished first, however long that
+    /// takes. Unset (the default): run until SIGTERM, as an ECS service does.
     #[arg(long, env = "EXIT_WHEN_IDLE")]
     pub exit_when_idle: Option<u64>,
 

@@ -25,7 +25,22 @@ async fn main() -> ExitCode {
 async fn start(settings: Settings) -> Result<bool, Failure> {
     let shutdown = common::shutdown::on_signals().map_err(anyhow::Error::from).setup()?;
     let clients = feeder::connect(&settings).await?;
-    let done = match settings.command.clone().unwrap_or(Command::Run) {
+    let command = settings.command.clone().unwrap_or(Command::Run);
+    // The commands that send messages hold the listing's lease while they run, so consumers
+    // with an idle exit wait for what they send (common::db::FeederLease).
+    let sends = match &command {
+        Command::Run => !settings.run.dry_run,
+        Command::Reconcile(_) => true,
+        Command::Redrive(args) => !args.dry_run,
+        _ => false,
+    };
+    let lease = if sends {
+        let mapping = settings.storage.mapping().setup()?;
+        Some(common::db::FeederLease::hold(&clients.db, &mapping.source_bucket, mapping.source_prefix.as_str()).await?)
+    } else {
+        None
+    };
+    let done = match command {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
         Command::Status(args) => ops::status::status(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Verify(args) => ops::verify::verify(&settings, &args, &clients, shutdown).await.map(|v| v.is_done()),
@@ -35,6 +50,9 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
         Command::Cleanup(args) => ops::cleanup::cleanup(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Redrive(args) => ops::redrive::redrive(&settings, &args, &clients).await.map(|_| true),
         Command::Rollback(args) => ops::rollback::rollback(&settings, &args, &clients).await.map(|_| true),
-    }?;
-    Ok(done)
+    };
+    if let Some(lease) = lease {
+        lease.end().await;
+    }
+    Ok(done?)
 }

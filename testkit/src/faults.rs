@@ -63,8 +63,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// Nothing lost, overwritten or pointing at nothing, and no other problem: a queue left
+    /// with messages after every consumer exited by itself, or a consumer that exited non-zero,
+    /// fails the run even when the second pass finished the work.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.violations == 0 && self.overwritten == 0 && self.faults_injected > 0
+        self.lost == 0
+            && self.violations == 0
+            && self.overwritten == 0
+            && self.faults_injected > 0
+            && self.problems.is_empty()
     }
 
     /// The last line of `scripts/faults`: one JSON object, read by a program.
@@ -77,6 +84,7 @@ impl Report {
             "overwritten": self.overwritten,
             "samples": self.samples,
             "live_write_max_ms": self.live_write_max_ms,
+            "problems": self.problems.len(),
         })
         .to_string()
     }

@@ -9,8 +9,8 @@ use nix::unistd::Pid;
 use testkit::{Env, wait_until};
 
 use crate::helpers::{
-    consumer, count_lines, drain, feed, feed_with, hold_like_a_crashed_consumer, rewrite_waiting, seed_legacy,
-    stall_rewrites, wait_exit,
+    consumer, count_each, count_lines, drain, feed, feed_with, hold_like_a_crashed_consumer, rewrite_waiting,
+    seed_legacy, stall_rewrites, wait_exit,
 };
 
 /// A consumer that crashed holding messages (they are invisible, "in flight", until their
@@ -29,6 +29,44 @@ async fn an_idle_exit_waits_for_messages_a_crashed_consumer_held() {
     assert_eq!(env.count_rows_with_prefix("avatar/").await, 60, "every row rewritten, the held ones too");
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
     assert!(started.elapsed() >= Duration::from_secs(5), "it waited for the held messages to come back");
+}
+
+/// A consumer with a short idle window does not exit while a feeder holds the listing's lease,
+/// however long the queue stays empty (a feeder between pages, or restarting after a crash):
+/// it works on what the feeder sends later, exits once the lease ends, and says so when the
+/// listing was left unfinished.
+#[tokio::test]
+async fn an_idle_exit_waits_while_a_feeder_is_sending() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = Env::new().await;
+    common::db::prepare(&env.db).await.unwrap();
+    let (keys, _) = seed_legacy(&env, 0..3).await;
+    // The lease `feeder` holds while it runs; the queue is empty.
+    let lease = common::db::FeederLease::hold(&env.db, &env.source_bucket, "image/").await.unwrap();
+    let mut child = consumer(&env, &[("EXIT_WHEN_IDLE", "1"), ("RUST_LOG", "info")]).spawn().unwrap();
+    let [waiting, unfinished] = count_each(&mut child, ["a feeder is sending messages", "is unfinished"]);
+    wait_until("the consumer sees the feeder", Duration::from_secs(60), || async { waiting.load(SeqCst) > 0 }).await;
+    // Three idle windows with the queue empty: without the lease it would have exited by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the consumer exited while a feeder held the listing's lease");
+
+    // The feeder sends, then stops before the listing's end.
+    for key in &keys {
+        let (etag, _) = env.head(&env.source_bucket, key).await;
+        let size = env.get(&env.source_bucket, key).await.unwrap().len() as i64;
+        env.send_raw(&common::message::encode(&[common::message::ObjectMessage::new(
+            key.clone(),
+            size,
+            etag.unwrap(),
+        )]))
+        .await;
+    }
+    lease.end().await;
+    let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 3, "what the feeder sent was worked on");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+    assert_eq!(unfinished.load(SeqCst), 1, "the consumer said the listing is unfinished");
 }
 
 /// SIGTERM with an object stuck in the database: the consumer exits once the grace period is

@@ -91,18 +91,29 @@ pub fn modern(key: &str) -> String {
 /// Counts the lines of a child's stderr that contain `needle`, on a thread of its own (the
 /// pipe is drained, so the child never blocks on a full pipe).
 pub fn count_lines(child: &mut Child, needle: &'static str) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let [count] = count_each(child, [needle]);
+    count
+}
+
+/// [`count_lines`] for several needles at once: one counter each, in their order.
+pub fn count_each<const N: usize>(
+    child: &mut Child,
+    needles: [&'static str; N],
+) -> [std::sync::Arc<std::sync::atomic::AtomicUsize>; N] {
     use std::io::{BufRead, BufReader};
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = count.clone();
+    let counts: [_; N] = std::array::from_fn(|_| std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    let counters = counts.clone();
     let stderr = child.stderr.take().expect("stderr is piped");
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(needle) {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            for (needle, counter) in needles.iter().zip(&counters) {
+                if line.contains(needle) {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
             }
         }
     });
-    count
+    counts
 }
 
 /// Receives `n` messages (waiting for them), hidden for `visibility` seconds (the queue's

@@ -87,6 +87,8 @@ async fn a_killed_feeder_resumes_from_its_checkpoint() {
     let keys: Vec<String> = (0..500).map(|i| format!("image/avatar-{i:04}.png")).collect();
     env.put_many(&env.source_bucket, &keys, b"png").await;
     let mut child = feeder_held_mid_listing(&env, Stdio::null()).await;
+    let listing = common::db::listing_state(&env.db, &env.source_bucket, "image/").await.unwrap();
+    assert!(listing.feeder_running && !listing.finished, "a running feeder holds the listing's lease: {listing:?}");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap();
@@ -101,6 +103,8 @@ async fn a_killed_feeder_resumes_from_its_checkpoint() {
     assert!(stdout.contains(&format!("resumed after {last:?}")), "{stdout}");
     let enqueued: BTreeSet<String> = keys_of(&env.drain().await).into_iter().collect();
     assert_eq!(enqueued, keys.into_iter().collect::<BTreeSet<_>>(), "every object enqueued");
+    let listing = common::db::listing_state(&env.db, &env.source_bucket, "image/").await.unwrap();
+    assert!(listing.finished && !listing.feeder_running, "a finished feeder ends its lease: {listing:?}");
 }
 
 /// Runs the feeder with these variables changed; returns (exit code, stderr).
@@ -215,6 +219,8 @@ async fn sigterm_stops_the_feeder_at_a_checkpoint_with_exit_0() {
     assert!(stdout.contains("interrupted: run again to resume"), "{stdout}");
     let cp = common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap();
     assert!(!cp.finished, "{cp:?}");
+    let listing = common::db::listing_state(&env.db, &env.source_bucket, "image/").await.unwrap();
+    assert!(!listing.feeder_running, "a feeder stopped by SIGTERM ends its lease: {listing:?}");
     let enqueued = keys_of(&env.drain().await).len() as i64;
     assert_eq!(enqueued, cp.listed, "what the checkpoint says was enqueued, and nothing half-sent");
 }
