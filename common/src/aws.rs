@@ -32,8 +32,53 @@ pub fn s3_client(config: &SdkConfig, force_path_style: bool) -> S3 {
         .force_path_style(force_path_style)
         .retry_config(RetryConfig::adaptive().with_max_attempts(8))
         .interceptor(CountSlowDowns)
+        .endpoint_resolver(KeyBlindEndpoints::default())
         .build();
     S3::from_conf(conf)
+}
+
+/// The SDK's own S3 endpoint rules, asked without the object's key, prefix and copy source.
+///
+/// The SDK resolves the endpoint again on every request and remembers only the last answer,
+/// keyed by every parameter, the object key among them; so with a new key per request it never
+/// hits, and resolving was 3-4 % of a consumer's CPU. The rules never read those three
+/// parameters (aws-sdk-s3 1.157: they are bound and unused), so leaving them out changes no
+/// answer and lets the one remembered answer serve every object of a bucket (unit test
+/// `endpoints_do_not_depend_on_the_key`).
+#[derive(Debug, Default)]
+struct KeyBlindEndpoints(aws_sdk_s3::config::endpoint::DefaultResolver);
+
+impl aws_sdk_s3::config::endpoint::ResolveEndpoint for KeyBlindEndpoints {
+    fn resolve_endpoint<'a>(
+        &'a self,
+        params: &'a aws_sdk_s3::config::endpoint::Params,
+    ) -> aws_sdk_s3::config::endpoint::EndpointFuture<'a> {
+        use aws_sdk_s3::config::endpoint::{EndpointFuture, Params};
+        use futures::FutureExt;
+        let blind = Params::builder()
+            .set_bucket(params.bucket().map(str::to_owned))
+            .set_region(params.region().map(str::to_owned))
+            .set_use_fips(params.use_fips())
+            .set_use_dual_stack(params.use_dual_stack())
+            .set_endpoint(params.endpoint().map(str::to_owned))
+            .set_force_path_style(params.force_path_style())
+            .set_accelerate(params.accelerate())
+            .set_use_global_endpoint(params.use_global_endpoint())
+            .set_use_object_lambda_endpoint(params.use_object_lambda_endpoint())
+            .set_disable_access_points(params.disable_access_points())
+            .set_disable_multi_region_access_points(params.disable_multi_region_access_points())
+            .set_use_arn_region(params.use_arn_region())
+            .set_use_s3_express_control_endpoint(params.use_s3_express_control_endpoint())
+            .set_disable_s3_express_session_auth(params.disable_s3_express_session_auth())
+            .build();
+        match blind {
+            Ok(blind) => match self.0.resolve_endpoint(&blind).now_or_never() {
+                Some(resolved) => EndpointFuture::ready(resolved),
+                None => self.0.resolve_endpoint(params),
+            },
+            Err(_) => self.0.resolve_endpoint(params),
+        }
+    }
 }
 
 /// S3 answers (attempts, retried ones included) that asked this process to slow down: 503
@@ -340,4 +385,49 @@ pub async fn queue_depth(sqs: &Sqs, queue_url: &str) -> anyhow::Result<QueueDept
         in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
         delayed: get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
+    use futures::FutureExt;
+
+    use super::KeyBlindEndpoints;
+
+    fn resolve(resolver: &impl ResolveEndpoint, params: &Params) -> String {
+        let endpoint = resolver.resolve_endpoint(params).now_or_never().expect("resolved at once").unwrap();
+        format!("{} {:?}", endpoint.url(), endpoint.properties())
+    }
+
+    /// The rules' answer is the same for any key, prefix and copy source, on AWS (virtual
+    /// hosts, path style, FIPS, dual stack, acceleration) and on an endpoint of one's own; and
+    /// the key-blind resolver gives exactly the SDK's answer.
+    #[test]
+    fn endpoints_do_not_depend_on_the_key() {
+        let configs = [
+            Params::builder().region("us-east-1").bucket("production-s3"),
+            Params::builder().region("eu-west-3").bucket("production-s3").force_path_style(true),
+            Params::builder().region("us-gov-west-1").bucket("production-s3").use_fips(true),
+            Params::builder().region("ap-south-1").bucket("production-s3").use_dual_stack(true),
+            Params::builder().region("us-east-1").bucket("production-s3").accelerate(true),
+            Params::builder().region("us-east-1").bucket("production-s3").endpoint("http://127.0.0.1:45680"),
+            Params::builder()
+                .region("us-east-1")
+                .bucket("production-s3")
+                .endpoint("http://127.0.0.1:45680")
+                .force_path_style(true),
+        ];
+        let (sdk, blind) = (DefaultResolver::new(), KeyBlindEndpoints::default());
+        for config in configs {
+            let one = config.clone().key("avatar/a.png").copy_source("legacy-s3/image/a.png").build().unwrap();
+            let other = config.clone().key("avatar/b c é.png").prefix("avatar/").build().unwrap();
+            let none = config.build().unwrap();
+            let expected = resolve(&sdk, &one);
+            assert!(expected.contains("production-s3"), "{expected}");
+            assert_eq!(resolve(&sdk, &other), expected);
+            assert_eq!(resolve(&sdk, &none), expected);
+            assert_eq!(resolve(&blind, &one), expected);
+            assert_eq!(resolve(&blind, &other), expected);
+        }
+    }
 }
