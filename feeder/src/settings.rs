@@ -178,7 +178,7 @@ pub struct ReconcileArgs {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct StatusArgs {
     /// Also print the reading as one JSON object, as the last line of stdout: rows_legacy,
-    /// rows_modern, rows_other, rows_left, objects_listed, listing_complete, queue_visible,
+    /// rows_modern, rows_other, rows_left, objects_listed, listing_complete, feeder_running, queue_visible,
     /// queue_in_flight, queue_delayed, dlq_visible, failures (by reason), rewrites_recorded,
     /// objects_per_s (rows rewritten per second over the last five minutes), eta_s.
     #[arg(long)]

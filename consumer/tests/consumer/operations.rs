@@ -75,6 +75,7 @@ async fn status_and_report_tell_what_was_moved_and_set_aside() {
     assert_eq!(status["dlq_visible"], 0);
     assert_eq!(status["failures"], json!({"destination_conflict": 1, "malformed_message": 1}));
     assert_eq!(status["listing_complete"], true);
+    assert_eq!(status["feeder_running"], false, "no feeder is running");
     assert_eq!(status["objects_listed"], 13);
     assert_eq!(status["rewrites_recorded"], 12);
     assert!(status["objects_per_s"].as_f64().unwrap() > 0.0, "12 rewrites in the last five minutes");

@@ -23,6 +23,8 @@ const PLAIN_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Default)]
 pub struct Status {
     pub listing: Checkpoint,
+    /// A feeder (a run, a reconcile, a redrive) holds the listing's lease now.
+    pub feeder_running: bool,
     /// (ranges, complete) when listed in key ranges or from an inventory report.
     pub parts: Option<(usize, usize)>,
     pub queue: QueueDepth,
@@ -61,6 +63,7 @@ impl Status {
             "rows_left": self.rows_left(),
             "objects_listed": self.listing.listed,
             "listing_complete": self.listing.finished,
+            "feeder_running": self.feeder_running,
             "queue_visible": self.queue.visible,
             "queue_in_flight": self.queue.in_flight,
             "queue_delayed": self.queue.delayed,
@@ -76,11 +79,12 @@ impl Status {
     fn print(&self) {
         let cp = &self.listing;
         println!(
-            "listing:  {} objects in {} pages enqueued{}{}",
+            "listing:  {} objects in {} pages enqueued{}{}; {}",
             cp.listed,
             cp.pages,
             if cp.finished { ", complete" } else { ", not complete" },
-            cp.last_key.as_ref().map(|k| format!(", last key {k:?}")).unwrap_or_default()
+            cp.last_key.as_ref().map(|k| format!(", last key {k:?}")).unwrap_or_default(),
+            if self.feeder_running { "a feeder is sending" } else { "no feeder running" }
         );
         if let Some((all, done)) = self.parts {
             println!("ranges:   {all} key ranges or inventory files, {done} complete");
@@ -128,6 +132,7 @@ async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) ->
     let mapping = settings.storage.mapping()?;
     let (bucket, prefix) = (&mapping.source_bucket, mapping.source_prefix.as_str());
     status.listing = common::db::load_checkpoint(&clients.db, bucket, prefix).await?;
+    status.feeder_running = common::db::listing_state(&clients.db, bucket, prefix).await?.feeder_running;
     let ranges = common::db::load_ranges(&clients.db, bucket, prefix).await?;
     status.parts = (!ranges.is_empty()).then(|| (ranges.len(), ranges.iter().filter(|r| r.finished).count()));
     status.queue = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
