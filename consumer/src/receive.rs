@@ -94,9 +94,12 @@ pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, stop: Cancellation
     let abandon = CancellationToken::new();
 
     let loops = TaskTracker::new();
-    // Enough receivers to keep every permit busy when each receive brings ten messages.
-    for _ in 0..config.concurrency.div_ceil(MAX_PER_RECEIVE) {
+    // Enough receivers to keep every permit busy when each receive brings ten messages; the
+    // last asks for the remainder, so that all `concurrency` permits can be in use at once
+    // (with ten each, 128 would stop at 120: no receiver could take ten of the last eight).
+    for first in (0..config.concurrency).step_by(MAX_PER_RECEIVE) {
         let receiver = Receiver {
+            per_receive: MAX_PER_RECEIVE.min(config.concurrency - first),
             config: config.clone(),
             worker: worker.clone(),
             permits: permits.clone(),
@@ -145,6 +148,8 @@ pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, stop: Cancellation
 /// One long-polling loop.
 struct Receiver {
     config: ReceiveConfig,
+    /// Messages asked for per receive (the permits taken before it).
+    per_receive: usize,
     worker: Arc<Worker>,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -154,7 +159,7 @@ struct Receiver {
 
 impl Receiver {
     async fn run(self, stop: CancellationToken, drain: CancellationToken) {
-        let per_receive = MAX_PER_RECEIVE.min(self.config.concurrency);
+        let per_receive = self.per_receive;
         // Receive errors back off from 1 s to 20 s: long enough not to hammer a struggling
         // queue, short enough to resume promptly after a network blip.
         let mut backoff = Duration::from_secs(1);

@@ -384,3 +384,39 @@ async fn status_watch_prints_readings_until_stopped() {
     let last: serde_json::Value = serde_json::from_str(&lines.last().unwrap().unwrap()).unwrap();
     assert_eq!(last["rows_legacy"], 3, "{last}");
 }
+
+/// `CONCURRENCY` unset: 128 messages at once where `auto` finds that the server refuses a
+/// conditional copy onto an existing key (SeaweedFS: the copy goes first), 32 where it does not
+/// (MiniStack: each destination is looked at first). Seen in the gauge of messages in flight
+/// while every rewrite waits on a lock, so that nothing finishes.
+#[tokio::test]
+async fn unset_concurrency_follows_what_auto_finds() {
+    for (env, expected) in [(Env::on_seaweedfs().await, 128.0), (Env::new().await, 32.0)] {
+        seed_legacy(&env, 0..200).await;
+        feed_with(&env, &["--objects-per-message=1"]).await;
+        let held = crate::helpers::stall_rewrites(&env).await;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let vars = [("METRICS_ADDR", addr.as_str()), ("DB_LOCK_TIMEOUT", "120s"), ("DB_STATEMENT_TIMEOUT", "120s")];
+        let mut cmd = consumer(&env, &vars);
+        cmd.env_remove("EXIT_WHEN_IDLE").env_remove("CONCURRENCY");
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let in_flight = || async {
+            match tokio::net::TcpStream::connect(&addr).await {
+                Ok(_) => sample(&http_get(&addr, "/metrics").await.1, "avatar_migration_messages_in_flight"),
+                Err(_) => None,
+            }
+        };
+        wait_until(&format!("{expected} messages in flight"), std::time::Duration::from_secs(60), || async {
+            in_flight().await == Some(expected)
+        })
+        .await;
+        // Room for more (200 messages wait), and still no more than that.
+        for _ in 0..5 {
+            assert_eq!(in_flight().await, Some(expected));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(held);
+    }
+}
