@@ -95,7 +95,6 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
              feeder_alive_until timestamptz,
              PRIMARY KEY (source_bucket, source_prefix)
          );
-         ALTER TABLE avatar_migration_checkpoint ADD COLUMN IF NOT EXISTS feeder_alive_until timestamptz;
          CREATE TABLE IF NOT EXISTS avatar_migration_ranges (
              source_bucket text NOT NULL,
              source_prefix text NOT NULL,
@@ -155,6 +154,22 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
     .execute(&mut *conn)
     .await
     .context("cannot create the migration's bookkeeping tables")?;
+    // A table made by an earlier version lacks the feeder's lease. `ALTER TABLE` takes an
+    // exclusive lock even when the column exists, so it runs only when the column is missing.
+    let has_lease: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('avatar_migration_checkpoint')
+                        AND attname = 'feeder_alive_until' AND NOT attisdropped)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !has_lease {
+        sqlx::raw_sql(
+            "ALTER TABLE avatar_migration_checkpoint ADD COLUMN IF NOT EXISTS feeder_alive_until timestamptz",
+        )
+        .execute(&mut *conn)
+        .await
+        .context("cannot add the feeder's lease to avatar_migration_checkpoint")?;
+    }
 
     if !path_index_valid(conn).await? {
         build_path_index(conn).await?;

@@ -263,6 +263,8 @@ struct IdleWatcher {
 enum Check {
     /// Work may still come: why (logged when it changes) and the particulars.
     Busy { why: &'static str, detail: String },
+    /// The queue or the listing could not be read: not exiting (logged as a warning).
+    Unknown { why: &'static str, detail: String },
     /// The queue is empty and no feeder is sending; whether the listing is unfinished.
     Empty { listing_unfinished: bool },
 }
@@ -305,6 +307,10 @@ impl IdleWatcher {
                         told = why;
                     }
                 }
+                Check::Unknown { why, detail } => {
+                    empty_since = None;
+                    tracing::warn!(error = detail, "{why}; not exiting");
+                }
             }
         }
     }
@@ -316,7 +322,7 @@ impl IdleWatcher {
         let (bucket, prefix) = &self.source;
         let listing = match common::db::listing_state(&self.db, bucket, prefix).await {
             Ok(listing) => listing,
-            Err(err) => return Check::Busy { why: "cannot read the listing's state", detail: err.to_string() },
+            Err(err) => return Check::Unknown { why: "cannot read the listing's state", detail: err.to_string() },
         };
         if listing.feeder_running {
             return Check::Busy {
@@ -332,7 +338,7 @@ impl IdleWatcher {
                 why: "the queue is not empty: waiting for those messages to come back or be deleted",
                 detail: format!("{} visible, {} in flight, {} delayed", depth.visible, depth.in_flight, depth.delayed),
             },
-            Err(err) => Check::Busy { why: "cannot read the queue depth", detail: format!("{err:#}") },
+            Err(err) => Check::Unknown { why: "cannot read the queue depth", detail: format!("{err:#}") },
         }
     }
 }

@@ -597,7 +597,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
             format!(
                 "{} recorded destination_conflict, {} overwritten",
                 failures.get("destination_conflict").unwrap_or(&0),
-                report.overwritten
+                report.problems.iter().filter(|p| p.starts_with("overwritten: s3://")).count()
             ),
         ),
         line(

@@ -498,3 +498,23 @@ async fn a_dry_run_counts_and_sends_or_saves_nothing() {
     let real = feeder::feed(&settings, &real, &clients, CancellationToken::new()).await.unwrap();
     assert_eq!((real.listed, real.messages), (n, summary.messages), "the same count, for real");
 }
+
+/// A checkpoint table made before the feeder's lease existed gets its column when a binary
+/// prepares the database, and the lease works on it.
+#[tokio::test]
+async fn preparing_adds_the_lease_to_an_older_checkpoint_table() {
+    let env = Env::new().await;
+    common::db::prepare(&env.db).await.unwrap();
+    sqlx::raw_sql("ALTER TABLE avatar_migration_checkpoint DROP COLUMN feeder_alive_until")
+        .execute(&env.db)
+        .await
+        .unwrap();
+    assert!(common::db::listing_state(&env.db, &env.source_bucket, "image/").await.is_err(), "no column yet");
+    common::db::prepare(&env.db).await.unwrap();
+    let lease = common::db::FeederLease::hold(&env.db, &env.source_bucket, "image/").await.unwrap();
+    let held = common::db::listing_state(&env.db, &env.source_bucket, "image/").await.unwrap();
+    assert!(held.feeder_running && held.started && !held.finished, "{held:?}");
+    lease.end().await;
+    let ended = common::db::listing_state(&env.db, &env.source_bucket, "image/").await.unwrap();
+    assert!(!ended.feeder_running, "{ended:?}");
+}
