@@ -12,7 +12,7 @@
 //! AWS_ENDPOINT_URL=$SEAWEEDFS_ENDPOINT_URL cargo run --release -p testkit --example lean_copy_cpu -- 6000 128
 //! ```
 
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use aws_sdk_s3::types::MetadataDirective;
@@ -96,23 +96,9 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
         region: config.region().map(|r| r.to_string()).unwrap_or_else(|| "us-east-1".into()),
         identity: Identity::from(credentials),
     };
-    let bucket = format!("lean-copy-cpu-{}", std::process::id());
-    s3.create_bucket().bucket(&bucket).send().await?;
-    let keys: Vec<String> = (0..n).map(|i| format!("image/{i:08}.png")).collect();
-    let body = Bytes::from(vec![b'x'; 700]);
-    let etags: Vec<String> = futures::stream::iter(&keys)
-        .map(|key| {
-            let put = s3.put_object().bucket(&bucket).key(key).body(body.clone().into()).send();
-            async move { put.await.map(|out| out.e_tag().unwrap_or_default().to_owned()) }
-        })
-        .buffered(at_once)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+    let (bucket, keys, etags) = testkit::bench::seed_copy_sources(&s3, "lean-copy-cpu", n, at_once).await?;
     for (round, how) in ["sdk", "lean", "sdk", "lean"].into_iter().enumerate() {
-        let (cpu, started) = (testkit::bench::own_cpu()?, Instant::now());
-        let failed = futures::stream::iter(keys.iter().zip(&etags))
+        let copies = futures::stream::iter(keys.iter().zip(&etags))
             .map(|(key, etag)| {
                 let (s3, lean, bucket) = (&s3, &lean, &bucket);
                 let destination = format!("{how}-{round}/{key}");
@@ -135,15 +121,8 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
             })
             .buffer_unordered(at_once)
             .filter(|ok| std::future::ready(!ok))
-            .count()
-            .await;
-        let (cpu, wall) = (testkit::bench::own_cpu()? - cpu, started.elapsed().as_secs_f64());
-        println!(
-            "{how}: {n} copies, {at_once} at once, in {wall:.1} s ({:.0}/s); CPU {:.0} us a copy ({:.2} s/10k); {failed} failed",
-            n as f64 / wall,
-            cpu / n as f64 * 1e6,
-            cpu / n as f64 * 1e4
-        );
+            .count();
+        testkit::bench::report_copy_cpu(how, n, at_once, copies).await?;
     }
     Ok(())
 }

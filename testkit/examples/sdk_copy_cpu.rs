@@ -12,8 +12,6 @@
 //! AWS_ENDPOINT_URL=$SEAWEEDFS_ENDPOINT_URL cargo run --release -p testkit --example sdk_copy_cpu -- 6000 32
 //! ```
 
-use std::time::Instant;
-
 use anyhow::Context;
 use aws_sdk_s3::types::MetadataDirective;
 use futures::StreamExt;
@@ -28,23 +26,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
     let s3 = common::aws::s3_client(&common::aws::sdk_config().await?, true);
-    let bucket = format!("sdk-copy-cpu-{}", std::process::id());
-    s3.create_bucket().bucket(&bucket).send().await?;
-    let keys: Vec<String> = (0..n).map(|i| format!("image/{i:08}.png")).collect();
-    let body = bytes::Bytes::from(vec![b'x'; 700]);
-    let etags: Vec<String> = futures::stream::iter(&keys)
-        .map(|key| {
-            let put = s3.put_object().bucket(&bucket).key(key).body(body.clone().into()).send();
-            async move { put.await.map(|out| out.e_tag().unwrap_or_default().to_owned()) }
-        })
-        .buffered(at_once)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+    let (bucket, keys, etags) = testkit::bench::seed_copy_sources(&s3, "sdk-copy-cpu", n, at_once).await?;
     for (headers, under) in [("plain", "plain"), ("consumer's headers", "conditional")] {
-        let (cpu, started) = (testkit::bench::own_cpu()?, Instant::now());
-        let failed = futures::stream::iter(keys.iter().zip(&etags))
+        let copies = futures::stream::iter(keys.iter().zip(&etags))
             .map(|(key, etag)| {
                 let mut copy = s3
                     .copy_object()
@@ -59,15 +43,8 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
             })
             .buffer_unordered(at_once)
             .filter(|sent| std::future::ready(sent.is_err()))
-            .count()
-            .await;
-        let (cpu, wall) = (testkit::bench::own_cpu()? - cpu, started.elapsed().as_secs_f64());
-        println!(
-            "{headers}: {n} copies, {at_once} at once, in {wall:.1} s ({:.0}/s); CPU {:.0} us a copy ({:.2} s/10k); {failed} failed",
-            n as f64 / wall,
-            cpu / n as f64 * 1e6,
-            cpu / n as f64 * 1e4
-        );
+            .count();
+        testkit::bench::report_copy_cpu(headers, n, at_once, copies).await?;
     }
     Ok(())
 }

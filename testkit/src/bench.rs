@@ -133,6 +133,53 @@ pub fn own_cpu() -> anyhow::Result<f64> {
     Ok(ticks as f64 / TICKS_PER_SECOND)
 }
 
+/// For the copy-cost examples (`sdk_copy_cpu`, `lean_copy_cpu`): a fresh bucket named
+/// `<name>-<pid>` holding `n` objects of 700 bytes under `image/`, put `at_once` at a time.
+/// Returns the bucket, the keys and their ETags.
+pub async fn seed_copy_sources(
+    s3: &common::aws::S3,
+    name: &str,
+    n: usize,
+    at_once: usize,
+) -> anyhow::Result<(String, Vec<String>, Vec<String>)> {
+    let bucket = format!("{name}-{}", std::process::id());
+    s3.create_bucket().bucket(&bucket).send().await?;
+    let keys: Vec<String> = (0..n).map(|i| format!("image/{i:08}.png")).collect();
+    let body = bytes::Bytes::from(vec![b'x'; 700]);
+    let etags: Vec<String> = futures::stream::iter(&keys)
+        .map(|key| {
+            let put = s3.put_object().bucket(&bucket).key(key).body(ByteStream::from(body.clone())).send();
+            async move { put.await.map(|out| out.e_tag().unwrap_or_default().to_owned()) }
+        })
+        .buffered(at_once)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    Ok((bucket, keys, etags))
+}
+
+/// Runs `copies` (which copies `n` objects, `at_once` at a time, and returns how many failed)
+/// and prints this process's CPU per copy under `label`.
+pub async fn report_copy_cpu(
+    label: &str,
+    n: usize,
+    at_once: usize,
+    copies: impl std::future::Future<Output = usize>,
+) -> anyhow::Result<()> {
+    let (cpu, started) = (own_cpu()?, Instant::now());
+    let failed = copies.await;
+    let (cpu, wall) = (own_cpu()? - cpu, started.elapsed().as_secs_f64());
+    println!(
+        "{label}: {n} copies, {at_once} at once, in {wall:.1} s ({:.0}/s); CPU {:.0} us a copy ({:.2} s/10k); {failed} \
+         failed",
+        n as f64 / wall,
+        cpu / n as f64 * 1e6,
+        cpu / n as f64 * 1e4
+    );
+    Ok(())
+}
+
 /// A process run under `/usr/bin/time`, which writes its CPU time and peak RSS to a file.
 struct Timed {
     child: tokio::process::Child,
