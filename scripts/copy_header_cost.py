@@ -20,7 +20,7 @@ import boto3
 from botocore.config import Config
 
 STATE = os.environ.get("LOCAL_SERVICES_STATE", "/tmp/avatar-migration-local")
-PORT = int(os.environ.get("SEAWEEDFS_PORT", "45680"))
+PORT = int(os.environ.get("SEAWEEDFS_PORT", "21680"))
 
 
 def weed_cpu(pid):

@@ -410,11 +410,11 @@ mod tests {
             Params::builder().region("us-gov-west-1").bucket("production-s3").use_fips(true),
             Params::builder().region("ap-south-1").bucket("production-s3").use_dual_stack(true),
             Params::builder().region("us-east-1").bucket("production-s3").accelerate(true),
-            Params::builder().region("us-east-1").bucket("production-s3").endpoint("http://127.0.0.1:45680"),
+            Params::builder().region("us-east-1").bucket("production-s3").endpoint("http://127.0.0.1:21680"),
             Params::builder()
                 .region("us-east-1")
                 .bucket("production-s3")
-                .endpoint("http://127.0.0.1:45680")
+                .endpoint("http://127.0.0.1:21680")
                 .force_path_style(true),
         ];
         let (sdk, blind) = (DefaultResolver::new(), KeyBlindEndpoints::default());

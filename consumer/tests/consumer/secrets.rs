@@ -44,7 +44,9 @@ async fn neither_binary_ever_prints_a_secret() {
     .unwrap();
     let (_, rest) = env.database_url.split_once('@').unwrap();
     let good = format!("postgres://secrets_test:{DB_PASSWORD}@{rest}");
-    let wrong_port = good.replace(":55432/", ":1/");
+    let (host_port, database) = rest.split_once('/').unwrap();
+    let host = host_port.rsplit_once(':').map_or(host_port, |(host, _)| host);
+    let wrong_port = format!("postgres://secrets_test:{DB_PASSWORD}@{host}:1/{database}");
     let wrong_password = format!("postgres://secrets_test:{DB_PASSWORD}-not@{rest}");
     let malformed = format!("postgres://secrets_test:{DB_PASSWORD}@h:notaport/db");
 
