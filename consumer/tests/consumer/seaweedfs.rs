@@ -68,3 +68,23 @@ async fn the_servers_412_keeps_a_destination_the_copy_meets() {
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
+
+/// SeaweedFS checks signatures, as AWS does: a consumer whose secret is wrong stops at
+/// start-up with exit code 2 and a line naming the refusal and what to check, never the
+/// secret, and moves nothing.
+#[tokio::test]
+async fn a_wrong_secret_is_refused_before_anything_moves() {
+    let env = Env::on_seaweedfs().await;
+    seed(&env).await;
+    feed(&env).await;
+    let wrong = crate::helpers::consumer(&env, &[("AWS_SECRET_ACCESS_KEY", "not-the-secret-1234")]);
+    let out = tokio::process::Command::from(wrong).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("denied: check the credentials"), "{stderr}");
+    assert!(!stderr.contains("not-the-secret-1234"), "{stderr}");
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 0, "nothing moved");
+    assert!(
+        env.keys(&env.destination_bucket).await.iter().all(|k| k == "avatar/conflict.png" || k == "avatar/same.png")
+    );
+}
