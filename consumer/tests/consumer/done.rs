@@ -54,12 +54,7 @@ async fn an_idle_exit_waits_while_a_feeder_is_sending() {
     for key in &keys {
         let (etag, _) = env.head(&env.source_bucket, key).await;
         let size = env.get(&env.source_bucket, key).await.unwrap().len() as i64;
-        env.send_raw(&common::message::encode(&[common::message::ObjectMessage::new(
-            key.clone(),
-            size,
-            etag.unwrap(),
-        )]))
-        .await;
+        env.send_raw(&common::message::ObjectMessage::new(key.clone(), size, etag.unwrap()).to_body()).await;
     }
     lease.end().await;
     let status = wait_exit(&mut child, Duration::from_secs(60)).await;
