@@ -88,11 +88,17 @@ impl KeyMapping {
 }
 
 /// Everything but unreserved characters and `/` is percent-encoded, as S3 expects of
-/// `x-amz-copy-source`.
+/// `x-amz-copy-source` and of a key in a request's path (and as SigV4 signs it).
 const COPY_SOURCE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/');
 
 pub fn copy_source(bucket: &str, key: &str) -> String {
-    format!("{bucket}/{}", utf8_percent_encode(key, COPY_SOURCE))
+    format!("{bucket}/{}", encode_path(key))
+}
+
+/// A key as a request's path carries it: each byte but unreserved characters and `/`
+/// percent-encoded.
+pub fn encode_path(key: &str) -> percent_encoding::PercentEncode<'_> {
+    utf8_percent_encode(key, COPY_SOURCE)
 }
 
 #[cfg(test)]

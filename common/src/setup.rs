@@ -11,6 +11,8 @@ use crate::settings::{DatabaseArgs, QueueArgs, StorageArgs};
 /// The services the feeder and the consumers talk to.
 pub struct Clients {
     pub s3: S3,
+    /// What `s3` was built from (the consumer's direct copy signs and sends with it).
+    pub s3_config: aws_config::SdkConfig,
     pub sqs: Sqs,
     pub db: PgPool,
 }
@@ -34,7 +36,7 @@ pub async fn connect(
     crate::aws::check_bucket(&s3, "DESTINATION_BUCKET_NAME", &storage.destination_bucket_name).await.setup()?;
     crate::aws::check_queue(&sqs, &queue.queue_url).await.setup()?;
     crate::db::prepare(&db).await.context("preparing the database").setup()?;
-    Ok(Clients { s3, sqs, db })
+    Ok(Clients { s3, s3_config: config, sqs, db })
 }
 
 /// The async runtime of a binary: a single-threaded one for `worker_threads == 1` (no

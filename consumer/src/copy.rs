@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::copy_object::CopyObjectError;
 use aws_sdk_s3::types::MetadataDirective;
 use common::aws::{ErrorClass, S3, classify_object_error, describe, permanent_object_reason, status};
 use common::db::Reason;
@@ -33,6 +34,7 @@ use common::keys::KeyMapping;
 use common::listing;
 use common::message::ObjectMessage;
 
+use crate::direct::{Answer, DirectCopy};
 use crate::multipart::{self, InParts, Multipart};
 
 /// Where, under the destination prefix, [`Copier::resolve_destination_check`] puts its two
@@ -161,6 +163,15 @@ pub struct Copier {
     pub destination_check: DestinationCheck,
     /// Objects above `multipart.threshold` are copied in parts.
     pub multipart: Multipart,
+    /// Where set (`DIRECT_COPY`), each copy is sent this way first ([`crate::direct`]).
+    pub direct: Option<DirectCopy>,
+}
+
+/// Why a copy request did not copy.
+enum Refused {
+    /// 412: the destination exists, or the source's ETag changed; S3's words for it.
+    PreconditionFailed(String),
+    Error(Box<SdkError<CopyObjectError, HttpResponse>>),
 }
 
 impl Copier {
@@ -320,44 +331,65 @@ impl Copier {
         // Two attempts: the second only when the source was replaced since it was listed, to
         // copy what the legacy row shows today.
         for _ in 0..2 {
-            let sent = self
-                .s3
-                .copy_object()
-                .bucket(dst_bucket)
-                .key(destination_key)
-                .copy_source(self.mapping.copy_source(source_key))
-                .copy_source_if_match(&etag)
-                .if_none_match("*")
-                .metadata_directive(MetadataDirective::Copy)
-                .send()
-                .await;
-            let err = match sent {
-                Ok(_) => return Ok(Copied::Copied),
-                Err(err) => err,
-            };
-            let code = err.as_service_error().and_then(|e| e.code()).unwrap_or_default();
-            match status(&err) {
-                Some(404) if code != "NoSuchBucket" => return Err(source_missing()),
-                // The destination appeared meanwhile, or the source changed since it was listed.
-                Some(412) => {
-                    if let Some(dest) = self.head(dst_bucket, destination_key).await? {
-                        return self.compare(source_key, listed_etag, destination_key, dest).await;
+            let failed = match self.send_copy(source_key, destination_key, &etag).await {
+                Ok(()) => return Ok(Copied::Copied),
+                Err(Refused::PreconditionFailed(detail)) => detail,
+                Err(Refused::Error(err)) => {
+                    let code = err.as_service_error().and_then(|e| e.code()).unwrap_or_default();
+                    if status(&err) == Some(404) && code != "NoSuchBucket" {
+                        return Err(source_missing());
                     }
-                    match self.head(src_bucket, source_key).await? {
-                        None => return Err(source_missing()),
-                        Some(src) if src.etag != etag => etag = src.etag,
-                        Some(_) => {
-                            return Err(CopyError::Transient(format!("copy precondition failed: {}", describe(&err))));
-                        }
-                    }
-                }
-                _ => {
                     let step = format!("copy s3://{src_bucket}/{source_key} -> s3://{dst_bucket}/{destination_key}");
                     return Err(CopyError::from_s3(&step, &err));
                 }
+            };
+            // The destination appeared meanwhile, or the source changed since it was listed.
+            if let Some(dest) = self.head(dst_bucket, destination_key).await? {
+                return self.compare(source_key, listed_etag, destination_key, dest).await;
+            }
+            match self.head(src_bucket, source_key).await? {
+                None => return Err(source_missing()),
+                Some(src) if src.etag != etag => etag = src.etag,
+                Some(_) => return Err(CopyError::Transient(format!("copy precondition failed: {failed}"))),
             }
         }
         Err(CopyError::Transient(format!("source s3://{src_bucket}/{source_key} keeps changing")))
+    }
+
+    /// One conditional copy of `source_key` to `destination_key` (if the source's ETag is still
+    /// `etag` and the destination does not exist): sent directly where that path is on and
+    /// decides, through the SDK otherwise.
+    async fn send_copy(&self, source_key: &str, destination_key: &str, etag: &str) -> Result<(), Refused> {
+        let copy_source = self.mapping.copy_source(source_key);
+        let handed_over = match &self.direct {
+            Some(direct) => match direct.copy(destination_key, &copy_source, etag).await {
+                Answer::Copied => return Ok(()),
+                Answer::PreconditionFailed => {
+                    return Err(Refused::PreconditionFailed("412 Precondition Failed".to_owned()));
+                }
+                Answer::Elsewhere(miss) => Some((direct, miss)),
+            },
+            None => None,
+        };
+        let sent = self
+            .s3
+            .copy_object()
+            .bucket(&self.mapping.destination_bucket)
+            .key(destination_key)
+            .copy_source(copy_source)
+            .copy_source_if_match(etag)
+            .if_none_match("*")
+            .metadata_directive(MetadataDirective::Copy)
+            .send()
+            .await;
+        if let Some((direct, miss)) = handed_over {
+            direct.settle(&miss, sent.is_ok());
+        }
+        match sent {
+            Ok(_) => Ok(()),
+            Err(err) if status(&err) == Some(412) => Err(Refused::PreconditionFailed(describe(&err))),
+            Err(err) => Err(Refused::Error(Box::new(err))),
+        }
     }
 
     /// What [`Self::ensure_copied`] would do, without writing: `Ok(Copied::Copied)` means it

@@ -6,6 +6,7 @@
 pub mod ack;
 pub mod batch;
 pub mod copy;
+pub mod direct;
 pub mod lease;
 pub mod metrics;
 pub mod multipart;
@@ -69,10 +70,22 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         compare_max_bytes: settings.compare_max_bytes,
         destination_check: settings.destination_check,
         multipart: settings.multipart(),
+        direct: None,
     };
     // A dry run writes nothing, not even the probe's objects; it looks at every destination.
     if !settings.dry_run {
         copier.destination_check = copier.resolve_destination_check().await;
+    }
+    if settings.direct_copy && !settings.dry_run {
+        let counters = direct::DirectCounters {
+            answered: stats.direct_copies.clone(),
+            handed_over: stats.direct_handed_over.clone(),
+        };
+        let bucket = &copier.mapping.destination_bucket;
+        match direct::DirectCopy::new(&clients.s3_config, bucket, settings.storage.s3_force_path_style, counters) {
+            Ok(direct) => copier.direct = Some(direct),
+            Err(why) => tracing::warn!("DIRECT_COPY: every copy goes through the SDK: {why}"),
+        }
     }
     let concurrency = settings
         .concurrency

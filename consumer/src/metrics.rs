@@ -53,6 +53,10 @@ pub struct Stats {
     pub copy_seconds: Histogram,
     /// Seconds from asking for an object's row rewrite to its result (batching included).
     pub rewrite_seconds: Histogram,
+    /// Copies decided by the direct path (`DIRECT_COPY`): copied, or refused with 412.
+    pub direct_copies: Counter,
+    /// Copies the direct path left to the SDK while it was on.
+    pub direct_handed_over: Counter,
     s3_slowdowns: Counter,
 }
 
@@ -73,6 +77,8 @@ impl Default for Stats {
             in_flight: Gauge::default(),
             copy_seconds: seconds(),
             rewrite_seconds: seconds(),
+            direct_copies: Counter::default(),
+            direct_handed_over: Counter::default(),
             s3_slowdowns: Counter::default(),
         }
     }
@@ -93,6 +99,10 @@ impl Stats {
             self.sources_deleted.get(),
             elapsed.as_secs_f64()
         );
+        let (direct, handed_over) = (self.direct_copies.get(), self.direct_handed_over.get());
+        if direct + handed_over > 0 {
+            println!("consumer: direct copies {direct}; sent again through the SDK {handed_over}");
+        }
     }
 
     /// Counts an object set aside with its reason.
@@ -127,6 +137,16 @@ impl Stats {
             "db_rewrite_seconds",
             "Seconds from asking an object's row rewrite to its result",
             self.rewrite_seconds.clone(),
+        );
+        r.register(
+            "s3_direct_copies",
+            "Copies decided by the direct path (DIRECT_COPY): copied, or refused because the destination exists",
+            self.direct_copies.clone(),
+        );
+        r.register(
+            "s3_direct_handed_over",
+            "Copies the direct path left to the SDK (any other answer, or none)",
+            self.direct_handed_over.clone(),
         );
         r.register(
             "s3_slowdowns",

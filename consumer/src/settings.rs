@@ -142,6 +142,17 @@ pub struct Settings {
     #[arg(long, env = "DELETE_SOURCE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
     pub delete_source: bool,
 
+    /// Send each copy (the conditional CopyObject, one per object) directly: signed by the
+    /// SDK's own signer, to the SDK's endpoint for the bucket, over the SDK's HTTP transport,
+    /// with the provider's credentials; without the SDK's per-request orchestration, which
+    /// costs more CPU than the rest of a copy (docs/performance.md). Only a 200 with a
+    /// CopyObjectResult and a 412 are taken from it; any other answer, or none, sends the same
+    /// copy again through the SDK, with its retries and error classes. An answer asking to
+    /// slow down (503, 429) sends every copy through the SDK for 5 s; three refusals (400,
+    /// 403) that the SDK's request then did not meet turn it off, with a warning.
+    #[arg(long, env = "DIRECT_COPY", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
+    pub direct_copy: bool,
+
     /// Threads this process runs on. 1 (the default): everything on one thread, which spends
     /// about a tenth less CPU per object than two (no wake-ups across threads; measured in
     /// docs/performance.md) and matches the stack's one-vCPU tasks: scale with more consumers,

@@ -78,6 +78,8 @@ pub struct Env {
     pub database_url: String,
     pub db: PgPool,
     pub s3: S3,
+    /// What `s3` was built from.
+    pub s3_config: aws_config::SdkConfig,
     pub sqs: Sqs,
     pub source_bucket: String,
     pub destination_bucket: String,
@@ -127,7 +129,8 @@ impl Env {
         sqlx::raw_sql(table).execute(&db).await.unwrap();
 
         let config = |endpoint: &str| aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).load();
-        let s3 = common::aws::s3_client(&config(s3_endpoint).await, true);
+        let s3_config = config(s3_endpoint).await;
+        let s3 = common::aws::s3_client(&s3_config, true);
         let sqs = common::aws::sqs_client(&config(sqs_endpoint).await);
         let (source_bucket, destination_bucket) = (format!("src-{id}"), format!("dst-{id}"));
         for b in [&source_bucket, &destination_bucket] {
@@ -162,11 +165,22 @@ impl Env {
             database_url,
             db,
             s3,
+            s3_config,
             sqs,
             source_bucket,
             destination_bucket,
             queue_url,
             dlq_url,
+        }
+    }
+
+    /// The clients the feeder and the consumer run with in-process, on this environment.
+    pub fn clients(&self) -> common::setup::Clients {
+        common::setup::Clients {
+            s3: self.s3.clone(),
+            s3_config: self.s3_config.clone(),
+            sqs: self.sqs.clone(),
+            db: self.db.clone(),
         }
     }
 

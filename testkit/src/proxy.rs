@@ -46,6 +46,8 @@ pub struct When {
     pub contains: Option<String>,
     /// For SQS: the action (`ReceiveMessage`, `SendMessageBatch`...), from `x-amz-target`.
     pub sqs_action: Option<&'static str>,
+    /// A header whose value contains this text, e.g. `("user-agent", "direct-copy")`.
+    pub header: Option<(&'static str, &'static str)>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,7 +167,10 @@ fn pick(state: &State, req: &Request<Incoming>) -> Option<Fault> {
         let w = &rule.when;
         let matches = w.method.is_none_or(|m| req.method().as_str() == m)
             && w.contains.as_deref().is_none_or(|c| target.contains(c) || copy_source.contains(c))
-            && w.sqs_action.is_none_or(|a| action == Some(a));
+            && w.sqs_action.is_none_or(|a| action == Some(a))
+            && w.header.is_none_or(|(name, text)| {
+                req.headers().get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(text))
+            });
         if !matches || rule.remaining == Some(0) || fastrand::f64() >= rule.probability {
             continue;
         }

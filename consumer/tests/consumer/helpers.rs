@@ -20,7 +20,7 @@ pub async fn feed_with(env: &Env, args: &[&str]) -> u64 {
     let mut all = env.args("feeder");
     all.extend(args.iter().map(|a| a.to_string()));
     let settings = feeder::Settings::try_parse_from(all).unwrap();
-    let clients = feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() };
+    let clients = env.clients();
     feeder::feed(&settings, &settings.run, &clients, CancellationToken::new()).await.unwrap().enqueued
 }
 

@@ -142,7 +142,7 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
         feeder::settings::VerifyArgs { concurrency: 8.try_into().unwrap(), json: false, objects: true, sample: None };
     let verify = |args: feeder::settings::VerifyArgs| {
         let settings = settings.clone();
-        let clients = feeder::Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() };
+        let clients = env.clients();
         async move { feeder::ops::verify::verify(&settings, &args, &clients, CancellationToken::new()).await.unwrap() }
     };
     let verification = verify(args.clone()).await;

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use testkit::Env;
+use testkit::proxy::{Fault, FaultProxy, Rule, When};
 
 use crate::helpers::{assert_no_probe_left, drain, etag, feed, legacy_keys, modern, put_multipart, stdout};
 
@@ -87,4 +88,115 @@ async fn a_wrong_secret_is_refused_before_anything_moves() {
     assert!(
         env.keys(&env.destination_bucket).await.iter().all(|k| k == "avatar/conflict.png" || k == "avatar/same.png")
     );
+}
+
+/// The summary's count of copies the direct path decided and of those it sent again through
+/// the SDK.
+fn direct_counts(out: &std::process::Output) -> (u64, u64) {
+    let text = stdout(out);
+    let line = text.lines().find(|l| l.starts_with("consumer: direct copies ")).unwrap_or_else(|| panic!("{text}"));
+    let numbers: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+    (numbers[0], numbers[1])
+}
+
+/// `DIRECT_COPY`: every copy, awkward keys included, and every 412 (the conflict, the
+/// destination with the same bytes) is decided by the direct path, whose signatures SeaweedFS
+/// checks; none needs the SDK, and the end state is the SDK's.
+#[tokio::test]
+async fn direct_copies_are_signed_as_s3_checks_them() {
+    let env = Env::on_seaweedfs().await;
+    let keys = seed(&env).await;
+    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
+    feed(&env).await;
+    let out = drain(&env, &[("DIRECT_COPY", "true"), ("DESTINATION_CHECK", "on-conflict")]).await;
+    assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
+    assert_eq!(direct_counts(&out), (keys.len() as u64 + 2, 0), "{}", stdout(&out));
+    assert_end_state(&env, &keys, &conflict_etag).await;
+}
+
+/// Direct copies that S3 refuses although the SDK's requests for the same copies succeed (as
+/// with a signature this path got wrong) are sent again through the SDK, and after three the
+/// path turns itself off with a warning: everything still moves, nothing is set aside.
+#[tokio::test]
+async fn direct_copies_refused_where_the_sdk_succeeds_turn_the_path_off() {
+    let env = Env::on_seaweedfs().await;
+    let keys = seed(&env).await;
+    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
+    feed(&env).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let direct = When { header: Some(("user-agent", "direct-copy")), ..When::default() };
+    s3.add(Rule::always(direct, Fault::Error { status: 403, code: "SignatureDoesNotMatch" }));
+    let vars = [
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        ("DIRECT_COPY", "true"),
+        ("DESTINATION_CHECK", "on-conflict"),
+        ("CONCURRENCY", "2"),
+    ];
+    let out = drain(&env, &vars).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("DIRECT_COPY turned off"), "{log}");
+    assert!(!log.contains("test-secret") && !log.contains("Signature="), "{log}");
+    let (decided, handed_over) = direct_counts(&out);
+    assert_eq!(decided, 0);
+    assert!((3..=4).contains(&handed_over), "three refusals, and at most one more already in flight: {handed_over}");
+    assert_eq!(s3.injected(), handed_over);
+    assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
+    assert_end_state(&env, &keys, &conflict_etag).await;
+}
+
+/// Whatever else a direct copy meets (S3's late error in a 200, a 5xx, an answer lost after
+/// the copy took effect), the same copy goes through the SDK, whose conditional copy and 412
+/// keep every guarantee: every object moved once, the conflict kept.
+#[tokio::test]
+async fn a_direct_copy_that_is_not_clearly_answered_is_sent_again_through_the_sdk() {
+    let env = Env::on_seaweedfs().await;
+    let keys = seed(&env).await;
+    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
+    feed(&env).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    // "/avatar-1.png", which "/avatar-11.png" does not contain.
+    let direct = |key: &str| When {
+        header: Some(("user-agent", "direct-copy")),
+        contains: Some(key.replacen("image", "", 1)),
+        ..When::default()
+    };
+    let late_error = "<Error><Code>InternalError</Code><Message>We encountered an internal error</Message></Error>";
+    s3.add(Rule::always(direct(&keys[0]), Fault::Answer { status: 200, body: late_error }));
+    s3.add(Rule::always(direct(&keys[1]), Fault::Error { status: 500, code: "InternalError" }));
+    s3.add(Rule::always(direct(&keys[2]), Fault::ResetAfter));
+    let vars =
+        [("AWS_ENDPOINT_URL_S3", s3.url.as_str()), ("DIRECT_COPY", "true"), ("DESTINATION_CHECK", "on-conflict")];
+    let out = drain(&env, &vars).await;
+    assert_eq!(s3.injected(), 3, "each fault met once: afterwards the SDK sent those copies");
+    assert_eq!(direct_counts(&out), (keys.len() as u64 - 1, 3), "{}", stdout(&out));
+    // The copy whose answer was lost took effect: the SDK's copy then met the server's 412.
+    assert!(stdout(&out).contains(&format!("copied {}, already present 2", keys.len() - 1)), "{}", stdout(&out));
+    assert_end_state(&env, &keys, &conflict_etag).await;
+}
+
+/// S3 asking the direct path to slow down (503 SlowDown) sends every copy through the SDK, and
+/// its adaptive retries, for a while: one object at a time, the first copy meets the slow-down
+/// and the others are not sent directly at all.
+#[tokio::test]
+async fn a_slow_down_sends_the_copies_through_the_sdk_for_a_while() {
+    let env = Env::on_seaweedfs().await;
+    let keys = seed(&env).await;
+    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
+    feed(&env).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let direct = When { header: Some(("user-agent", "direct-copy")), ..When::default() };
+    s3.add(Rule::always(direct, Fault::Error { status: 503, code: "SlowDown" }));
+    let vars = [
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        ("DIRECT_COPY", "true"),
+        ("DESTINATION_CHECK", "on-conflict"),
+        ("CONCURRENCY", "1"),
+    ];
+    let out = drain(&env, &vars).await;
+    let (decided, handed_over) = direct_counts(&out);
+    assert_eq!(decided, 0);
+    // One per pause of 5 s: the whole run takes a few seconds, not a pause per object.
+    assert!((1..=3).contains(&handed_over), "{handed_over} of {} copies met the slow-down", keys.len() + 2);
+    assert_eq!(s3.injected(), handed_over);
+    assert_end_state(&env, &keys, &conflict_etag).await;
 }

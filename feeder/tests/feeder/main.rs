@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 async fn clients(env: &Env) -> Clients {
     common::db::prepare(&env.db).await.unwrap();
-    Clients { s3: env.s3.clone(), sqs: env.sqs.clone(), db: env.db.clone() }
+    env.clients()
 }
 
 fn settings(env: &Env) -> Settings {
