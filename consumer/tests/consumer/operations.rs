@@ -169,7 +169,8 @@ fn free_port() -> u16 {
 /// During a run the consumer serves Prometheus metrics whose counters match the end state
 /// (objects copied, set aside by reason, rows rewritten, messages deleted, latencies), and a
 /// health check that answers 200 while S3, SQS and PostgreSQL answer and 503 naming S3 once
-/// S3 fails (counted as slow-downs); `consumer --health-check` follows it.
+/// S3 fails (counted as slow-downs); `consumer --health-check` follows it. The copies go the
+/// direct way (`DIRECT_COPY`, the default), through the proxy.
 #[tokio::test]
 async fn metrics_and_health_are_served_during_a_run() {
     use testkit::proxy::{Fault, FaultProxy, Rule, When};
@@ -210,6 +211,9 @@ async fn metrics_and_health_are_served_during_a_run() {
     expect("avatar_migration_s3_copy_seconds_count", expected_deleted);
     expect("avatar_migration_db_rewrite_seconds_count", 30.0);
     expect("avatar_migration_s3_slowdowns_total", 0.0);
+    // DIRECT_COPY, the default: every copy decided by the direct path, none sent again.
+    expect("avatar_migration_s3_direct_copies_total", 30.0);
+    expect("avatar_migration_s3_direct_handed_over_total", 0.0);
 
     assert_eq!(http_get(&addr, "/health").await.0, 200);
     // Without blocking the runtime: the fault proxy runs on it.

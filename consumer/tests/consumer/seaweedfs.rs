@@ -58,15 +58,16 @@ async fn the_pipeline_works_on_seaweedfs() {
 /// Copy first, look later (`DESTINATION_CHECK=on-conflict`): destinations that already exist
 /// are met by the copy itself, and the server's 412 keeps them intact; the consumer then
 /// compares (same bytes: done; other bytes: conflict), as when a live upload lands between a
-/// check and the copy.
+/// check and the copy. Every copy through the SDK here (`DIRECT_COPY=false`).
 #[tokio::test]
 async fn the_servers_412_keeps_a_destination_the_copy_meets() {
     let env = Env::on_seaweedfs().await;
     let keys = seed(&env).await;
     let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
     feed(&env).await;
-    let out = drain(&env, &[("DESTINATION_CHECK", "on-conflict")]).await;
+    let out = drain(&env, &[("DESTINATION_CHECK", "on-conflict"), ("DIRECT_COPY", "false")]).await;
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("direct copies"), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
 
