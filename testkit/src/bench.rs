@@ -133,7 +133,7 @@ pub fn own_cpu() -> anyhow::Result<f64> {
     Ok(ticks as f64 / TICKS_PER_SECOND)
 }
 
-/// For the copy-cost examples (`sdk_copy_cpu`, `lean_copy_cpu`): a fresh bucket named
+/// For the copy-cost examples (`sdk_copy_cpu`, and the consumer's `direct_copy_cpu`): a fresh bucket named
 /// `<name>-<pid>` holding `n` objects of 700 bytes under `image/`, put `at_once` at a time.
 /// Returns the bucket, the keys and their ETags.
 pub async fn seed_copy_sources(
