@@ -17,6 +17,9 @@
 //!   ignores `If-None-Match` no check closes the race with a live upload, AWS closes it);
 //! - content type and user metadata are copied as they are (`MetadataDirective=COPY`);
 //! - the object is never downloaded, except for the bounded comparison;
+//! - the copy request goes the direct way first where `DIRECT_COPY` is on
+//!   ([`crate::direct`]), and through the SDK whenever that way does not answer clearly: the
+//!   same conditional request either way, so the promises above hold for both;
 //! - every S3 error is classified (`common::aws::ErrorClass`): retried later, recorded for this
 //!   object with its reason, or fatal for the process.
 
