@@ -17,9 +17,11 @@
 //!   retries and error classes; sending it again is safe, the copy being conditional;
 //! - an answer asking to slow down (503, 429) sends every copy through the SDK for [`PAUSE`],
 //!   so that the SDK's adaptive retries set the pace;
-//! - [`BREAKER`] refusals (400, 403) of this path that the SDK's request for the same copy did
-//!   not meet (a signature, a clock, a credential this path got wrong) turn it off for the rest
-//!   of the process, with a warning;
+//! - [`BREAKER`] failures in a row, each a refusal (400, 403) or no answer at all, that the
+//!   SDK's request for the same copy then did not meet (a signature, a clock, a credential, a
+//!   TLS set-up this path got wrong) turn it off for the rest of the process, with a warning;
+//!   a copy this path decides starts the count again, so that a stray dropped connection
+//!   among many answers does not add up;
 //! - a refusal naming the credentials drops the kept ones, so the next copy asks the provider;
 //! - nothing it logs holds a secret: the status and S3's error code, never a header.
 
@@ -49,7 +51,7 @@ const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495
 /// How long copies go through the SDK after an answer asking to slow down (503, 429).
 pub const PAUSE: Duration = Duration::from_secs(5);
 
-/// Refusals that the SDK's request did not meet before the path turns itself off.
+/// Failures in a row that the SDK's request did not meet before the path turns itself off.
 pub const BREAKER: u32 = 3;
 
 /// Kept credentials are asked for again this long before they expire.
@@ -78,7 +80,10 @@ pub enum Miss {
     Refused { status: u16, code: String },
     /// 503 or 429: S3 asks this client to slow down.
     SlowDown,
-    /// Anything else: another status, a 200 with an error document, no answer.
+    /// No answer: the connection failed, was dropped, or the answer could not be read.
+    Unanswered(String),
+    /// Anything else: another status (a 5xx, a 404), a 200 with an error document, no
+    /// credentials from the provider.
     Other(String),
 }
 
@@ -101,7 +106,8 @@ pub struct DirectCopy {
     signing_region: String,
     signing_name: String,
     credentials: KeptCredentials,
-    refusals: AtomicU32,
+    /// Failures in a row that the SDK's request did not meet ([`BREAKER`]).
+    failures: AtomicU32,
     off: AtomicBool,
     paused_until: Mutex<Option<Instant>>,
     user_agent: String,
@@ -156,7 +162,7 @@ impl DirectCopy {
             signing_region,
             signing_name,
             credentials: KeptCredentials { provider, kept: Mutex::new(None), asking: tokio::sync::Mutex::new(()) },
-            refusals: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
             off: AtomicBool::new(false),
             paused_until: Mutex::new(None),
             user_agent: format!("avatar-migration/{} direct-copy", env!("CARGO_PKG_VERSION")),
@@ -174,6 +180,7 @@ impl DirectCopy {
         match &answer {
             Answer::Copied | Answer::PreconditionFailed => {
                 self.counters.answered.inc();
+                self.failures.store(0, Ordering::Relaxed);
             }
             Answer::Elsewhere(miss) => {
                 self.counters.handed_over.inc();
@@ -183,28 +190,32 @@ impl DirectCopy {
                         self.credentials.forget()
                     }
                     Miss::SlowDown => self.pause(),
-                    Miss::Refused { .. } | Miss::Off | Miss::Other(_) => {}
+                    Miss::Refused { .. } | Miss::Off | Miss::Unanswered(_) | Miss::Other(_) => {}
                 }
             }
         }
         answer
     }
 
-    /// What the SDK made of a copy this path left to it: a refusal of ours that the SDK's
-    /// request did not meet counts towards [`BREAKER`].
+    /// What the SDK made of a copy this path left to it: a refusal or a missing answer of
+    /// ours that the SDK's request did not meet counts towards [`BREAKER`].
     pub fn settle(&self, miss: &Miss, sdk_succeeded: bool) {
-        let Miss::Refused { status, code } = miss else { return };
+        let what = match miss {
+            Miss::Refused { status, code } => format!("{status} {code}"),
+            Miss::Unanswered(why) => why.clone(),
+            Miss::Off | Miss::SlowDown | Miss::Other(_) => return,
+        };
         if !sdk_succeeded {
             return;
         }
-        let refusals = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
-        if refusals >= BREAKER && !self.off.swap(true, Ordering::Relaxed) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= BREAKER && !self.off.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                refusals,
-                status,
-                code,
-                "DIRECT_COPY turned off: S3 refused copies sent directly that it accepted from the SDK; every copy goes \
-                 through the SDK from now on (a clock off by minutes, or credentials this path cannot use?)"
+                failures,
+                last = what,
+                "DIRECT_COPY turned off: copies sent directly failed where the SDK's succeeded; every copy goes \
+                 through the SDK from now on (a clock off by minutes, credentials or a TLS set-up this path cannot \
+                 use?)"
             );
         }
     }
@@ -239,7 +250,7 @@ impl DirectCopy {
         };
         let response = match self.connector.call(request).await {
             Ok(response) => response,
-            Err(err) => return Answer::Elsewhere(Miss::Other(format!("no answer: {err}"))),
+            Err(err) => return Answer::Elsewhere(Miss::Unanswered(format!("no answer: {err}"))),
         };
         let status = response.status().as_u16();
         if matches!(status, 503 | 429) {
@@ -248,7 +259,7 @@ impl DirectCopy {
         }
         let body = match ByteStream::new(response.into_body()).collect().await {
             Ok(body) => body.into_bytes(),
-            Err(err) => return Answer::Elsewhere(Miss::Other(format!("{status}, its body unread: {err}"))),
+            Err(err) => return Answer::Elsewhere(Miss::Unanswered(format!("{status}, its body unread: {err}"))),
         };
         read_answer(status, &body)
     }

@@ -24,7 +24,8 @@ pub use common::aws::{S3, Sqs};
 
 const SCHEMA: &str = include_str!("../../add-ons/sre-challenge-addon1.sql");
 
-fn required(name: &str) -> String {
+/// A variable `scripts/local-services env` sets; its absence names the command that sets it.
+pub fn required(name: &str) -> String {
     std::env::var(name)
         .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test (it starts the local services)"))
 }

@@ -115,34 +115,37 @@ async fn direct_copies_are_signed_as_s3_checks_them() {
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
 
-/// Direct copies that S3 refuses although the SDK's requests for the same copies succeed (as
-/// with a signature this path got wrong) are sent again through the SDK, and after three the
-/// path turns itself off with a warning: everything still moves, nothing is set aside.
+/// Direct copies that fail although the SDK's requests for the same copies succeed (S3
+/// refusing a signature this path got wrong; no answer at all, as with a TLS set-up it cannot
+/// use) are sent again through the SDK, and after three in a row the path turns itself off
+/// with a warning: everything still moves, nothing is set aside, no secret is logged.
 #[tokio::test]
-async fn direct_copies_refused_where_the_sdk_succeeds_turn_the_path_off() {
-    let env = Env::on_seaweedfs().await;
-    let keys = seed(&env).await;
-    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-    feed(&env).await;
-    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
-    let direct = When { header: Some(("user-agent", "direct-copy")), ..When::default() };
-    s3.add(Rule::always(direct, Fault::Error { status: 403, code: "SignatureDoesNotMatch" }));
-    let vars = [
-        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
-        ("DIRECT_COPY", "true"),
-        ("DESTINATION_CHECK", "on-conflict"),
-        ("CONCURRENCY", "2"),
-    ];
-    let out = drain(&env, &vars).await;
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("DIRECT_COPY turned off"), "{log}");
-    assert!(!log.contains("test-secret") && !log.contains("Signature="), "{log}");
-    let (decided, handed_over) = direct_counts(&out);
-    assert_eq!(decided, 0);
-    assert!((3..=4).contains(&handed_over), "three refusals, and at most one more already in flight: {handed_over}");
-    assert_eq!(s3.injected(), handed_over);
-    assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
-    assert_end_state(&env, &keys, &conflict_etag).await;
+async fn direct_copies_failing_where_the_sdk_succeeds_turn_the_path_off() {
+    for fault in [Fault::Error { status: 403, code: "SignatureDoesNotMatch" }, Fault::Reset] {
+        let env = Env::on_seaweedfs().await;
+        let keys = seed(&env).await;
+        let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
+        feed(&env).await;
+        let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+        let direct = When { header: Some(("user-agent", "direct-copy")), ..When::default() };
+        s3.add(Rule::always(direct, fault.clone()));
+        let vars = [
+            ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+            ("DESTINATION_CHECK", "on-conflict"),
+            ("CONCURRENCY", "2"),
+            ("RUST_LOG", "warn,consumer=debug"),
+        ];
+        let out = drain(&env, &vars).await;
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("DIRECT_COPY turned off"), "{fault:?}: {log}");
+        assert!(!log.contains("Signature=") && !log.contains("Credential="), "{log}");
+        let (decided, handed_over) = direct_counts(&out);
+        assert_eq!(decided, 0, "{fault:?}");
+        assert!((3..=4).contains(&handed_over), "{fault:?}: three in a row, at most one more in flight: {handed_over}");
+        assert_eq!(s3.injected(), handed_over);
+        assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
+        assert_end_state(&env, &keys, &conflict_etag).await;
+    }
 }
 
 /// Whatever else a direct copy meets (S3's late error in a 200, a 5xx, an answer lost after
@@ -199,5 +202,24 @@ async fn a_slow_down_sends_the_copies_through_the_sdk_for_a_while() {
     // One per pause of 5 s: the whole run takes a few seconds, not a pause per object.
     assert!((1..=3).contains(&handed_over), "{handed_over} of {} copies met the slow-down", keys.len() + 2);
     assert_eq!(s3.injected(), handed_over);
+    assert_end_state(&env, &keys, &conflict_etag).await;
+}
+
+/// Over TLS, as on AWS: SeaweedFS's HTTPS port, its certificate trusted through
+/// `SSL_CERT_FILE`, which the SDK's transport reads for its trusted roots and the direct
+/// copy, on the same transport, reads too. Every copy and 412 is still decided directly.
+#[tokio::test]
+async fn direct_copies_go_over_tls_with_the_sdks_trusted_roots() {
+    let env = Env::on_seaweedfs().await;
+    let keys = seed(&env).await;
+    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
+    feed(&env).await;
+    let (https, ca) = (testkit::required("SEAWEEDFS_TLS_ENDPOINT_URL"), testkit::required("SEAWEEDFS_CA_FILE"));
+    assert!(https.starts_with("https://"), "{https}");
+    let vars =
+        [("AWS_ENDPOINT_URL_S3", https.as_str()), ("SSL_CERT_FILE", ca.as_str()), ("DESTINATION_CHECK", "on-conflict")];
+    let out = drain(&env, &vars).await;
+    assert_eq!(direct_counts(&out), (keys.len() as u64 + 2, 0), "{}", stdout(&out));
+    assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
