@@ -25,6 +25,21 @@ async fn seed(env: &Env) -> Vec<String> {
     keys
 }
 
+/// A fresh environment on SeaweedFS, seeded ([`seed`]) and fed: the environment, the plain
+/// keys, and the ETag of the conflicting destination.
+async fn seeded_and_fed() -> (Env, Vec<String>, String) {
+    let env = Env::on_seaweedfs().await;
+    let keys = seed(&env).await;
+    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
+    feed(&env).await;
+    (env, keys, conflict_etag)
+}
+
+/// The direct copy's requests (its user agent), not the SDK's.
+fn direct_only() -> When {
+    When { header: Some(("user-agent", "direct-copy")), ..When::default() }
+}
+
 async fn assert_end_state(env: &Env, keys: &[String], conflict_etag: &str) {
     for key in keys {
         assert_eq!(env.get(&env.destination_bucket, &modern(key)).await.as_deref(), Some(&b"png"[..]), "{key:?}");
@@ -43,10 +58,7 @@ async fn assert_end_state(env: &Env, keys: &[String], conflict_etag: &str) {
 /// its probe objects are gone afterwards, and the conflict is still never overwritten.
 #[tokio::test]
 async fn the_pipeline_works_on_seaweedfs() {
-    let env = Env::on_seaweedfs().await;
-    let keys = seed(&env).await;
-    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-    feed(&env).await;
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
     let out = drain(&env, &[("CONCURRENCY", "8"), ("RUST_LOG", "info,aws=warn")]).await;
     assert!(stdout(&out).contains("already present 1"), "{}", stdout(&out));
     let log = String::from_utf8_lossy(&out.stderr);
@@ -61,10 +73,7 @@ async fn the_pipeline_works_on_seaweedfs() {
 /// check and the copy. Every copy through the SDK here (`DIRECT_COPY=false`).
 #[tokio::test]
 async fn the_servers_412_keeps_a_destination_the_copy_meets() {
-    let env = Env::on_seaweedfs().await;
-    let keys = seed(&env).await;
-    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-    feed(&env).await;
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
     let out = drain(&env, &[("DESTINATION_CHECK", "on-conflict"), ("DIRECT_COPY", "false")]).await;
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert!(!stdout(&out).contains("direct copies"), "{}", stdout(&out));
@@ -105,10 +114,7 @@ fn direct_counts(out: &std::process::Output) -> (u64, u64) {
 /// checks; none needs the SDK, and the end state is the SDK's.
 #[tokio::test]
 async fn direct_copies_are_signed_as_s3_checks_them() {
-    let env = Env::on_seaweedfs().await;
-    let keys = seed(&env).await;
-    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-    feed(&env).await;
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
     let out = drain(&env, &[("DIRECT_COPY", "true"), ("DESTINATION_CHECK", "on-conflict")]).await;
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert_eq!(direct_counts(&out), (keys.len() as u64 + 2, 0), "{}", stdout(&out));
@@ -122,13 +128,9 @@ async fn direct_copies_are_signed_as_s3_checks_them() {
 #[tokio::test]
 async fn direct_copies_failing_where_the_sdk_succeeds_turn_the_path_off() {
     for fault in [Fault::Error { status: 403, code: "SignatureDoesNotMatch" }, Fault::Reset] {
-        let env = Env::on_seaweedfs().await;
-        let keys = seed(&env).await;
-        let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-        feed(&env).await;
+        let (env, keys, conflict_etag) = seeded_and_fed().await;
         let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
-        let direct = When { header: Some(("user-agent", "direct-copy")), ..When::default() };
-        s3.add(Rule::always(direct, fault.clone()));
+        s3.add(Rule::always(direct_only(), fault.clone()));
         let vars = [
             ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
             ("DESTINATION_CHECK", "on-conflict"),
@@ -153,23 +155,15 @@ async fn direct_copies_failing_where_the_sdk_succeeds_turn_the_path_off() {
 /// keep every guarantee: every object moved once, the conflict kept.
 #[tokio::test]
 async fn a_direct_copy_that_is_not_clearly_answered_is_sent_again_through_the_sdk() {
-    let env = Env::on_seaweedfs().await;
-    let keys = seed(&env).await;
-    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-    feed(&env).await;
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
     // "/avatar-1.png", which "/avatar-11.png" does not contain.
-    let direct = |key: &str| When {
-        header: Some(("user-agent", "direct-copy")),
-        contains: Some(key.replacen("image", "", 1)),
-        ..When::default()
-    };
+    let direct = |key: &str| When { contains: Some(key.replacen("image", "", 1)), ..direct_only() };
     let late_error = "<Error><Code>InternalError</Code><Message>We encountered an internal error</Message></Error>";
     s3.add(Rule::always(direct(&keys[0]), Fault::Answer { status: 200, body: late_error }));
     s3.add(Rule::always(direct(&keys[1]), Fault::Error { status: 500, code: "InternalError" }));
     s3.add(Rule::always(direct(&keys[2]), Fault::ResetAfter));
-    let vars =
-        [("AWS_ENDPOINT_URL_S3", s3.url.as_str()), ("DIRECT_COPY", "true"), ("DESTINATION_CHECK", "on-conflict")];
+    let vars = [("AWS_ENDPOINT_URL_S3", s3.url.as_str()), ("DESTINATION_CHECK", "on-conflict")];
     let out = drain(&env, &vars).await;
     assert_eq!(s3.injected(), 3, "each fault met once: afterwards the SDK sent those copies");
     assert_eq!(direct_counts(&out), (keys.len() as u64 - 1, 3), "{}", stdout(&out));
@@ -183,19 +177,10 @@ async fn a_direct_copy_that_is_not_clearly_answered_is_sent_again_through_the_sd
 /// and the others are not sent directly at all.
 #[tokio::test]
 async fn a_slow_down_sends_the_copies_through_the_sdk_for_a_while() {
-    let env = Env::on_seaweedfs().await;
-    let keys = seed(&env).await;
-    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-    feed(&env).await;
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
-    let direct = When { header: Some(("user-agent", "direct-copy")), ..When::default() };
-    s3.add(Rule::always(direct, Fault::Error { status: 503, code: "SlowDown" }));
-    let vars = [
-        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
-        ("DIRECT_COPY", "true"),
-        ("DESTINATION_CHECK", "on-conflict"),
-        ("CONCURRENCY", "1"),
-    ];
+    s3.add(Rule::always(direct_only(), Fault::Error { status: 503, code: "SlowDown" }));
+    let vars = [("AWS_ENDPOINT_URL_S3", s3.url.as_str()), ("DESTINATION_CHECK", "on-conflict"), ("CONCURRENCY", "1")];
     let out = drain(&env, &vars).await;
     let (decided, handed_over) = direct_counts(&out);
     assert_eq!(decided, 0);
@@ -210,10 +195,7 @@ async fn a_slow_down_sends_the_copies_through_the_sdk_for_a_while() {
 /// copy, on the same transport, reads too. Every copy and 412 is still decided directly.
 #[tokio::test]
 async fn direct_copies_go_over_tls_with_the_sdks_trusted_roots() {
-    let env = Env::on_seaweedfs().await;
-    let keys = seed(&env).await;
-    let conflict_etag = etag(&env, &env.destination_bucket, "avatar/conflict.png").await;
-    feed(&env).await;
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
     let (https, ca) = (testkit::required("SEAWEEDFS_TLS_ENDPOINT_URL"), testkit::required("SEAWEEDFS_CA_FILE"));
     assert!(https.starts_with("https://"), "{https}");
     let vars =
