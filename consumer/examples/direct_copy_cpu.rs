@@ -13,7 +13,7 @@
 //! ```
 
 use anyhow::Context;
-use aws_sdk_s3::types::MetadataDirective;
+use consumer::copy::conditional_copy;
 use consumer::direct::{Answer, DirectCopy, DirectCounters};
 use futures::StreamExt;
 
@@ -37,17 +37,7 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
                 let copy_source = common::keys::copy_source(bucket, key);
                 async move {
                     match how {
-                        "sdk" => s3
-                            .copy_object()
-                            .bucket(bucket)
-                            .key(destination)
-                            .copy_source(copy_source)
-                            .copy_source_if_match(etag)
-                            .if_none_match("*")
-                            .metadata_directive(MetadataDirective::Copy)
-                            .send()
-                            .await
-                            .is_ok(),
+                        "sdk" => conditional_copy(s3, bucket, &destination, &copy_source, etag).send().await.is_ok(),
                         _ => direct.copy(&destination, &copy_source, etag).await == Answer::Copied,
                     }
                 }

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::copy_object::CopyObjectError;
+use aws_sdk_s3::operation::copy_object::builders::CopyObjectFluentBuilder;
 use aws_sdk_s3::types::MetadataDirective;
 use common::aws::{ErrorClass, S3, classify_object_error, describe, permanent_object_reason, status};
 use common::db::Reason;
@@ -155,6 +156,19 @@ fn common_prefix(keys: &[String]) -> &str {
         len -= 1;
     }
     &first[..len]
+}
+
+/// The consumer's copy request through the SDK: `copy_source` (bucket and encoded key) to
+/// `key` in `bucket`, only if `key` does not exist and the source's ETag is still `etag`, its
+/// metadata copied as it is.
+pub fn conditional_copy(s3: &S3, bucket: &str, key: &str, copy_source: &str, etag: &str) -> CopyObjectFluentBuilder {
+    s3.copy_object()
+        .bucket(bucket)
+        .key(key)
+        .copy_source(copy_source)
+        .copy_source_if_match(etag)
+        .if_none_match("*")
+        .metadata_directive(MetadataDirective::Copy)
 }
 
 /// Copies objects of one mapping.
@@ -374,15 +388,7 @@ impl Copier {
             },
             None => None,
         };
-        let sent = self
-            .s3
-            .copy_object()
-            .bucket(&self.mapping.destination_bucket)
-            .key(destination_key)
-            .copy_source(copy_source)
-            .copy_source_if_match(etag)
-            .if_none_match("*")
-            .metadata_directive(MetadataDirective::Copy)
+        let sent = conditional_copy(&self.s3, &self.mapping.destination_bucket, destination_key, &copy_source, etag)
             .send()
             .await;
         if let Some((direct, miss)) = handed_over {
