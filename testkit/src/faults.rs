@@ -266,7 +266,23 @@ fn command(name: &str, vars: &[(String, String)], extra: &[(&str, &str)]) -> Com
     cmd
 }
 
-fn spawn_consumer(vars: &[(String, String)]) -> anyhow::Result<Child> {
+/// A consumer of the run, with the file its stderr (errors only) goes to.
+struct Consumer {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Consumer {
+    /// Waits for its exit; with a failed one, its last line on stderr says why.
+    async fn wait(&mut self) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let status = self.child.wait().await?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        Ok((status, log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().to_owned()))
+    }
+}
+
+fn spawn_consumer(vars: &[(String, String)]) -> anyhow::Result<Consumer> {
     let extra = [
         ("CONCURRENCY", "16"),
         ("VISIBILITY_TIMEOUT", "4"),
@@ -274,7 +290,12 @@ fn spawn_consumer(vars: &[(String, String)]) -> anyhow::Result<Child> {
         ("SHUTDOWN_GRACE_SECONDS", "5"),
         ("DB_BATCH_MAX_WAIT_MS", "20"),
     ];
-    command("consumer", vars, &extra).spawn().context("starting a consumer")
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, Ordering::SeqCst);
+    let log = std::env::temp_dir().join(format!("faults-consumer-{}-{n}.log", std::process::id()));
+    let stderr = std::fs::File::create(&log).context("creating a consumer's log")?;
+    let child = command("consumer", vars, &extra).stderr(stderr).spawn().context("starting a consumer")?;
+    Ok(Consumer { child, log })
 }
 
 /// The feeder, SIGKILLed twice mid-listing (at 10 % and 30 % of the objects listed) and started
@@ -366,7 +387,8 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let sampling = tokio::spawn(sampler(env.clone(), seeded.missing.clone(), stop.clone()));
 
     let started = Instant::now();
-    let mut consumers: Vec<Child> = (0..config.consumers).map(|_| spawn_consumer(&vars)).collect::<Result<_, _>>()?;
+    let mut consumers: Vec<Consumer> =
+        (0..config.consumers).map(|_| spawn_consumer(&vars)).collect::<Result<_, _>>()?;
     let feeding = {
         let (env, vars, total) = (env.clone(), vars.clone(), config.objects);
         tokio::spawn(async move { feed_with_kills(&env, &vars, total).await })
@@ -429,9 +451,9 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         {
             say(begun, format!("{:.0} % moved: SIGKILL a consumer", progress * 100.0));
             let victim = fastrand::usize(..consumers.len());
-            let mut child = consumers.swap_remove(victim);
-            child.start_kill()?;
-            child.wait().await?;
+            let mut victim = consumers.swap_remove(victim);
+            victim.child.start_kill()?;
+            victim.wait().await?;
             consumer_kills += 1;
             if replace {
                 consumers.push(spawn_consumer(&vars)?);
@@ -458,7 +480,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         // The end: every consumer exited by itself (the queue was empty) and the feeder is done.
         let mut running = 0;
         for c in &mut consumers {
-            if c.try_wait()?.is_none() {
+            if c.child.try_wait()?.is_none() {
                 running += 1;
             }
         }
@@ -542,9 +564,9 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     if depth.total() != 0 {
         report.problems.push(format!("the queue is not empty after the consumers exited: {depth:?}"));
     }
-    for exit in &exits {
+    for (exit, last_error) in &exits {
         if !exit.success() {
-            report.problems.push(format!("a consumer exited with {exit}"));
+            report.problems.push(format!("a consumer exited with {exit}: {last_error}"));
         }
     }
 
@@ -565,7 +587,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         line(
             "consumers SIGKILLed (the last one not replaced)",
             consumer_kills,
-            format!("{} consumers exited 0 at the end", exits.iter().filter(|e| e.success()).count()),
+            format!("{} consumers exited 0 at the end", exits.iter().filter(|(e, _)| e.success()).count()),
         ),
         line(
             "feeder SIGKILLed mid-listing",
