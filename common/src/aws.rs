@@ -116,6 +116,30 @@ pub fn sqs_client(config: &SdkConfig) -> Sqs {
     Sqs::new(config)
 }
 
+/// An AWS service that did not answer, or answered that it cannot serve now (a 5xx, a
+/// throttle, the network): asking again later may succeed. Start-up waits on it
+/// (`setup::is_unavailable`); anything else a check returns is a refusal for good.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// Whether an answer (or its absence) says "not now" rather than "no": no answer at all, a
+/// 5xx, a 429, or a code any retry may cure.
+fn not_now<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    status(err).is_none_or(|s| s >= 500 || s == 429) || TRANSIENT_CODES.contains(&error_code(err))
+}
+
+/// `what` as an error, marked [`Unavailable`] when `err` says "not now".
+fn refusal_or_unavailable<E>(err: &SdkError<E, HttpResponse>, what: String) -> anyhow::Error
+where
+    E: ProvideErrorMetadata,
+{
+    if not_now(err) { anyhow::Error::new(Unavailable(what)) } else { anyhow!(what) }
+}
+
 /// Checks that a bucket exists and is reachable with these credentials.
 pub async fn check_bucket(s3: &S3, variable: &str, bucket: &str) -> anyhow::Result<()> {
     match s3.head_bucket().bucket(bucket).send().await {
@@ -127,9 +151,12 @@ pub async fn check_bucket(s3: &S3, variable: &str, bucket: &str) -> anyhow::Resu
             Some(403) => {
                 anyhow!("{variable}: access to bucket {bucket:?} denied: check the credentials and the bucket policy")
             }
-            _ => anyhow!(
-                "{variable}: cannot reach bucket {bucket:?} ({}): check AWS_ENDPOINT_URL, the network and the region",
-                describe(&err)
+            _ => refusal_or_unavailable(
+                &err,
+                format!(
+                    "{variable}: cannot reach bucket {bucket:?} ({}): check AWS_ENDPOINT_URL, the network and the region",
+                    describe(&err)
+                ),
             ),
         }),
     }
@@ -148,7 +175,12 @@ pub async fn check_queue(sqs: &Sqs, queue_url: &str) -> anyhow::Result<i32> {
             if what.contains("NonExistentQueue") || what.contains("QueueDoesNotExist") {
                 anyhow!("QUEUE_URL: queue {queue_url} does not exist: create it or fix QUEUE_URL")
             } else {
-                anyhow!("QUEUE_URL: cannot reach queue {queue_url} ({what}): check AWS_ENDPOINT_URL, the network and the credentials")
+                refusal_or_unavailable(
+                    &err,
+                    format!(
+                        "QUEUE_URL: cannot reach queue {queue_url} ({what}): check AWS_ENDPOINT_URL, the network and the credentials"
+                    ),
+                )
             }
         })?;
     out.attributes()

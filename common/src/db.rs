@@ -36,12 +36,31 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow:
         .connect_with(options)
         .await
         .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to the database at {target} given by DATABASE_URL: {e}: check that \
-                 PostgreSQL is running and the URL's host, port, user, password and database"
-            )
+            // sqlx's errors never hold the connection string; the source is kept for
+            // `is_unavailable`.
+            anyhow::Error::new(e).context(format!(
+                "cannot connect to the database at {target} given by DATABASE_URL (check that PostgreSQL \
+                 is running and the URL's host, port, user, password and database)"
+            ))
         })?;
     Ok(pool)
+}
+
+/// Whether a database error means the server is not available *now*: the network (refused,
+/// reset, timed out), no connection within the pool's wait, or the server saying so itself
+/// (starting up, shutting down, too many connections, a connection exception). Authentication,
+/// a missing database, a statement's own error: not.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(e) => {
+            let code = e.code().unwrap_or_default();
+            // 57P01-57P03: admin/crash shutdown, cannot connect now; 53300: too many
+            // connections; class 08: connection exceptions.
+            code.starts_with("57P") || code == "53300" || code.starts_with("08")
+        }
+        _ => false,
+    }
 }
 
 /// Prepares the database idempotently: the bookkeeping tables and a valid index on

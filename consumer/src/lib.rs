@@ -28,8 +28,14 @@ pub use settings::Settings;
 /// Connects to everything and checks it (see `common::setup::connect`); every problem here is a
 /// setup failure (exit code 2).
 pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
-    common::setup::connect(&settings.storage, &settings.queue, &settings.database, settings.database_max_connections)
-        .await
+    common::setup::connect(
+        &settings.storage,
+        &settings.queue,
+        &settings.database,
+        settings.database_max_connections,
+        settings.startup_wait,
+    )
+    .await
 }
 
 /// Runs until `shutdown` fires (or the queue is empty, with `--exit-when-idle`), then lets

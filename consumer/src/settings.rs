@@ -59,6 +59,14 @@ pub struct Settings {
     #[arg(long, env = "EXIT_WHEN_IDLE")]
     pub exit_when_idle: Option<u64>,
 
+    /// How long start-up waits, in all, for a service that is not available yet (PostgreSQL
+    /// refusing connections, restarting or failing over; S3 or SQS not answering or answering
+    /// 5xx), asking again with a warning each time; e.g. `60s`, `0s` (ask once). A refusal for
+    /// good (a wrong password, a missing bucket, queue or table, a refused grant) exits 2 at
+    /// once, whatever this says.
+    #[arg(long, env = "STARTUP_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub startup_wait: std::time::Duration,
+
     /// Seconds in-flight objects get to finish after SIGTERM; what is still unfinished then is
     /// abandoned safely (its message comes back after its visibility timeout) and the process
     /// exits. A second SIGTERM or Ctrl-C exits at once. Keep it below ECS's stopTimeout (30 s

@@ -30,7 +30,7 @@ pub use settings::{Command, RunArgs, Settings};
 /// Connects to everything and checks it (see `common::setup::connect`); every problem here is a
 /// setup failure (exit code 2).
 pub async fn connect(settings: &Settings) -> Result<Clients, Failure> {
-    common::setup::connect(&settings.storage, &settings.queue, &settings.database, 4).await
+    common::setup::connect(&settings.storage, &settings.queue, &settings.database, 4, settings.startup_wait).await
 }
 
 /// What one run of the feeder did.

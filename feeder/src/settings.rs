@@ -28,6 +28,14 @@ pub struct Settings {
 
     #[command(flatten)]
     pub run: RunArgs,
+
+    /// How long start-up waits, in all, for a service that is not available yet (PostgreSQL
+    /// refusing connections, restarting or failing over; S3 or SQS not answering or answering
+    /// 5xx), asking again with a warning each time; e.g. `60s`. 0 (the default, for commands
+    /// run by hand): ask once and say what is wrong. A refusal for good (a wrong password, a
+    /// missing bucket, queue or table, a refused grant) exits 2 at once, whatever this says.
+    #[arg(long, env = "STARTUP_WAIT", default_value = "0s", value_parser = humantime::parse_duration, global = true)]
+    pub startup_wait: std::time::Duration,
 }
 
 #[derive(Subcommand, Debug, Clone)]

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod faults;
 pub mod proxy;
+pub mod tcp;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

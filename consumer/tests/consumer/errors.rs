@@ -7,9 +7,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testkit::proxy::{Fault, FaultProxy, Rule, When};
+use testkit::tcp::TcpForward;
 use testkit::{Env, wait_until};
 
-use crate::helpers::{capture_stderr, consumer, drain, feed, legacy_keys, seed_legacy, wait_exit};
+use crate::helpers::{capture_stderr, consumer, count_each, drain, feed, legacy_keys, seed_legacy, wait_exit};
 
 fn error(status: u16, code: &'static str) -> Fault {
     Fault::Error { status, code }
@@ -99,4 +100,51 @@ async fn a_receive_refused_for_good_stops_the_consumer() {
     let stderr = stderr.join().unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("AccessDenied") && stderr.contains(&env.queue_url), "{stderr}");
+}
+
+/// A consumer that ECS starts while PostgreSQL restarts and SQS does not answer waits for both
+/// (STARTUP_WAIT), warning while it waits, then moves everything and exits 0; a refusal for
+/// good (a wrong password) still exits 2 at once, and names the database, never the password.
+#[tokio::test]
+async fn a_consumer_started_while_its_services_restart_waits_for_them() {
+    let env = Env::new().await;
+    let (keys, _) = seed_legacy(&env, 0..30).await;
+    feed(&env).await;
+    let (_, after_at) = env.database_url.split_once('@').unwrap();
+    let (upstream, database) = after_at.split_once('/').unwrap();
+    let pg = TcpForward::start(upstream).await.unwrap();
+    let sqs = FaultProxy::start(&env.sqs_endpoint).await.unwrap();
+    pg.set_down(true);
+    sqs.set_down(true);
+    let url = env.database_url.replace(upstream, &format!("127.0.0.1:{}", pg.port));
+    let vars = [("DATABASE_URL", url.as_str()), ("AWS_ENDPOINT_URL_SQS", &sqs.url), ("STARTUP_WAIT", "120s")];
+    let mut child = consumer(&env, &vars).stdout(Stdio::null()).spawn().unwrap();
+    let [db_waits, queue_waits] = count_each(&mut child, ["cannot connect to the database", "QUEUE_URL: cannot reach"]);
+    let waited = |counter: &std::sync::Arc<std::sync::atomic::AtomicUsize>| {
+        let counter = counter.clone();
+        move || {
+            let counter = counter.clone();
+            async move { counter.load(std::sync::atomic::Ordering::SeqCst) >= 2 }
+        }
+    };
+    wait_until("the consumer waiting for the database", Duration::from_secs(60), waited(&db_waits)).await;
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, 0);
+    pg.set_down(false);
+    wait_until("the consumer waiting for the queue", Duration::from_secs(60), waited(&queue_waits)).await;
+    sqs.set_down(false);
+    let status = wait_exit(&mut child, Duration::from_secs(120)).await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, keys.len() as i64, "everything moved");
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+
+    let wrong = format!("postgres://migrator:s3cr3t-pw@{upstream}/{database}");
+    let begun = std::time::Instant::now();
+    let out = tokio::process::Command::from(consumer(&env, &[("DATABASE_URL", &wrong), ("STARTUP_WAIT", "120s")]))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(begun.elapsed() < Duration::from_secs(60), "a refusal for good is not waited on");
+    assert!(stderr.contains("cannot connect to the database") && !stderr.contains("s3cr3t-pw"), "{stderr}");
 }
