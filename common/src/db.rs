@@ -48,11 +48,15 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow:
 
 /// Whether a database error means the server is not available *now*: the network (refused,
 /// reset, timed out), no connection within the pool's wait, or the server saying so itself
-/// (starting up, shutting down, too many connections, a connection exception). Authentication,
-/// a missing database, a statement's own error: not.
+/// (starting up, shutting down, too many connections, a connection exception), or a
+/// conversation cut short. Authentication, a missing database, a statement's own error: not.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        // What sqlx makes of a connection closed before the server's first answer (a proxy or
+        // load balancer in front of a server that is down): "unexpected response from
+        // SSLRequest".
+        sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(e) => {
             let code = e.code().unwrap_or_default();
             // 57P01-57P03: admin/crash shutdown, cannot connect now; 53300: too many

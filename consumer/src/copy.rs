@@ -184,6 +184,15 @@ pub struct Copier {
     pub direct: Option<DirectCopy>,
 }
 
+/// Why the start-up probe could not tell.
+enum Probe {
+    /// The destination refuses the probe's write (access denied, a KMS key): it would refuse
+    /// every copy.
+    Refused(String),
+    /// Anything else: the probe cannot tell, the run goes on looking first.
+    Failed(String),
+}
+
 /// Why a copy request did not copy.
 enum Refused {
     /// 412: the destination exists, or the source's ETag changed; S3's words for it.
@@ -204,14 +213,19 @@ impl Copier {
     /// removed afterwards: put A (conditionally), copy A to B, copy A to B again with
     /// `If-None-Match: *`, which must answer 412. Any other answer, or an error on the way,
     /// means `before-copy`: the check that is right everywhere.
-    pub async fn resolve_destination_check(&self) -> DestinationCheck {
+    pub async fn resolve_destination_check(&self) -> anyhow::Result<DestinationCheck> {
         if self.destination_check != DestinationCheck::Auto {
-            return self.destination_check;
+            return Ok(self.destination_check);
         }
         let resolved = match self.probe_conditional_copy().await {
             Ok(true) => DestinationCheck::OnConflict,
             Ok(false) => DestinationCheck::BeforeCopy,
-            Err(why) => {
+            Err(Probe::Refused(why)) => anyhow::bail!(
+                "DESTINATION_BUCKET_NAME: writing under the destination prefix is refused ({why}): every copy would \
+                 be; grant the consumer's role s3:PutObject on it (and kms:GenerateDataKey on its key), or fix the \
+                 bucket's policy"
+            ),
+            Err(Probe::Failed(why)) => {
                 tracing::warn!(
                     "could not ask the server whether it enforces conditional copies ({why}): checking each destination before its copy"
                 );
@@ -226,11 +240,11 @@ impl Copier {
                 _ => "the server copies over an existing key despite If-None-Match; checking each destination first",
             }
         );
-        resolved
+        Ok(resolved)
     }
 
     /// The probe of [`Self::resolve_destination_check`]: `Ok(true)` when enforced.
-    async fn probe_conditional_copy(&self) -> Result<bool, String> {
+    async fn probe_conditional_copy(&self) -> Result<bool, Probe> {
         let bucket = &self.mapping.destination_bucket;
         let unique = format!(
             "{}-{}",
@@ -241,7 +255,7 @@ impl Copier {
             format!("{}{PROBE_DIRECTORY}{unique}", self.mapping.destination_prefix),
             format!("{}{PROBE_DIRECTORY}{unique}.copy", self.mapping.destination_prefix),
         );
-        let fail = |step: &str, e: &dyn std::fmt::Display| format!("{step} s3://{bucket}/{a}: {e}");
+        let fail = |step: &str, e: &dyn std::fmt::Display| Probe::Failed(format!("{step} s3://{bucket}/{a}: {e}"));
         self.s3
             .put_object()
             .bucket(bucket)
@@ -250,7 +264,12 @@ impl Copier {
             .body(aws_sdk_s3::primitives::ByteStream::from_static(b"avatar-migration probe"))
             .send()
             .await
-            .map_err(|e| fail("PUT", &describe(&e)))?;
+            .map_err(|e| match CopyError::from_s3(&format!("PUT s3://{bucket}/{a}"), &e) {
+                CopyError::SetAside { reason: Reason::AccessDenied | Reason::EncryptionKeyUnusable, detail } => {
+                    Probe::Refused(detail)
+                }
+                _ => fail("PUT", &describe(&e)),
+            })?;
         let copy = || self.s3.copy_object().bucket(bucket).key(&b).copy_source(common::keys::copy_source(bucket, &a));
         let outcome = match copy().send().await {
             Err(e) => Err(fail("copy", &describe(&e))),

@@ -13,6 +13,7 @@ pub mod multipart;
 pub mod process;
 pub mod receive;
 pub mod record;
+pub mod refusals;
 pub mod settings;
 
 use std::sync::Arc;
@@ -80,7 +81,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     };
     // A dry run writes nothing, not even the probe's objects; it looks at every destination.
     if !settings.dry_run {
-        copier.destination_check = copier.resolve_destination_check().await;
+        copier.destination_check = copier.resolve_destination_check().await.setup()?;
     }
     if settings.direct_copy && !settings.dry_run {
         let counters = direct::DirectCounters {
@@ -120,6 +121,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         max_receive_count,
         dry_run: settings.dry_run.then(process::DryRun::default),
         delete_source: settings.delete_source,
+        refusals: refusals::Refusals::default(),
     });
     let ended = receive::run(&settings.receive_config(concurrency), worker, stop).await;
     match ended {

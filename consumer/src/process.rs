@@ -24,6 +24,7 @@ use crate::copy::{Copied, Copier, CopyError, Lookahead};
 use crate::lease::Lease;
 use crate::metrics::{InFlight, Stats};
 use crate::record::Rewriter;
+use crate::refusals::{Refusal, Refusals, VERDICT_WAIT, Verdict};
 
 pub struct Worker {
     pub sqs: Sqs,
@@ -44,6 +45,8 @@ pub struct Worker {
     /// `--dry-run`: inspect and report, write nothing, delete no message; stop at the first
     /// message seen twice (the queue has come round).
     pub dry_run: Option<DryRun>,
+    /// Access denied and KMS refusals: about one object, or about every object.
+    pub refusals: Refusals,
 }
 
 /// The state of a dry run.
@@ -75,6 +78,11 @@ impl Halt {
         self.stop.cancel();
     }
 
+    /// Whether an error stopped the process.
+    pub fn halted(&self) -> bool {
+        self.error.lock().expect("never poisoned").is_some()
+    }
+
     /// The error that stopped the process, if one did.
     pub fn take(&self) -> Option<anyhow::Error> {
         self.error.lock().expect("never poisoned").take()
@@ -91,6 +99,14 @@ enum Outcome {
     RetryLater(String),
     /// Nothing can be moved: stop the process (the message comes back).
     Fatal(String),
+}
+
+impl Outcome {
+    /// An access denied or KMS refusal: about this object, or about every object
+    /// ([`crate::refusals`]).
+    fn is_refusal(&self) -> bool {
+        matches!(self, Outcome::SetAside { reason: Reason::AccessDenied | Reason::EncryptionKeyUnusable, .. })
+    }
 }
 
 impl Worker {
@@ -125,15 +141,24 @@ impl Worker {
             // awaited before the message may go.
             Ok(objects) => {
                 let mut deletable = true;
-                let mut rewrites = Vec::new();
+                // Each object's last steps (its rows, or the verdict on its refusal) run
+                // alongside the next objects' copies, and are awaited before the message may go.
+                let mut pending: Vec<futures::future::BoxFuture<'_, bool>> = Vec::new();
                 let receipts = receive_count(&message);
                 let lookahead = self.copier.look_ahead(&objects).await;
                 for msg in &objects {
+                    if self.halt.halted() {
+                        deletable = false; // stopped by an error of the whole run: the message stays
+                        break;
+                    }
                     let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
                     match self.copy_object(msg, lookahead.as_ref()).instrument(span.clone()).await {
-                        Ok(destination) => rewrites.push(
+                        Ok(destination) => pending.push(Box::pin(
                             async move {
                                 let outcome = self.rewrite_rows(msg, destination).await;
+                                if receipts > 1 && matches!(outcome, Outcome::Done) {
+                                    self.forget_refusals(&msg.key).await;
+                                }
                                 if self.delete_source && matches!(outcome, Outcome::Done) {
                                     self.delete_source(msg).await;
                                 }
@@ -141,7 +166,18 @@ impl Worker {
                                 self.settle(outcome).await
                             }
                             .instrument(span),
-                        ),
+                        )),
+                        Err(outcome) if outcome.is_refusal() => {
+                            let refusal = self.refused(&outcome);
+                            pending.push(Box::pin(
+                                async move {
+                                    let outcome = self.weigh_refusal(refusal, outcome).await;
+                                    self.note_exhausted(&outcome, &msg.key, receipts).await;
+                                    self.settle(outcome).await
+                                }
+                                .instrument(span),
+                            ));
+                        }
                         Err(outcome) => {
                             self.note_exhausted(&outcome, &msg.key, receipts).instrument(span.clone()).await;
                             let fatal = matches!(outcome, Outcome::Fatal(_));
@@ -152,7 +188,7 @@ impl Worker {
                         }
                     }
                 }
-                for settled in futures::future::join_all(rewrites).await {
+                for settled in futures::future::join_all(pending).await {
                     deletable &= settled;
                 }
                 (deletable, objects.len() as u64)
@@ -161,6 +197,55 @@ impl Worker {
         drop(lease);
         if deletable {
             self.acker.ack(receipt, objects).await;
+        }
+    }
+
+    /// Registers an access denied or KMS refusal ([`Outcome::is_refusal`]); the one that
+    /// completes a streak stops the process ([`crate::refusals`]).
+    fn refused(&self, outcome: &Outcome) -> Refusal {
+        let refusal = self.refusals.refused();
+        if refusal.halts()
+            && let Outcome::SetAside { reason, detail, .. } = outcome
+        {
+            self.halt.halt(anyhow::anyhow!(
+                "{} objects in a row were refused ({}) with no copy succeeding in between: this is not about one \
+                 object. The last: {detail}. Check the consumer role's grants (s3:GetObject on the source prefix, \
+                 s3:PutObject on the destination prefix, kms:Decrypt and kms:GenerateDataKey on their keys), the \
+                 buckets' policies and the keys' policies, then start the consumers again: the refused objects' \
+                 messages are still in the queue",
+                refusal.in_a_row,
+                reason.as_str(),
+            ));
+        }
+        refusal
+    }
+
+    /// A refused object is set aside only once the objects around it prove the refusal is about
+    /// it; otherwise (a halt) its message stays, and only the first few of a streak are
+    /// recorded.
+    async fn weigh_refusal(&self, refusal: Refusal, outcome: Outcome) -> Outcome {
+        let Outcome::SetAside { subject, reason, detail } = outcome else { return outcome };
+        match self.refusals.verdict(&refusal, VERDICT_WAIT).await {
+            Verdict::OneObject => Outcome::SetAside { subject, reason, detail },
+            Verdict::Systemic => {
+                if refusal.recorded()
+                    && let Err(err) = common::db::record_failure(&self.db, &subject, reason, &detail).await
+                {
+                    tracing::warn!(error = %err, "cannot record the refusal");
+                }
+                Outcome::RetryLater(format!("kept in the queue: refused like every object around it: {detail}"))
+            }
+        }
+    }
+
+    /// The object moved on a later delivery: an access denied or KMS record an earlier one
+    /// left (a run stopped by refusals in a row) no longer stands.
+    async fn forget_refusals(&self, key: &str) {
+        let keys = [key.to_owned()];
+        for reason in [Reason::AccessDenied, Reason::EncryptionKeyUnusable] {
+            if let Err(err) = common::db::clear_failures(&self.db, &keys, reason).await {
+                tracing::warn!(error = %err, "cannot remove an earlier refusal's record of a moved object");
+            }
         }
     }
 
@@ -274,8 +359,13 @@ impl Worker {
         let copied = self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination, absent).await;
         self.stats.copy_seconds.observe(started.elapsed().as_secs_f64());
         match copied {
-            Ok(Copied::Copied) => self.stats.copied.inc(),
-            Ok(Copied::AlreadyPresent) => self.stats.already_present.inc(),
+            Ok(Copied::Copied) => {
+                self.stats.copied.inc();
+                self.refusals.succeeded();
+            }
+            Ok(Copied::AlreadyPresent) => {
+                self.stats.already_present.inc();
+            }
             Err(CopyError::SetAside { reason, detail }) => {
                 return Err(Outcome::SetAside { subject: msg.key.clone(), reason, detail });
             }

@@ -205,3 +205,68 @@ async fn direct_copies_go_over_tls_with_the_sdks_trusted_roots() {
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
+
+/// The read-only identity of the local SeaweedFS: it may read and list, every write is refused
+/// with S3's own 403 AccessDenied (a role missing its s3:PutObject grant).
+fn read_only() -> [(&'static str, String); 2] {
+    [
+        ("AWS_ACCESS_KEY_ID", testkit::required("SEAWEEDFS_READ_ONLY_KEY")),
+        ("AWS_SECRET_ACCESS_KEY", testkit::required("SEAWEEDFS_READ_ONLY_SECRET")),
+    ]
+}
+
+/// A destination that refuses every write, found at start-up: the write probe's refusal exits
+/// 2 with a line naming the destination and the grant, before any message is received.
+#[tokio::test]
+async fn a_destination_refusing_writes_is_found_at_start_up() {
+    let (env, _, _) = seeded_and_fed().await;
+    let depth = env.depth(&env.queue_url).await;
+    let creds = read_only();
+    let vars: Vec<(&str, &str)> = creds.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = tokio::process::Command::from(crate::helpers::consumer(&env, &vars)).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("DESTINATION_BUCKET_NAME") && stderr.contains("s3:PutObject"), "{stderr}");
+    assert!(stderr.contains("AccessDenied"), "{stderr}");
+    assert_eq!(env.depth(&env.queue_url).await, depth, "no message received");
+    assert_eq!(env.failures().await, vec![], "nothing recorded");
+}
+
+/// A destination that refuses every copy mid-run (no start-up probe here): the consumer stops
+/// within seconds with exit 1 and a line naming the refusal and the grants to check, records
+/// at most a few refusals, rewrites no row and deletes no message. Once the grant is back (the
+/// full identity), a rerun moves everything and leaves no refusal record standing.
+#[tokio::test]
+async fn refusals_in_a_row_stop_the_consumer_and_a_rerun_after_the_fix_finishes() {
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
+    let (visible, _) = env.depth(&env.queue_url).await;
+    let creds = read_only();
+    let mut vars: Vec<(&str, &str)> = creds.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    vars.extend([("DESTINATION_CHECK", "before-copy"), ("SHUTDOWN_GRACE_SECONDS", "5"), ("VISIBILITY_TIMEOUT", "2")]);
+    let begun = std::time::Instant::now();
+    let out = tokio::process::Command::from(crate::helpers::consumer(&env, &vars)).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(begun.elapsed() < std::time::Duration::from_secs(30), "stopped within seconds: {:?}", begun.elapsed());
+    assert!(stderr.contains("objects in a row were refused (access_denied)"), "{stderr}");
+    assert!(stderr.contains("s3:PutObject") && stderr.contains("AccessDenied"), "{stderr}");
+    let recorded: Vec<_> =
+        env.failures().await.into_iter().filter(|(reason, _)| reason != "destination_conflict").collect();
+    assert!(
+        !recorded.is_empty()
+            && recorded.len() <= consumer::refusals::RECORDED_PER_STREAK as usize
+            && recorded.iter().all(|(reason, _)| reason == "access_denied"),
+        "a few refusals recorded: {recorded:?}"
+    );
+    let moved: Vec<String> =
+        env.rows().await.into_iter().map(|(_, p)| p).filter(|p| p.starts_with("avatar/")).collect();
+    assert!(
+        moved.iter().all(|p| p == "avatar/same.png"),
+        "no copy, so no row rewritten but where the bytes were already there: {moved:?}"
+    );
+    let (now_visible, in_flight) = env.depth(&env.queue_url).await;
+    assert_eq!(now_visible + in_flight, visible, "every message kept");
+
+    crate::helpers::drain(&env, &[("VISIBILITY_TIMEOUT", "2")]).await;
+    assert_end_state(&env, &keys, &conflict_etag).await;
+}
