@@ -37,6 +37,59 @@ pub fn s3_client(config: &SdkConfig, force_path_style: bool) -> S3 {
     S3::from_conf(conf)
 }
 
+/// The S3 client for requests whose pace the caller sets (the consumer's copies,
+/// `consumer::pace`): the same as [`s3_client`], but with the SDK's standard retries (no
+/// client-side rate limiter of its own) and none for an answer asking to slow down (503, 429,
+/// a throttling code), which comes back at once for the caller's controller to act on. Other
+/// retries (a 500, a reset, a timeout) stay.
+pub fn s3_paced_client(config: &SdkConfig, force_path_style: bool) -> S3 {
+    let conf = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(force_path_style)
+        .retry_config(RetryConfig::standard().with_max_attempts(8))
+        .retry_classifier(NoThrottleRetries)
+        .interceptor(CountSlowDowns)
+        .endpoint_resolver(KeyBlindEndpoints::default())
+        .build();
+    S3::from_conf(conf)
+}
+
+/// Whether an answer asks the client to slow down: 503, 429, or a throttling code.
+pub fn is_slow_down<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    matches!(status(err), Some(503 | 429)) || THROTTLING_CODES.contains(&error_code(err))
+}
+
+/// S3's and STS's names for "slow down".
+const THROTTLING_CODES: &[&str] =
+    &["SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException"];
+
+/// Forbids the SDK's retry of an answer asking to slow down; runs after every other
+/// classifier, so it has the last word.
+#[derive(Debug)]
+struct NoThrottleRetries;
+
+impl aws_smithy_runtime_api::client::retries::classifiers::ClassifyRetry for NoThrottleRetries {
+    fn classify_retry(
+        &self,
+        ctx: &aws_smithy_runtime_api::client::interceptors::context::InterceptorContext,
+    ) -> aws_smithy_runtime_api::client::retries::classifiers::RetryAction {
+        use aws_smithy_runtime_api::client::retries::classifiers::RetryAction;
+        let throttled = ctx.response().is_some_and(|r| matches!(r.status().as_u16(), 503 | 429));
+        if throttled { RetryAction::RetryForbidden } else { RetryAction::NoActionIndicated }
+    }
+
+    fn name(&self) -> &'static str {
+        "NoThrottleRetries"
+    }
+
+    fn priority(&self) -> aws_smithy_runtime_api::client::retries::classifiers::RetryClassifierPriority {
+        use aws_smithy_runtime_api::client::retries::classifiers::RetryClassifierPriority;
+        RetryClassifierPriority::run_after(RetryClassifierPriority::transient_error_classifier())
+    }
+}
+
 /// The SDK's own S3 endpoint rules, asked without the object's key, prefix and copy source.
 ///
 /// The SDK resolves the endpoint again on every request and remembers only the last answer,

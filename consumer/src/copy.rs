@@ -31,7 +31,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::copy_object::CopyObjectError;
 use aws_sdk_s3::operation::copy_object::builders::CopyObjectFluentBuilder;
 use aws_sdk_s3::types::MetadataDirective;
-use common::aws::{ErrorClass, S3, classify_object_error, describe, permanent_object_reason, status};
+use common::aws::{ErrorClass, S3, classify_object_error, describe, is_slow_down, permanent_object_reason, status};
 use common::db::Reason;
 use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
@@ -40,6 +40,7 @@ use common::message::ObjectMessage;
 
 use crate::direct::{Answer, DirectCopy};
 use crate::multipart::{self, InParts, Multipart};
+use crate::pace::Pace;
 
 /// Where, under the destination prefix, [`Copier::resolve_destination_check`] puts its two
 /// short-lived objects (the IAM grant for deleting them is scoped to it).
@@ -182,6 +183,11 @@ pub struct Copier {
     pub multipart: Multipart,
     /// Where set (`DIRECT_COPY`), each copy is sent this way first ([`crate::direct`]).
     pub direct: Option<DirectCopy>,
+    /// The S3 client copies go through when not sent directly: slow-downs come back at once
+    /// (`common::aws::s3_paced_client`).
+    pub paced_s3: S3,
+    /// When copies start ([`crate::pace`]).
+    pub pace: Pace,
 }
 
 /// Why the start-up probe could not tell.
@@ -191,6 +197,14 @@ enum Probe {
     Refused(String),
     /// Anything else: the probe cannot tell, the run goes on looking first.
     Failed(String),
+}
+
+/// What one copy request came to.
+enum Sent {
+    Copied,
+    /// S3 asked to slow down: nothing was copied; the pace decides when to try again.
+    SlowDown,
+    Refused(Refused),
 }
 
 /// Why a copy request did not copy.
@@ -393,30 +407,51 @@ impl Copier {
     }
 
     /// One conditional copy of `source_key` to `destination_key` (if the source's ETag is still
-    /// `etag` and the destination does not exist): sent directly where that path is on and
-    /// decides, through the SDK otherwise.
+    /// `etag` and the destination does not exist), started when the pace allows
+    /// ([`crate::pace`]); a copy S3 asks to slow down is tried again, by this consumer, when
+    /// the pace allows again: throttling never sends a message back to the queue, where it
+    /// would spend a receive towards the dead-letter queue (its lease keeps it invisible).
     async fn send_copy(&self, source_key: &str, destination_key: &str, etag: &str) -> Result<(), Refused> {
+        loop {
+            let start = self.pace.start().await;
+            match self.send_copy_once(source_key, destination_key, etag).await {
+                Sent::SlowDown => {
+                    self.pace.slowed_down(start);
+                    tracing::debug!("copy: S3 asks to slow down; trying again at the pace");
+                }
+                Sent::Copied => return Ok(()),
+                Sent::Refused(refused) => return Err(refused),
+            }
+        }
+    }
+
+    /// One copy request: sent directly where that path is on and decides, through the SDK
+    /// otherwise (whose own retries leave slow-downs to the pace).
+    async fn send_copy_once(&self, source_key: &str, destination_key: &str, etag: &str) -> Sent {
         let copy_source = self.mapping.copy_source(source_key);
         let handed_over = match &self.direct {
             Some(direct) => match direct.copy(destination_key, &copy_source, etag).await {
-                Answer::Copied => return Ok(()),
+                Answer::Copied => return Sent::Copied,
                 Answer::PreconditionFailed => {
-                    return Err(Refused::PreconditionFailed("412 Precondition Failed".to_owned()));
+                    return Sent::Refused(Refused::PreconditionFailed("412 Precondition Failed".to_owned()));
                 }
+                Answer::SlowDown => return Sent::SlowDown,
                 Answer::Elsewhere(miss) => Some((direct, miss)),
             },
             None => None,
         };
-        let sent = conditional_copy(&self.s3, &self.mapping.destination_bucket, destination_key, &copy_source, etag)
-            .send()
-            .await;
+        let sent =
+            conditional_copy(&self.paced_s3, &self.mapping.destination_bucket, destination_key, &copy_source, etag)
+                .send()
+                .await;
         if let Some((direct, miss)) = handed_over {
             direct.settle(&miss, sent.is_ok());
         }
         match sent {
-            Ok(_) => Ok(()),
-            Err(err) if status(&err) == Some(412) => Err(Refused::PreconditionFailed(describe(&err))),
-            Err(err) => Err(Refused::Error(Box::new(err))),
+            Ok(_) => Sent::Copied,
+            Err(err) if status(&err) == Some(412) => Sent::Refused(Refused::PreconditionFailed(describe(&err))),
+            Err(err) if is_slow_down(&err) => Sent::SlowDown,
+            Err(err) => Sent::Refused(Refused::Error(Box::new(err))),
         }
     }
 

@@ -15,8 +15,8 @@
 //!   else (another status, a 200 with an error document, a reset, a timeout) is answered
 //!   [`Answer::Elsewhere`] and the caller sends the same copy through the SDK, with its
 //!   retries and error classes; sending it again is safe, the copy being conditional;
-//! - an answer asking to slow down (503, 429) sends every copy through the SDK for [`PAUSE`],
-//!   so that the SDK's adaptive retries set the pace;
+//! - an answer asking to slow down (503, 429) is [`Answer::SlowDown`]: the caller's pace
+//!   (`crate::pace`) acts on it and the copy is tried again, this way, when the pace allows;
 //! - [`BREAKER`] failures in a row, each a refusal (400, 403) or no answer at all, that the
 //!   SDK's request for the same copy then did not meet (a signature, a clock, a credential, a
 //!   TLS set-up this path got wrong) turn it off for the rest of the process, with a warning;
@@ -27,7 +27,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
 use aws_sdk_s3::config::{ProvideCredentials, SharedCredentialsProvider};
@@ -48,9 +48,6 @@ use prometheus_client::metrics::counter::Counter;
 /// SHA-256 of an empty body: a copy sends none.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-/// How long copies go through the SDK after an answer asking to slow down (503, 429).
-pub const PAUSE: Duration = Duration::from_secs(5);
-
 /// Failures in a row that the SDK's request did not meet before the path turns itself off.
 pub const BREAKER: u32 = 3;
 
@@ -67,6 +64,8 @@ pub enum Answer {
     Copied,
     /// 412: the destination exists, or the source's ETag is no longer the one given.
     PreconditionFailed,
+    /// 503 or 429: S3 asks to slow down; nothing was copied.
+    SlowDown,
     /// Not decided here: send the copy through the SDK.
     Elsewhere(Miss),
 }
@@ -74,12 +73,10 @@ pub enum Answer {
 /// Why a copy was left to the SDK.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Miss {
-    /// The path is off (turned off, or pausing).
+    /// The path is off (turned off).
     Off,
     /// A 400 or 403 with S3's error code: the SDK's answer tells whether this path was wrong.
     Refused { status: u16, code: String },
-    /// 503 or 429: S3 asks this client to slow down.
-    SlowDown,
     /// No answer: the connection failed, was dropped, or the answer could not be read.
     Unanswered(String),
     /// Anything else: another status (a 5xx, a 404), a 200 with an error document, no
@@ -109,7 +106,6 @@ pub struct DirectCopy {
     /// Failures in a row that the SDK's request did not meet ([`BREAKER`]).
     failures: AtomicU32,
     off: AtomicBool,
-    paused_until: Mutex<Option<Instant>>,
     user_agent: String,
     counters: DirectCounters,
 }
@@ -164,7 +160,6 @@ impl DirectCopy {
             credentials: KeptCredentials { provider, kept: Mutex::new(None), asking: tokio::sync::Mutex::new(()) },
             failures: AtomicU32::new(0),
             off: AtomicBool::new(false),
-            paused_until: Mutex::new(None),
             user_agent: format!("avatar-migration/{} direct-copy", env!("CARGO_PKG_VERSION")),
             counters,
         })
@@ -178,6 +173,8 @@ impl DirectCopy {
         }
         let answer = self.send(key, copy_source, etag).await;
         match &answer {
+            // S3 answered, signature and all: the path works.
+            Answer::SlowDown => self.failures.store(0, Ordering::Relaxed),
             Answer::Copied | Answer::PreconditionFailed => {
                 self.counters.answered.inc();
                 self.failures.store(0, Ordering::Relaxed);
@@ -189,7 +186,6 @@ impl DirectCopy {
                     Miss::Refused { code, .. } if CREDENTIAL_CODES.contains(&code.as_str()) => {
                         self.credentials.forget()
                     }
-                    Miss::SlowDown => self.pause(),
                     Miss::Refused { .. } | Miss::Off | Miss::Unanswered(_) | Miss::Other(_) => {}
                 }
             }
@@ -203,7 +199,7 @@ impl DirectCopy {
         let what = match miss {
             Miss::Refused { status, code } => format!("{status} {code}"),
             Miss::Unanswered(why) => why.clone(),
-            Miss::Off | Miss::SlowDown | Miss::Other(_) => return,
+            Miss::Off | Miss::Other(_) => return,
         };
         if !sdk_succeeded {
             return;
@@ -221,22 +217,7 @@ impl DirectCopy {
     }
 
     fn is_off(&self) -> bool {
-        if self.off.load(Ordering::Relaxed) {
-            return true;
-        }
-        let mut paused = self.paused_until.lock().expect("not poisoned");
-        match *paused {
-            Some(until) if Instant::now() < until => true,
-            Some(_) => {
-                *paused = None;
-                false
-            }
-            None => false,
-        }
-    }
-
-    fn pause(&self) {
-        *self.paused_until.lock().expect("not poisoned") = Some(Instant::now() + PAUSE);
+        self.off.load(Ordering::Relaxed)
     }
 
     async fn send(&self, key: &str, copy_source: &str, etag: &str) -> Answer {
@@ -255,7 +236,7 @@ impl DirectCopy {
         let status = response.status().as_u16();
         if matches!(status, 503 | 429) {
             common::aws::S3_SLOWDOWNS.fetch_add(1, Ordering::Relaxed);
-            return Answer::Elsewhere(Miss::SlowDown);
+            return Answer::SlowDown;
         }
         let body = match ByteStream::new(response.into_body()).collect().await {
             Ok(body) => body.into_bytes(),

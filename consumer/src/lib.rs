@@ -10,6 +10,7 @@ pub mod direct;
 pub mod lease;
 pub mod metrics;
 pub mod multipart;
+pub mod pace;
 pub mod process;
 pub mod receive;
 pub mod record;
@@ -78,6 +79,8 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         destination_check: settings.destination_check,
         multipart: settings.multipart(),
         direct: None,
+        paced_s3: common::aws::s3_paced_client(&clients.s3_config, settings.storage.s3_force_path_style),
+        pace: pace::Pace::new(stats.copy_rate.clone(), stats.copies_slowed_down.clone()),
     };
     // A dry run writes nothing, not even the probe's objects; it looks at every destination.
     if !settings.dry_run {

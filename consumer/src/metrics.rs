@@ -58,6 +58,10 @@ pub struct Stats {
     /// Copies the direct path left to the SDK while it was on.
     pub direct_handed_over: Counter,
     s3_slowdowns: Counter,
+    /// Copies per second the pace allows now (`crate::pace`); 0 while not paced.
+    pub copy_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Copies S3 asked to slow down (either path), each tried again at the pace.
+    pub copies_slowed_down: Counter,
 }
 
 impl Default for Stats {
@@ -80,6 +84,8 @@ impl Default for Stats {
             direct_copies: Counter::default(),
             direct_handed_over: Counter::default(),
             s3_slowdowns: Counter::default(),
+            copy_rate: Gauge::default(),
+            copies_slowed_down: Counter::default(),
         }
     }
 }
@@ -102,6 +108,13 @@ impl Stats {
         let (direct, handed_over) = (self.direct_copies.get(), self.direct_handed_over.get());
         if direct + handed_over > 0 {
             println!("consumer: direct copies {direct}; sent again through the SDK {handed_over}");
+        }
+        let slowed = self.copies_slowed_down.get();
+        if slowed > 0 {
+            println!(
+                "consumer: copies S3 asked to slow down {slowed}, each tried again at the pace; last pace {:.0} copies/s",
+                self.copy_rate.get()
+            );
         }
     }
 
@@ -147,6 +160,16 @@ impl Stats {
             "s3_direct_handed_over",
             "Copies the direct path left to the SDK (any other answer, or none)",
             self.direct_handed_over.clone(),
+        );
+        r.register(
+            "copy_rate_limit",
+            "Copies per second this consumer's pace allows now; 0 while not paced (no slow-down seen yet)",
+            self.copy_rate.clone(),
+        );
+        r.register(
+            "copies_slowed_down",
+            "Copies S3 asked to slow down (503, 429; either copy path), each tried again at the pace",
+            self.copies_slowed_down.clone(),
         );
         r.register(
             "s3_slowdowns",

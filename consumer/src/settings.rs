@@ -156,7 +156,8 @@ pub struct Settings {
     /// costs more CPU than the rest of a copy (docs/performance.md). Only a 200 with a
     /// CopyObjectResult and a 412 are taken from it; any other answer, or none, sends the same
     /// copy again through the SDK, with its retries and error classes. An answer asking to
-    /// slow down (503, 429) sends every copy through the SDK for 5 s; three failures in a
+    /// slow down (503, 429) is left to the consumer's pace, and the copy is tried again this
+    /// way when the pace allows; three failures in a
     /// row (a 400 or 403, or no answer) that the SDK's request then did not meet turn it off,
     /// with a warning. Measured side
     /// by side: about half the consumer's CPU per object (docs/performance.md). `false`: every

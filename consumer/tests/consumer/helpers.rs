@@ -187,6 +187,12 @@ pub fn capture_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default())
 }
 
+/// Reads a child's whole stdout on a thread of its own; join the handle once it has exited.
+pub fn capture_stdout(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default())
+}
+
 /// The start-up probe removes its two objects.
 pub async fn assert_no_probe_left(env: &Env) {
     let probes: Vec<String> =

@@ -9,6 +9,7 @@ mod helpers;
 mod identity;
 mod multipart;
 mod operations;
+mod pace;
 mod rows;
 mod seaweedfs;
 mod secrets;
