@@ -28,7 +28,9 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::process::Command;
 
-use crate::proxy::FaultProxy;
+use std::sync::Arc;
+
+use crate::proxy::{Fault, FaultProxy, RateLimit, Rule, When};
 use crate::{Env, binary};
 
 /// One S3 (+ SQS) server to measure on.
@@ -58,6 +60,58 @@ pub struct Config {
     pub tools: Vec<String>,
     pub rclone: String,
     pub s5cmd: String,
+    /// S3's limit, played by a proxy in front of the server (`--throttle`): PUTs (copies)
+    /// above this rate are refused with 503 SlowDown.
+    pub throttle: Option<Throttle>,
+}
+
+/// The throttled mode: PUTs above `per_second` refused with S3's 503 SlowDown (a token bucket
+/// holding a tenth of a second's worth, `proxy::RateLimit`); the rate doubles `double_after`
+/// the start of each run, when set.
+#[derive(Debug, Clone, Copy)]
+pub struct Throttle {
+    pub per_second: f64,
+    pub double_after: Option<Duration>,
+}
+
+/// What a run made of the limit.
+#[derive(Debug, Clone, Copy, Default)]
+struct Throttled {
+    /// Copies let through per second, over the limit, from the first to the last (before the
+    /// limit doubled, when it did).
+    goodput_of_limit: f64,
+    /// Refused PUTs over all PUTs.
+    refused_share: f64,
+    /// Seconds from the doubling until five seconds in a row carried 0.95 of the new limit;
+    /// `None` without a doubling, or when the run never got there.
+    follow_s: Option<f64>,
+}
+
+impl Throttled {
+    fn measure(limit: &RateLimit, throttle: &Throttle, started: Instant) -> Option<Throttled> {
+        let (accepted, refused) = limit.counts();
+        let (first, last) = (*accepted.first()?, *accepted.last()?);
+        let doubled_at = throttle.double_after.map(|d| started + d).filter(|at| *at < last);
+        let until = doubled_at.unwrap_or(last);
+        let before = accepted.iter().filter(|t| **t <= until).count();
+        let span = until.duration_since(first).as_secs_f64();
+        let goodput_of_limit = if span > 0.0 { (before - 1) as f64 / span / throttle.per_second } else { 0.0 };
+        let follow_s = doubled_at.and_then(|at| {
+            let window = Duration::from_secs(5);
+            let needed = (0.95 * 2.0 * throttle.per_second * window.as_secs_f64()) as usize;
+            let after: Vec<Instant> = accepted.iter().copied().filter(|t| *t >= at).collect();
+            // The first accepted copy from which the next five seconds carried enough.
+            after.iter().enumerate().find_map(|(i, t)| {
+                let in_window = after[i..].iter().take_while(|u| u.duration_since(*t) < window).count();
+                (in_window >= needed && *t + window <= last).then(|| t.duration_since(at).as_secs_f64())
+            })
+        });
+        Some(Throttled {
+            goodput_of_limit,
+            refused_share: refused as f64 / (accepted.len() as f64 + refused as f64),
+            follow_s,
+        })
+    }
 }
 
 /// One run of one tool.
@@ -70,6 +124,7 @@ struct Run {
     rss: Vec<f64>,
     server_cpu: f64,
     requests: Option<u64>,
+    throttled: Option<Throttled>,
 }
 
 impl Run {
@@ -90,6 +145,10 @@ pub struct Summary {
     pub server_cpu_s_per_10k: f64,
     pub requests_per_object: Option<f64>,
     pub runs: usize,
+    /// In the throttled mode: the medians of [`Throttled`]'s measures.
+    pub goodput_of_limit: Option<f64>,
+    pub refused_share: Option<f64>,
+    pub follow_s: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -99,6 +158,12 @@ fn median(mut v: Vec<f64>) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// The median of a throttled measure over the runs that have it.
+fn throttled_median(runs: &[Run], measure: impl Fn(&Throttled) -> Option<f64>) -> Option<f64> {
+    let values: Vec<f64> = runs.iter().filter_map(|r| r.throttled.as_ref().and_then(&measure)).collect();
+    (!values.is_empty()).then(|| median(values))
 }
 
 /// /proc counts CPU in USER_HZ, which Linux fixes at 100 for user space.
@@ -287,22 +352,55 @@ async fn count_keys(env: &Env, bucket: &str) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// Endpoints for one run: straight to the server, or through counting proxies.
+/// Endpoints for one run: straight to the server, or through proxies that count the requests
+/// or play S3's limit.
 struct Route {
     s3: String,
     sqs: String,
     proxies: Option<(FaultProxy, Option<FaultProxy>)>,
+    /// The limit (throttled mode), its doubling task, and when the run started.
+    limit: Option<(Arc<RateLimit>, Throttle, Option<tokio::task::JoinHandle<()>>)>,
+    started: Instant,
 }
 
 impl Route {
-    async fn new(server: &Server, counting: bool) -> anyhow::Result<Route> {
-        if !counting {
-            return Ok(Route { s3: server.s3.clone(), sqs: server.sqs.clone(), proxies: None });
+    async fn new(server: &Server, counting: bool, throttle: Option<Throttle>) -> anyhow::Result<Route> {
+        let started = Instant::now();
+        if !counting && throttle.is_none() {
+            return Ok(Route { s3: server.s3.clone(), sqs: server.sqs.clone(), proxies: None, limit: None, started });
         }
         let s3 = FaultProxy::start(&server.s3).await?;
+        let limit = throttle.map(|throttle| {
+            let limit = RateLimit::new(throttle.per_second);
+            s3.add(Rule::always(When { method: Some("PUT"), ..When::default() }, Fault::RateLimited(limit.clone())));
+            (limit, throttle, None)
+        });
         let sqs = if server.sqs == server.s3 { None } else { Some(FaultProxy::start(&server.sqs).await?) };
         let (s3_url, sqs_url) = (s3.url.clone(), sqs.as_ref().map_or(s3.url.clone(), |p| p.url.clone()));
-        Ok(Route { s3: s3_url, sqs: sqs_url, proxies: Some((s3, sqs)) })
+        Ok(Route { s3: s3_url, sqs: sqs_url, proxies: Some((s3, sqs)), limit, started })
+    }
+
+    /// The run starts now: the limit's doubling is timed from here.
+    fn start(&mut self) {
+        self.started = Instant::now();
+        if let Some((limit, throttle, doubling)) = &mut self.limit
+            && let Some(after) = throttle.double_after
+        {
+            let (limit, doubled) = (limit.clone(), 2.0 * throttle.per_second);
+            *doubling = Some(tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                limit.set_rate(doubled);
+            }));
+        }
+    }
+
+    /// What the run made of the limit (throttled mode).
+    fn throttled(&self) -> Option<Throttled> {
+        let (limit, throttle, doubling) = self.limit.as_ref()?;
+        if let Some(task) = doubling {
+            task.abort();
+        }
+        Throttled::measure(limit, throttle, self.started)
     }
 
     fn requests(&self) -> Option<u64> {
@@ -330,7 +428,7 @@ async fn pipeline(
     extra: &[(String, String)],
     counting: bool,
 ) -> anyhow::Result<Run> {
-    let route = Route::new(server, counting).await?;
+    let mut route = Route::new(server, counting, config.throttle).await?;
     let mut env = Env::with(&route.s3, &route.sqs, 60).await;
     env.source_bucket = source.source_bucket.clone();
     for chunk in keys.chunks(50_000) {
@@ -348,6 +446,7 @@ async fn pipeline(
     let before_requests = route.requests();
     let before_cpu = group_cpu(&server.groups);
     let started = Instant::now();
+    route.start();
     let mut procs = vec![Timed::spawn(&binary("feeder"), &[], &vars, "the feeder")?];
     for i in 0..config.consumers {
         procs.push(Timed::spawn(&binary("consumer"), &[], &vars, &format!("consumer {i}"))?);
@@ -374,8 +473,10 @@ async fn pipeline(
         run.rss.push(rss);
     }
     run.requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
+    run.throttled = route.throttled();
     route.show_kinds(&format!("pipeline{}", extra.iter().map(|(k, v)| format!("+{k}={v}")).collect::<String>()));
     ensure!(env.depth(&env.queue_url).await == (0, 0), "the queue is not empty after the run");
+    ensure!(env.depth(&env.dlq_url).await == (0, 0), "messages were dead-lettered");
     ensure!(env.failures().await.is_empty(), "objects were set aside in a clean run");
     ensure!(count_keys(&env, &env.destination_bucket).await? == keys.len(), "copies missing");
     Ok(run)
@@ -401,7 +502,7 @@ async fn moved_at_least(env: &Env, n: i64) -> i64 {
 
 /// A copy-only tool, `image/` of the seeded bucket into a fresh bucket.
 async fn peer(config: &Config, tool: &str, server: &Server, source: &Env, counting: bool) -> anyhow::Result<Run> {
-    let route = Route::new(server, counting).await?;
+    let mut route = Route::new(server, counting, config.throttle).await?;
     let destination = format!("bench-{}", crate::suffix());
     source.s3.create_bucket().bucket(&destination).send().await?;
     let creds = [
@@ -469,15 +570,17 @@ async fn peer(config: &Config, tool: &str, server: &Server, source: &Env, counti
     let before_requests = route.requests();
     let before_cpu = group_cpu(&server.groups);
     let started = Instant::now();
+    route.start();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (cpu, rss) = Timed::spawn(Path::new(&program), &args, &env, tool)?.finish().await?;
     let wall = started.elapsed().as_secs_f64();
     let server_cpu = group_cpu(&server.groups) - before_cpu;
     let requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
+    let throttled = route.throttled();
     route.show_kinds(tool);
     let copied = count_keys(source, &destination).await?;
     ensure!(copied == config.objects, "{tool} copied {copied} of {} objects", config.objects);
-    Ok(Run { wall, cpus: vec![cpu], rss: vec![rss], server_cpu, requests })
+    Ok(Run { wall, cpus: vec![cpu], rss: vec![rss], server_cpu, requests, throttled })
 }
 
 /// Runs everything; returns a summary per (server, tool).
@@ -524,6 +627,15 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
                     run.rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
                     run.requests.map(|r| format!(", {r} requests")).unwrap_or_default(),
                 );
+                if let Some(t) = run.throttled {
+                    eprintln!(
+                        "bench: {} rep {rep} {tool}: {:.3} of the limit, {:.1} % of PUTs refused, followed a doubling in {}",
+                        server.name,
+                        t.goodput_of_limit,
+                        t.refused_share * 100.0,
+                        t.follow_s.map_or("-".into(), |s| format!("{s:.1} s")),
+                    );
+                }
                 runs.entry(tool.as_str()).or_default().push(run);
             }
         }
@@ -542,6 +654,9 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
                 server_cpu_s_per_10k: median(timed.iter().map(|r| r.server_cpu * per_10k).collect()),
                 requests_per_object: requests,
                 runs: timed.len(),
+                goodput_of_limit: throttled_median(timed, |t| Some(t.goodput_of_limit)),
+                refused_share: throttled_median(timed, |t| Some(t.refused_share)),
+                follow_s: throttled_median(timed, |t| t.follow_s),
             });
         }
     }
@@ -586,19 +701,33 @@ pub async fn rewrites(
 /// The table, one line per (server, tool).
 pub fn table(summaries: &[Summary]) -> String {
     let mut out = format!(
-        "{:<10} {:<15} {:>10} {:>12} {:>14} {:>16} {:>14}\n",
-        "server", "tool", "objects/s", "CPU s/10k", "peak RSS MiB", "server CPU s/10k", "requests/obj"
+        "{:<10} {:<15} {:>10} {:>12} {:>14} {:>16} {:>14} {:>14} {:>10} {:>10}\n",
+        "server",
+        "tool",
+        "objects/s",
+        "CPU s/10k",
+        "peak RSS MiB",
+        "server CPU s/10k",
+        "requests/obj",
+        "of the limit",
+        "refused %",
+        "follow s"
     );
+    let show =
+        |v: Option<f64>, scale: f64, places: usize| v.map_or("-".into(), |v| format!("{:.*}", places, v * scale));
     for s in summaries {
         out += &format!(
-            "{:<10} {:<15} {:>10.0} {:>12.2} {:>14.1} {:>16.2} {:>14}\n",
+            "{:<10} {:<15} {:>10.0} {:>12.2} {:>14.1} {:>16.2} {:>14} {:>14} {:>10} {:>10}\n",
             s.server,
             s.tool,
             s.objects_per_s,
             s.cpu_s_per_10k,
             s.peak_rss_mib,
             s.server_cpu_s_per_10k,
-            s.requests_per_object.map_or("-".into(), |r| format!("{r:.3}"))
+            s.requests_per_object.map_or("-".into(), |r| format!("{r:.3}")),
+            show(s.goodput_of_limit, 1.0, 3),
+            show(s.refused_share, 100.0, 1),
+            show(s.follow_s, 1.0, 1),
         );
     }
     out
@@ -635,6 +764,9 @@ pub fn json(config: &Config, summaries: &[Summary], rewrites: Option<Rewrites>) 
             "server_cpu_s_per_10k": (s.server_cpu_s_per_10k * 1000.0).round() / 1000.0,
             "requests_per_object": s.requests_per_object.map(|r| (r * 1000.0).round() / 1000.0),
             "runs": s.runs,
+            "goodput_of_limit": s.goodput_of_limit.map(|r| (r * 1000.0).round() / 1000.0),
+            "refused_share": s.refused_share.map(|r| (r * 10000.0).round() / 10000.0),
+            "follow_s": s.follow_s.map(|r| (r * 10.0).round() / 10.0),
         });
     }
     let mut ratios = serde_json::Map::new();
@@ -668,6 +800,11 @@ pub fn json(config: &Config, summaries: &[Summary], rewrites: Option<Rewrites>) 
         "concurrency": config.concurrency,
         "servers": servers,
         "ratios": ratios,
+        "throttle_per_s": config.throttle.map(|t| t.per_second),
+        "double_after_s": config.throttle.and_then(|t| t.double_after).map(|d| d.as_secs_f64()),
+        "pipeline_goodput_of_limit": ours.and_then(|o| o.goodput_of_limit).map(|r| round(r, 3)),
+        "pipeline_refused_share": ours.and_then(|o| o.refused_share).map(|r| round(r, 4)),
+        "pipeline_follow_s": ours.and_then(|o| o.follow_s).map(|r| round(r, 1)),
         "rewrites_per_s": rewrites.map(|r| r.journal_per_s.round()),
         "rewrites_without_journal_per_s": rewrites.map(|r| r.plain_per_s.round()),
         "journal_bytes_per_row": rewrites.map(|r| r.journal_bytes_per_row.round()),

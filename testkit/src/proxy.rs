@@ -35,6 +35,77 @@ pub enum Fault {
     Delay(Duration),
     /// This answer instead of the server's (a malformed or truncated one, say).
     Answer { status: u16, body: &'static str },
+    /// Forwarded while the limit lets it pass, S3's 503 SlowDown otherwise.
+    RateLimited(Arc<RateLimit>),
+}
+
+/// A rate limit in front of the server, as an S3 partition applies one: a token bucket filled
+/// at `per_second` and holding a tenth of a second's worth (at least one); a request that
+/// finds it empty is refused with S3's own 503 SlowDown. Shared, so that the rate can change
+/// while it runs, and so that what it let through and refused can be read.
+#[derive(Debug)]
+pub struct RateLimit {
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    per_second: f64,
+    tokens: f64,
+    filled_at: std::time::Instant,
+    /// When each request it let through passed (for goodput over any window).
+    accepted: Vec<std::time::Instant>,
+    refused: u64,
+}
+
+impl RateLimit {
+    pub fn new(per_second: f64) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(Bucket {
+                per_second,
+                tokens: 0.0,
+                filled_at: std::time::Instant::now(),
+                accepted: Vec::new(),
+                refused: 0,
+            }),
+        })
+    }
+
+    /// Changes the rate from now on.
+    pub fn set_rate(&self, per_second: f64) {
+        let mut b = self.state.lock().unwrap();
+        b.fill();
+        b.per_second = per_second;
+    }
+
+    /// Whether one more request may pass now.
+    fn take(&self) -> bool {
+        let mut b = self.state.lock().unwrap();
+        b.fill();
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            b.accepted.push(std::time::Instant::now());
+            true
+        } else {
+            b.refused += 1;
+            false
+        }
+    }
+
+    /// When each request let through passed, and how many were refused.
+    pub fn counts(&self) -> (Vec<std::time::Instant>, u64) {
+        let b = self.state.lock().unwrap();
+        (b.accepted.clone(), b.refused)
+    }
+}
+
+impl Bucket {
+    fn fill(&mut self) {
+        let now = std::time::Instant::now();
+        let capacity = (self.per_second / 10.0).max(1.0);
+        self.tokens = (self.tokens + now.duration_since(self.filled_at).as_secs_f64() * self.per_second).min(capacity);
+        self.filled_at = now;
+    }
 }
 
 /// Which requests a rule applies to; every field that is set must match.
@@ -177,6 +248,9 @@ fn pick(state: &State, req: &Request<Incoming>) -> Option<Fault> {
         if let Some(left) = rule.remaining.as_mut() {
             *left -= 1;
         }
+        if let Fault::RateLimited(limit) = &rule.fault {
+            return if limit.take() { None } else { Some(Fault::Error { status: 503, code: "SlowDown" }) };
+        }
         return Some(rule.fault.clone());
     }
     None
@@ -210,6 +284,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
                 .body(body)
                 .expect("a valid answer"))
         }
+        // `pick` answers a rate limit with forwarding or a SlowDown: never met here.
+        Some(Fault::RateLimited(_)) => forward(&state, req).await,
         Some(Fault::Delay(delay)) => {
             let answer = forward(&state, req).await;
             tokio::time::sleep(delay).await;

@@ -47,6 +47,15 @@ struct Args {
     /// three at once); 0: skip it.
     #[arg(long, default_value = "200000")]
     rewrites: usize,
+    /// S3's limit, played by a proxy in front of the server: PUTs (copies) above this many a
+    /// second are refused with 503 SlowDown (a token bucket holding a tenth of a second's
+    /// worth). Adds, per tool, the copies let through per second over the limit, the share of
+    /// PUTs refused and (with --double-after) how long until it carried the doubled limit.
+    #[arg(long, value_name = "PER_SECOND")]
+    throttle: Option<f64>,
+    /// With --throttle: the limit doubles this many seconds after each run starts.
+    #[arg(long, value_name = "SECONDS", requires = "throttle")]
+    double_after: Option<f64>,
     #[arg(long, default_value = "rclone")]
     rclone: String,
     #[arg(long, default_value = "s5cmd")]
@@ -96,6 +105,10 @@ async fn main() -> ExitCode {
         tools: args.tools,
         rclone: args.rclone,
         s5cmd: args.s5cmd,
+        throttle: args.throttle.map(|per_second| testkit::bench::Throttle {
+            per_second,
+            double_after: args.double_after.map(std::time::Duration::from_secs_f64),
+        }),
     };
     let measured = async {
         let summaries = testkit::bench::run(&config).await?;
