@@ -177,6 +177,10 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
     .execute(&mut *conn)
     .await
     .context("cannot create the migration's bookkeeping tables")?;
+    sqlx::raw_sql(crate::control::TABLES)
+        .execute(&mut *conn)
+        .await
+        .context("cannot create the migration's control tables")?;
     // A table made by an earlier version lacks the feeder's lease. `ALTER TABLE` takes an
     // exclusive lock even when the column exists, so it runs only when the column is missing.
     let has_lease: bool = sqlx::query_scalar(

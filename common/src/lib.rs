@@ -3,6 +3,7 @@
 //! database access.
 
 pub mod aws;
+pub mod control;
 pub mod db;
 pub mod exit;
 pub mod identity;

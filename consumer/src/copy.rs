@@ -187,7 +187,7 @@ pub struct Copier {
     /// (`common::aws::s3_paced_client`).
     pub paced_s3: S3,
     /// When copies start ([`crate::pace`]).
-    pub pace: Pace,
+    pub pace: std::sync::Arc<Pace>,
 }
 
 /// Why the start-up probe could not tell.

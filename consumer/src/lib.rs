@@ -5,6 +5,7 @@
 
 pub mod ack;
 pub mod batch;
+pub mod control;
 pub mod copy;
 pub mod direct;
 pub mod lease;
@@ -80,7 +81,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         multipart: settings.multipart(),
         direct: None,
         paced_s3: common::aws::s3_paced_client(&clients.s3_config, settings.storage.s3_force_path_style),
-        pace: pace::Pace::new(stats.copy_rate.clone(), stats.copies_slowed_down.clone()),
+        pace: Arc::new(pace::Pace::new(stats.copy_rate.clone(), stats.copies_slowed_down.clone())),
     };
     // A dry run writes nothing, not even the probe's objects; it looks at every destination.
     if !settings.dry_run {
@@ -126,7 +127,11 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         delete_source: settings.delete_source,
         refusals: refusals::Refusals::default(),
     });
-    let ended = receive::run(&settings.receive_config(concurrency), worker, stop).await;
+    // The operator's pause and cap, read before the first receive.
+    let (controller, paused) =
+        control::Controller::start(clients.db.clone(), stats.clone(), worker.copier.pace.clone()).await;
+    let controlling = tokio::spawn(controller.run(endpoint.clone()));
+    let ended = receive::run(&settings.receive_config(concurrency), worker, stop, paused).await;
     match ended {
         receive::Ended::Finished => {
             // Every worker is done and dropped its handles on the batchers: they flush and stop.
@@ -149,6 +154,8 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
              done (messages come back after their visibility timeout)"
         );
     }
+    endpoint.cancel();
+    let _ = controlling.await;
     stats.print_summary(started.elapsed());
     match halt.take() {
         Some(err) => Err(Failure::Run(err)),

@@ -62,6 +62,8 @@ pub struct Stats {
     pub copy_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Copies S3 asked to slow down (either path), each tried again at the pace.
     pub copies_slowed_down: Counter,
+    /// 1 while the operator has paused the fleet (`feeder pause`).
+    pub paused: Gauge,
 }
 
 impl Default for Stats {
@@ -86,6 +88,7 @@ impl Default for Stats {
             s3_slowdowns: Counter::default(),
             copy_rate: Gauge::default(),
             copies_slowed_down: Counter::default(),
+            paused: Gauge::default(),
         }
     }
 }
@@ -170,6 +173,11 @@ impl Stats {
             "copies_slowed_down",
             "Copies S3 asked to slow down (503, 429; either copy path), each tried again at the pace",
             self.copies_slowed_down.clone(),
+        );
+        r.register(
+            "paused",
+            "1 while the operator has paused the fleet (feeder pause): nothing is received",
+            self.paused.clone(),
         );
         r.register(
             "s3_slowdowns",

@@ -14,7 +14,9 @@
 //!   second, so a limit that rises (S3 splitting a partition, an operator's cap lifted) is
 //!   found within seconds, and a rate nobody waits for does not grow;
 //! - copies start spaced by 1 / rate: refused copies are tried again through the same pace,
-//!   never all at once.
+//!   never all at once;
+//! - the operator's cap (this consumer's share of `MAX_COPIES_PER_SECOND`, [`Pace::set_cap`])
+//!   bounds the rate whatever S3 allows; the learned rate does not grow while the cap binds.
 //!
 //! Why not the SDK's adaptive retries (`aws-smithy-runtime`'s client rate limiter) or rclone's
 //! pacer: the SDK cuts to 0.7 of its measured rate on *every* throttled answer (one overshoot
@@ -45,11 +47,16 @@ pub const GROWTH: f64 = 0.05;
 pub const DOUBLING: Duration = Duration::from_secs(5);
 /// The rate never falls below this (copies per second).
 pub const MIN_RATE: f64 = 1.0;
+/// How far behind its schedule a pace may run and catch up (starts a timer's coarse ticks
+/// bunched together); an idle pace banks nothing beyond it.
+const SLACK: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 struct State {
-    /// Copies per second; `None`: not paced (no slow-down seen yet).
+    /// Copies per second learned from S3; `None`: no slow-down seen yet.
     rate: Option<f64>,
+    /// The operator's cap for this consumer, copies per second.
+    cap: Option<f64>,
     /// When the next copy may start.
     next_start: Instant,
     /// Bumped at each cut: refusals of copies started before it do not cut again.
@@ -71,6 +78,8 @@ struct State {
 #[derive(Debug)]
 pub struct Pace {
     state: Mutex<State>,
+    /// Held by the copy waiting for its start: the others queue behind it.
+    turn: tokio::sync::Mutex<()>,
     /// Metrics: the rate (0 while not paced) and the slow-downs.
     rate_gauge: Gauge<f64, AtomicU64>,
     slowed: Counter,
@@ -87,10 +96,12 @@ impl Pace {
     pub fn new(rate_gauge: Gauge<f64, AtomicU64>, slowed: Counter) -> Self {
         let now = Instant::now();
         Self {
+            turn: tokio::sync::Mutex::new(()),
             rate_gauge,
             slowed,
             state: Mutex::new(State {
                 rate: None,
+                cap: None,
                 next_start: now,
                 round: 0,
                 grown_at: now,
@@ -113,32 +124,43 @@ pub struct Start {
 impl Pace {
     /// Waits until the pace lets one more copy start.
     pub async fn start(&self) -> Start {
-        let (at, start) = {
-            let mut s = self.state.lock().expect("never poisoned");
-            let now = Instant::now();
-            if s.grow(now) {
-                self.rate_gauge.set(s.rate.unwrap_or_default());
-            }
-            let start = Start { round: s.round };
-            match s.rate {
-                None => {
-                    s.first.get_or_insert(now);
-                    s.recent.push_back(now);
-                    while s.recent.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1)) {
-                        s.recent.pop_front();
+        // Copies wait their turn one at a time (first come, first served), so that only the
+        // first waiter sleeps, and a new rate applies from the next start, not after the
+        // starts already spaced at the old one.
+        let _turn = self.turn.lock().await;
+        loop {
+            let at = {
+                let mut s = self.state.lock().expect("never poisoned");
+                let now = Instant::now();
+                if s.grow(now) {
+                    self.rate_gauge.set(s.effective().unwrap_or_default());
+                }
+                let start = Start { round: s.round };
+                match s.effective() {
+                    None => {
+                        s.first.get_or_insert(now);
+                        s.recent.push_back(now);
+                        while s.recent.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1)) {
+                            s.recent.pop_front();
+                        }
+                        return start;
                     }
-                    (now, start)
+                    Some(rate) => {
+                        // An idle pace banks no starts beyond [`SLACK`]; within it, starts
+                        // that a coarse timer bunched together keep the average.
+                        s.next_start = s.next_start.max(now.checked_sub(SLACK).unwrap_or(now));
+                        if s.next_start <= now {
+                            s.next_start += Duration::from_secs_f64(1.0 / rate);
+                            return start;
+                        }
+                        // Only the learned rate grows by binding, not the operator's cap.
+                        s.bound |= s.rate.is_some_and(|r| s.cap.is_none_or(|c| r <= c));
+                        s.next_start
+                    }
                 }
-                Some(rate) => {
-                    let at = s.next_start.max(now);
-                    s.next_start = at + Duration::from_secs_f64(1.0 / rate);
-                    s.bound |= at > now;
-                    (at, start)
-                }
-            }
-        };
-        tokio::time::sleep_until(at).await;
-        start
+            };
+            tokio::time::sleep_until(at).await;
+        }
     }
 
     /// S3 asked to slow down a copy that started at `start`.
@@ -150,13 +172,13 @@ impl Pace {
             return; // this overshoot was already answered
         }
         let now = Instant::now();
-        let base = s.rate.unwrap_or_else(|| {
+        let base = s.rate.or(s.cap).unwrap_or_else(|| {
             // Starts per second: of the last second, or of the time since the first start.
             let span = s.first.map_or(1.0, |first| now.duration_since(first).as_secs_f64().clamp(0.01, 1.0));
             s.recent.len() as f64 / span
         });
         s.rate = Some((base * BACK_OFF).max(MIN_RATE));
-        self.rate_gauge.set(s.rate.unwrap_or_default());
+        self.rate_gauge.set(s.effective().unwrap_or_default());
         s.recent = VecDeque::new();
         s.round += 1;
         s.grown_at = now;
@@ -164,9 +186,17 @@ impl Pace {
         s.bound = false;
     }
 
-    /// The rate copies are paced at now (copies per second); `None` while not paced.
+    /// The rate copies are paced at now (copies per second: the learned rate or the cap,
+    /// whichever is lower); `None` while not paced.
     pub fn rate(&self) -> Option<f64> {
-        self.state.lock().expect("never poisoned").rate
+        self.state.lock().expect("never poisoned").effective()
+    }
+
+    /// Sets (or with `None` lifts) the operator's cap on this consumer's copies per second.
+    pub fn set_cap(&self, cap: Option<f64>) {
+        let mut s = self.state.lock().expect("never poisoned");
+        s.cap = cap.map(|c| c.max(MIN_RATE / 10.0));
+        self.rate_gauge.set(s.effective().unwrap_or_default());
     }
 
     /// Slow-downs met so far.
@@ -176,6 +206,14 @@ impl Pace {
 }
 
 impl State {
+    /// The learned rate or the cap, whichever is lower.
+    fn effective(&self) -> Option<f64> {
+        match (self.rate, self.cap) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
+        }
+    }
+
     /// Grows the rate for the time since it last grew, if the pace bound meanwhile; whether it
     /// grew.
     fn grow(&mut self, now: Instant) -> bool {
@@ -261,6 +299,26 @@ mod tests {
         let goodput = accepted as f64 / 60.0;
         assert!(goodput >= 0.95 * 200.0, "goodput {goodput}/s");
         assert!(refused as f64 <= 0.05 * (accepted + refused) as f64, "{refused} refused of {}", accepted + refused);
+    }
+
+    /// The operator's cap bounds the pace from the next copy on, without S3 refusing
+    /// anything, and lifting it lets copies go unpaced again.
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_bounds_the_pace() {
+        let pace = Pace::default();
+        pace.set_cap(Some(50.0));
+        let begun = Instant::now();
+        for _ in 0..101 {
+            pace.start().await;
+        }
+        assert_eq!(begun.elapsed(), Duration::from_secs(2), "100 gaps of 20 ms");
+        pace.set_cap(None);
+        let begun = Instant::now();
+        for _ in 0..100 {
+            pace.start().await;
+        }
+        assert!(begun.elapsed() <= Duration::from_millis(20));
+        assert_eq!(pace.rate(), None);
     }
 
     /// After S3 refused every copy for a minute (the pace at its floor), it is back at a

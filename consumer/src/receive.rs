@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::Message;
 use common::aws::{ErrorClass, Sqs, classify_queue_error, describe, queue_depth};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -81,7 +81,12 @@ impl Activity {
 
 /// Receives until `stop` fires (SIGTERM, or a fatal error through the worker's `halt`) or the queue stays
 /// empty (with an idle exit), then gives in-flight objects the grace period.
-pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, stop: CancellationToken) -> Ended {
+pub async fn run(
+    config: &ReceiveConfig,
+    worker: Arc<Worker>,
+    stop: CancellationToken,
+    paused: watch::Receiver<bool>,
+) -> Ended {
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let tracker = TaskTracker::new();
     let activity = Arc::new(Activity::new());
@@ -106,6 +111,7 @@ pub async fn run(config: &ReceiveConfig, worker: Arc<Worker>, stop: Cancellation
             tracker: tracker.clone(),
             activity: activity.clone(),
             abandon: abandon.clone(),
+            paused: paused.clone(),
         };
         let (stop, drain) = (stop.clone(), drain.clone());
         loops.spawn(async move { receiver.run(stop, drain).await });
@@ -155,15 +161,23 @@ struct Receiver {
     tracker: TaskTracker,
     activity: Arc<Activity>,
     abandon: CancellationToken,
+    /// The operator's pause (`crate::control`): nothing is received while it holds.
+    paused: watch::Receiver<bool>,
 }
 
 impl Receiver {
-    async fn run(self, stop: CancellationToken, drain: CancellationToken) {
+    async fn run(mut self, stop: CancellationToken, drain: CancellationToken) {
         let per_receive = self.per_receive;
         // Receive errors back off from 1 s to 20 s: long enough not to hammer a struggling
         // queue, short enough to resume promptly after a network blip.
         let mut backoff = Duration::from_secs(1);
         while !drain.is_cancelled() {
+            if *self.paused.borrow() {
+                tokio::select! {
+                    _ = self.paused.wait_for(|paused| !paused) => {}
+                    _ = drain.cancelled() => break,
+                }
+            }
             let mut held = tokio::select! {
                 p = self.permits.clone().acquire_many_owned(per_receive as u32) => p.expect("semaphore never closed"),
                 _ = drain.cancelled() => break,

@@ -70,9 +70,37 @@ pub enum Command {
     /// Delete legacy objects that are safely moved: only when their copy has the same bytes and
     /// no row references the legacy path. Without --yes, a dry run that lists and counts.
     Cleanup(CleanupArgs),
+    /// Stop every consumer taking messages, within seconds (objects in flight finish; their
+    /// messages wait in the queue), until `resume`. Shown by `status` and the consumers'
+    /// metrics.
+    Pause,
+    /// Let the consumers take messages again after `pause`.
+    Resume,
+    /// Cap the copies per second of the whole fleet, shared between the consumers running
+    /// (each paces itself at the cap over their number), or lift the cap (`--clear`). Takes
+    /// effect within seconds, whatever the service scales to.
+    Throttle(ThrottleArgs),
     /// Move the dead-letter queue's messages back to the queue, once what made them fail is
     /// fixed (their keys' retries_exhausted records are forgotten as they are retried).
     Redrive(RedriveArgs),
+}
+
+/// Options of `throttle`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ThrottleArgs {
+    /// Copies per second for the whole fleet.
+    #[arg(long, env = "MAX_COPIES_PER_SECOND", required_unless_present = "clear", conflicts_with = "clear", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Lift the cap: each consumer goes as fast as S3 lets it.
+    #[arg(long)]
+    pub clear: bool,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{s:?} is not a number of copies per second above 0")),
+    }
 }
 
 /// Options of `run`.

@@ -6,6 +6,7 @@
 //! | [`status`] | checkpoint, queue depths, row counts, failure counts, the journal's counter | nothing |
 //! | [`verify`] | every row, a HEAD per legacy or modern row; with `--objects` ([`objects`]) the source listing, HEADs of each legacy object and its copy | failures: `row_object_missing`; the object check's position |
 //! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
+//! | [`control`] (`pause`, `resume`, `throttle`) | the control row | the control row |
 //! | [`cleanup`] | the source listing, HEADs of each legacy object and its copy, a row count per key | deletes legacy objects (with `--yes`); its position |
 //! | [`failures`] | the failure records | nothing |
 //! | [`redrive`] | the dead-letter queue | queue messages (moved back); failures: `retries_exhausted` forgotten |
@@ -13,6 +14,7 @@
 //! | [`rollback`] | the rewrite journal, a HEAD per legacy object | `avatars.path` (compare-and-set), the journal's `rolled_back_at` |
 
 pub mod cleanup;
+pub mod control;
 pub mod failures;
 pub mod objects;
 pub mod reconcile;

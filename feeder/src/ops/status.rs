@@ -32,6 +32,10 @@ pub struct Status {
     pub rows: RowCounts,
     pub failures: Vec<(String, i64)>,
     pub journal: JournalSummary,
+    /// The operator's pause and cap (`common::control`).
+    pub control: common::control::Control,
+    /// The consumers reporting now: their paces, copies and slow-downs.
+    pub fleet: Vec<common::control::Report>,
 }
 
 impl Status {
@@ -72,6 +76,11 @@ impl Status {
             "rewrites_recorded": self.journal.last_id,
             "objects_per_s": (self.objects_per_s() * 1000.0).round() / 1000.0,
             "eta_s": self.eta_s().map(f64::round),
+            "paused": self.control.paused,
+            "max_copies_per_second": self.control.max_copies_per_second,
+            "consumers_reporting": self.fleet.len(),
+            "copy_rate_limits": self.fleet.iter().map(|c| c.copy_rate.map(|r| r.round())).collect::<Vec<_>>(),
+            "copies_slowed_down": self.fleet.iter().map(|c| c.slowed_down).sum::<u64>(),
         })
         .to_string()
     }
@@ -106,6 +115,21 @@ impl Status {
         let failures = self.failures.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
         println!("set aside: {}", if failures.is_empty() { "none".to_owned() } else { failures });
         println!("progress: {}", self.progress_line());
+        println!("copies:   {}", self.copies_line());
+    }
+
+    /// Who limits the copies: the operator (pause, cap) or S3 (the consumers' paces).
+    fn copies_line(&self) -> String {
+        let control = match (self.control.paused, self.control.max_copies_per_second) {
+            (true, _) => "PAUSED by the operator (feeder resume)".to_owned(),
+            (false, Some(cap)) => format!("capped at {cap} a second for the fleet (feeder throttle --clear)"),
+            (false, None) => "no cap".to_owned(),
+        };
+        let paced: Vec<String> = self.fleet.iter().filter_map(|c| c.copy_rate).map(|r| format!("{r:.0}")).collect();
+        let slowed: u64 = self.fleet.iter().map(|c| c.slowed_down).sum();
+        let paces =
+            if paced.is_empty() { "none paced".to_owned() } else { format!("paced at {} copies/s", paced.join(", ")) };
+        format!("{control}; {} consumers reporting, {paces}; {slowed} copies S3 asked to slow down", self.fleet.len())
     }
 
     fn progress_line(&self) -> String {
@@ -141,6 +165,8 @@ async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) ->
         None => None,
     };
     status.failures = common::db::failure_counts(&clients.db).await?;
+    status.control = common::control::read(&clients.db).await?;
+    status.fleet = common::control::fleet(&clients.db).await?;
     let journal = common::db::journal_summary(&clients.db, RATE_WINDOW).await?;
     // After the first reading: rows rewritten since the last one moved from legacy to modern.
     if status.journal.window_s > 0.0 {

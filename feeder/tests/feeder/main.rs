@@ -164,7 +164,11 @@ async fn setup_problems_exit_2_with_a_line_that_names_them() {
 
 #[test]
 fn env_sample_documents_every_setting() {
-    testkit::assert_env_sample_matches_help("feeder", &["verify"], concat!(env!("CARGO_MANIFEST_DIR"), "/env.sample"));
+    testkit::assert_env_sample_matches_help(
+        "feeder",
+        &["verify", "throttle"],
+        concat!(env!("CARGO_MANIFEST_DIR"), "/env.sample"),
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,101 @@
+//! The consumer's side of the fleet's control row (`common::control`): one reader per process,
+//! every `common::control::EVERY`, that pauses receiving, sets this consumer's share of the
+//! fleet's cap on its pace, and reports what it does.
+//!
+//! Promises:
+//! - read once before the first receive: a paused fleet receives nothing, a cap holds from the
+//!   first copy;
+//! - while paused, no message is received; objects already received finish (their leases end
+//!   with them), and receiving resumes within seconds of `feeder resume`;
+//! - a control row that cannot be read keeps the last known settings, with a warning;
+//! - the report row is removed when the consumer exits.
+
+use std::sync::Arc;
+
+use common::control::{Control, Report};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Stats;
+use crate::pace::Pace;
+
+/// This process's name in the reports: host, process id, and when it started.
+pub fn consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{}-{}-{started}", if host.is_empty() { "consumer" } else { &host }, std::process::id())
+}
+
+/// Reads the control row and reports; the receivers watch `paused`. It holds no handle on the
+/// work (the batchers stop when the workers are done, whatever it does).
+pub struct Controller {
+    name: String,
+    db: sqlx::PgPool,
+    stats: Arc<Stats>,
+    pace: Arc<Pace>,
+    paused: watch::Sender<bool>,
+    last: Control,
+}
+
+impl Controller {
+    /// Reads the control row once (before any receive); the receivers' `paused` follows it.
+    pub async fn start(db: sqlx::PgPool, stats: Arc<Stats>, pace: Arc<Pace>) -> (Controller, watch::Receiver<bool>) {
+        let (paused, watching) = watch::channel(false);
+        let mut controller = Controller { name: consumer_name(), db, stats, pace, paused, last: Control::default() };
+        controller.tick().await;
+        (controller, watching)
+    }
+
+    /// Every `EVERY` until `end`, then removes this consumer's report.
+    pub async fn run(mut self, end: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(common::control::EVERY) => self.tick().await,
+                _ = end.cancelled() => break,
+            }
+        }
+        if let Err(err) = common::control::forget(&self.db, &self.name).await {
+            tracing::warn!(error = %err, "cannot remove this consumer's report");
+        }
+    }
+
+    async fn tick(&mut self) {
+        let db = &self.db;
+        let control = match common::control::read(db).await {
+            Ok(control) => control,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the control row: keeping the last settings");
+                self.last
+            }
+        };
+        if control.paused != self.last.paused {
+            tracing::info!(
+                paused = control.paused,
+                "the operator {} the fleet",
+                if control.paused { "paused" } else { "resumed" }
+            );
+        }
+        self.last = control;
+        self.paused.send_replace(control.paused);
+        let stats = &self.stats;
+        stats.paused.set(i64::from(control.paused));
+        let pace = &self.pace;
+        let report = Report {
+            consumer: self.name.clone(),
+            paused: control.paused,
+            copy_rate: pace.rate(),
+            copies: stats.copied.get(),
+            slowed_down: stats.copies_slowed_down.get(),
+            in_flight: stats.in_flight.get().max(0) as u64,
+        };
+        match common::control::report(db, &report).await {
+            Ok(live) => pace.set_cap(control.max_copies_per_second.map(|cap| cap / f64::from(live))),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot report to the control tables: the cap is shared as last known");
+                if control.max_copies_per_second.is_none() {
+                    pace.set_cap(None);
+                }
+            }
+        }
+    }
+}
