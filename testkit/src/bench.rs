@@ -77,8 +77,8 @@ pub struct Throttle {
 /// What a run made of the limit.
 #[derive(Debug, Clone, Copy, Default)]
 struct Throttled {
-    /// Copies let through per second, over the limit, from the first to the last (before the
-    /// limit doubled, when it did).
+    /// Copies let through per second, over the limit, from the first to the one that brought
+    /// the run to 95 % (or to the doubling, when the limit doubled).
     goodput_of_limit: f64,
     /// Refused PUTs over all PUTs.
     refused_share: f64,
@@ -92,7 +92,9 @@ impl Throttled {
         let (accepted, refused) = limit.counts();
         let (first, last) = (*accepted.first()?, *accepted.last()?);
         let doubled_at = throttle.double_after.map(|d| started + d).filter(|at| *at < last);
-        let until = doubled_at.unwrap_or(last);
+        // Up to the doubling, or to the copy that brought the run to 95 %: the last seconds,
+        // when the work runs out whatever the pace, are left out (for every tool alike).
+        let until = doubled_at.unwrap_or(accepted[accepted.len() * 95 / 100]);
         let before = accepted.iter().filter(|t| **t <= until).count();
         let span = until.duration_since(first).as_secs_f64();
         let goodput_of_limit = if span > 0.0 { (before - 1) as f64 / span / throttle.per_second } else { 0.0 };
