@@ -26,7 +26,8 @@ pub fn load_dotenv() -> anyhow::Result<()> {
 /// Where objects move from and to.
 #[derive(Args, Debug, Clone)]
 pub struct StorageArgs {
-    /// The legacy bucket objects are moved from. Required. Only read: nothing is deleted from it.
+    /// The legacy bucket objects are moved from. Required. Only read, unless legacy objects are
+    /// deleted once safely moved (`feeder cleanup --yes`, the consumer's `DELETE_SOURCE`).
     #[arg(long, env = "SOURCE_BUCKET_NAME")]
     pub source_bucket_name: String,
 
