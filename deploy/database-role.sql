@@ -47,7 +47,8 @@ ALTER ROLE avatar_migrator PASSWORD :'password';
 ALTER ROLE avatar_migrator CONNECTION LIMIT :connection_limit;
 
 GRANT CONNECT ON DATABASE :"DBNAME" TO avatar_migrator;
--- The bookkeeping tables (avatar_migration_checkpoint, _ranges, _failures, _journal), which
+-- The bookkeeping tables (avatar_migration_checkpoint, _ranges, _failures, _journal, _verify,
+-- _cleanup, and the fleet's _control and _consumers), which
 -- the role creates and owns.
 GRANT USAGE, CREATE ON SCHEMA public TO avatar_migrator;
 -- verify and status read every row; the rewrite changes `path` only.
