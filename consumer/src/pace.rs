@@ -71,7 +71,6 @@ struct State {
     recent: VecDeque<Instant>,
     /// The first start, while not paced: the first cut's base in the process's first second.
     first: Option<Instant>,
-    slow_downs: u64,
 }
 
 /// The controller; one per consumer, shared by every copy.
@@ -109,7 +108,6 @@ impl Pace {
                 bound: false,
                 recent: VecDeque::new(),
                 first: None,
-                slow_downs: 0,
             }),
         }
     }
@@ -167,7 +165,6 @@ impl Pace {
     pub fn slowed_down(&self, start: Start) {
         self.slowed.inc();
         let mut s = self.state.lock().expect("never poisoned");
-        s.slow_downs += 1;
         if start.round != s.round {
             return; // this overshoot was already answered
         }
@@ -201,7 +198,7 @@ impl Pace {
 
     /// Slow-downs met so far.
     pub fn slow_downs(&self) -> u64 {
-        self.state.lock().expect("never poisoned").slow_downs
+        self.slowed.get()
     }
 }
 
