@@ -28,7 +28,9 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
     let config = common::aws::sdk_config().await?;
     let s3 = common::aws::s3_client(&config, true);
     let (bucket, keys, etags) = testkit::bench::seed_copy_sources(&s3, "direct-copy-cpu", n, at_once).await?;
-    let direct = DirectCopy::new(&config, &bucket, true, DirectCounters::default()).map_err(anyhow::Error::msg)?;
+    let timeout = std::time::Duration::from_secs(30);
+    let direct =
+        DirectCopy::new(&config, &bucket, true, timeout, DirectCounters::default()).map_err(anyhow::Error::msg)?;
     for (round, how) in ["sdk", "direct", "sdk", "direct"].into_iter().enumerate() {
         let copies = futures::stream::iter(keys.iter().zip(&etags))
             .map(|(key, etag)| {
@@ -38,7 +40,7 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
                 async move {
                     match how {
                         "sdk" => conditional_copy(s3, bucket, &destination, &copy_source, etag).send().await.is_ok(),
-                        _ => direct.copy(&destination, &copy_source, etag).await == Answer::Copied,
+                        _ => direct.copy(&destination, &copy_source, etag, 0).await == Answer::Copied,
                     }
                 }
             })

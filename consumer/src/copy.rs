@@ -260,33 +260,11 @@ impl Copier {
     /// The probe of [`Self::resolve_destination_check`]: `Ok(true)` when enforced.
     async fn probe_conditional_copy(&self) -> Result<bool, Probe> {
         let bucket = &self.mapping.destination_bucket;
-        let unique = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
-        );
-        let (a, b) = (
-            format!("{}{PROBE_DIRECTORY}{unique}", self.mapping.destination_prefix),
-            format!("{}{PROBE_DIRECTORY}{unique}.copy", self.mapping.destination_prefix),
-        );
-        let fail = |step: &str, e: &dyn std::fmt::Display| Probe::Failed(format!("{step} s3://{bucket}/{a}: {e}"));
-        self.s3
-            .put_object()
-            .bucket(bucket)
-            .key(&a)
-            .if_none_match("*")
-            .body(aws_sdk_s3::primitives::ByteStream::from_static(b"avatar-migration probe"))
-            .send()
-            .await
-            .map_err(|e| match CopyError::from_s3(&format!("PUT s3://{bucket}/{a}"), &e) {
-                CopyError::SetAside { reason: Reason::AccessDenied | Reason::EncryptionKeyUnusable, detail } => {
-                    Probe::Refused(detail)
-                }
-                _ => fail("PUT", &describe(&e)),
-            })?;
+        let [a, b] = self.probe_keys();
+        self.put_probe(&a).await?;
         let copy = || self.s3.copy_object().bucket(bucket).key(&b).copy_source(common::keys::copy_source(bucket, &a));
         let outcome = match copy().send().await {
-            Err(e) => Err(fail("copy", &describe(&e))),
+            Err(e) => Err(Probe::Failed(format!("copy s3://{bucket}/{a}: {}", describe(&e)))),
             Ok(_) => match copy().if_none_match("*").send().await {
                 Ok(_) => Ok(false),
                 Err(e) if status(&e) == Some(412) => Ok(true),
@@ -296,12 +274,90 @@ impl Copier {
                 }
             },
         };
-        for key in [&a, &b] {
+        self.remove_probes([&a, &b]).await;
+        outcome
+    }
+
+    /// Sends one copy, of a probe object of ours, the direct way (`DIRECT_COPY`) at start-up:
+    /// where it fails and the SDK's same copy succeeds, the direct path is off for the run,
+    /// with a warning. Where the probe cannot be put, or neither way copies it, the path stays
+    /// on and its breaker judges the first copies.
+    pub async fn check_direct_copy(&mut self) {
+        let Some(direct) = &self.direct else { return };
+        let bucket = &self.mapping.destination_bucket;
+        let [a, b] = self.probe_keys();
+        let etag = match self.put_probe(&a).await {
+            Ok(etag) => etag,
+            Err(Probe::Refused(why) | Probe::Failed(why)) => {
+                tracing::warn!("DIRECT_COPY not tried at start-up: {why}");
+                return;
+            }
+        };
+        let copy_source = common::keys::copy_source(bucket, &a);
+        let failed = match direct.copy(&b, &copy_source, &etag, 0).await {
+            Answer::Copied | Answer::PreconditionFailed | Answer::SlowDown => None,
+            Answer::Elsewhere(handover) => {
+                match conditional_copy(&self.s3, bucket, &b, &copy_source, &etag).send().await {
+                    Ok(_) => Some(handover.miss),
+                    Err(e) => {
+                        tracing::warn!(
+                            "DIRECT_COPY not tried at start-up: the probe copy failed both ways ({})",
+                            describe(&e)
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        self.remove_probes([&a, &b]).await;
+        if let Some(miss) = failed {
+            tracing::warn!(
+                "DIRECT_COPY off for this run: a probe copy sent directly failed ({miss}) where the SDK's succeeded; \
+                 every copy goes through the SDK (a proxy, a clock or a TLS set-up this path cannot use?)"
+            );
+            self.direct = None;
+        }
+    }
+
+    /// Two keys of our own under the destination prefix, unique to this call.
+    fn probe_keys(&self) -> [String; 2] {
+        let unique = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+        );
+        let a = format!("{}{PROBE_DIRECTORY}{unique}", self.mapping.destination_prefix);
+        [a.clone(), format!("{a}.copy")]
+    }
+
+    /// Puts a small probe object at `key`, only if it does not exist; its ETag.
+    async fn put_probe(&self, key: &str) -> Result<String, Probe> {
+        let bucket = &self.mapping.destination_bucket;
+        let put = self
+            .s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .if_none_match("*")
+            .body(aws_sdk_s3::primitives::ByteStream::from_static(b"avatar-migration probe"))
+            .send()
+            .await
+            .map_err(|e| match CopyError::from_s3(&format!("PUT s3://{bucket}/{key}"), &e) {
+                CopyError::SetAside { reason: Reason::AccessDenied | Reason::EncryptionKeyUnusable, detail } => {
+                    Probe::Refused(detail)
+                }
+                _ => Probe::Failed(format!("PUT s3://{bucket}/{key}: {}", describe(&e))),
+            })?;
+        Ok(put.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn remove_probes(&self, keys: [&str; 2]) {
+        let bucket = &self.mapping.destination_bucket;
+        for key in keys {
             if let Err(e) = self.s3.delete_object().bucket(bucket).key(key).send().await {
                 tracing::warn!("could not remove the probe object s3://{bucket}/{key}: {}", describe(&e));
             }
         }
-        outcome
     }
 
     /// Lists the destination keys of one message's objects at once, where each copy needs a
@@ -381,7 +437,7 @@ impl Copier {
         // Two attempts: the second only when the source was replaced since it was listed, to
         // copy what the legacy row shows today.
         for _ in 0..2 {
-            let failed = match self.send_copy(source_key, destination_key, &etag).await {
+            let failed = match self.send_copy(source_key, destination_key, &etag, size).await {
                 Ok(()) => return Ok(Copied::Copied),
                 Err(Refused::PreconditionFailed(detail)) => detail,
                 Err(Refused::Error(err)) => {
@@ -411,10 +467,10 @@ impl Copier {
     /// ([`crate::pace`]); a copy S3 asks to slow down is tried again, by this consumer, when
     /// the pace allows again: throttling never sends a message back to the queue, where it
     /// would spend a receive towards the dead-letter queue (its lease keeps it invisible).
-    async fn send_copy(&self, source_key: &str, destination_key: &str, etag: &str) -> Result<(), Refused> {
+    async fn send_copy(&self, source_key: &str, destination_key: &str, etag: &str, size: i64) -> Result<(), Refused> {
         loop {
             let start = self.pace.start().await;
-            match self.send_copy_once(source_key, destination_key, etag).await {
+            match self.send_copy_once(source_key, destination_key, etag, size).await {
                 Sent::SlowDown => {
                     self.pace.slowed_down(start);
                     tracing::debug!("copy: S3 asks to slow down; trying again at the pace");
@@ -427,16 +483,16 @@ impl Copier {
 
     /// One copy request: sent directly where that path is on and decides, through the SDK
     /// otherwise (whose own retries leave slow-downs to the pace).
-    async fn send_copy_once(&self, source_key: &str, destination_key: &str, etag: &str) -> Sent {
+    async fn send_copy_once(&self, source_key: &str, destination_key: &str, etag: &str, size: i64) -> Sent {
         let copy_source = self.mapping.copy_source(source_key);
         let handed_over = match &self.direct {
-            Some(direct) => match direct.copy(destination_key, &copy_source, etag).await {
+            Some(direct) => match direct.copy(destination_key, &copy_source, etag, size.max(0) as u64).await {
                 Answer::Copied => return Sent::Copied,
                 Answer::PreconditionFailed => {
                     return Sent::Refused(Refused::PreconditionFailed("412 Precondition Failed".to_owned()));
                 }
                 Answer::SlowDown => return Sent::SlowDown,
-                Answer::Elsewhere(miss) => Some((direct, miss)),
+                Answer::Elsewhere(handover) => Some((direct, handover)),
             },
             None => None,
         };
@@ -444,8 +500,8 @@ impl Copier {
             conditional_copy(&self.paced_s3, &self.mapping.destination_bucket, destination_key, &copy_source, etag)
                 .send()
                 .await;
-        if let Some((direct, miss)) = handed_over {
-            direct.settle(&miss, sent.is_ok());
+        if let Some((direct, handover)) = handed_over {
+            direct.settle(&handover, sent.is_ok());
         }
         match sent {
             Ok(_) => Sent::Copied,

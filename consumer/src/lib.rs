@@ -91,12 +91,21 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         let counters = direct::DirectCounters {
             answered: stats.direct_copies.clone(),
             handed_over: stats.direct_handed_over.clone(),
+            off: stats.direct_copy_off.clone(),
         };
         let bucket = &copier.mapping.destination_bucket;
-        match direct::DirectCopy::new(&clients.s3_config, bucket, settings.storage.s3_force_path_style, counters) {
+        let force_path_style = settings.storage.s3_force_path_style;
+        match direct::DirectCopy::new(
+            &clients.s3_config,
+            bucket,
+            force_path_style,
+            settings.s3_request_timeout,
+            counters,
+        ) {
             Ok(direct) => copier.direct = Some(direct),
             Err(why) => tracing::warn!("DIRECT_COPY: every copy goes through the SDK: {why}"),
         }
+        copier.check_direct_copy().await;
     }
     let concurrency = settings
         .concurrency

@@ -57,6 +57,8 @@ pub struct Stats {
     pub direct_copies: Counter,
     /// Copies the direct path left to the SDK while it was on.
     pub direct_handed_over: Counter,
+    /// 1 while the direct path is off (its breaker), 0 otherwise.
+    pub direct_copy_off: Gauge,
     s3_slowdowns: Counter,
     /// Copies per second the pace allows now (`crate::pace`); 0 while not paced.
     pub copy_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -85,6 +87,7 @@ impl Default for Stats {
             rewrite_seconds: seconds(),
             direct_copies: Counter::default(),
             direct_handed_over: Counter::default(),
+            direct_copy_off: Gauge::default(),
             s3_slowdowns: Counter::default(),
             copy_rate: Gauge::default(),
             copies_slowed_down: Counter::default(),
@@ -163,6 +166,11 @@ impl Stats {
             "s3_direct_handed_over",
             "Copies the direct path left to the SDK (any other answer, or none)",
             self.direct_handed_over.clone(),
+        );
+        r.register(
+            "s3_direct_copy_off",
+            "1 while the direct path (DIRECT_COPY) is off after failing where the SDK succeeded, 0 otherwise",
+            self.direct_copy_off.clone(),
         );
         r.register(
             "copy_rate_limit",

@@ -157,13 +157,23 @@ pub struct Settings {
     /// CopyObjectResult and a 412 are taken from it; any other answer, or none, sends the same
     /// copy again through the SDK, with its retries and error classes. An answer asking to
     /// slow down (503, 429) is left to the consumer's pace, and the copy is tried again this
-    /// way when the pace allows; three failures in a
-    /// row (a 400 or 403, or no answer) that the SDK's request then did not meet turn it off,
-    /// with a warning. Measured side
+    /// way when the pace allows. Three failures in a row (a 400 or 403, or no answer) that the
+    /// SDK's request then did not meet turn it off, with a warning, for 10 s, after which one
+    /// copy tries it again (off again for twice as long if that fails, up to 5 minutes); a
+    /// probe copy at start-up sent this way that fails where the SDK's succeeds turns it off
+    /// for the run. Proxies as the SDK's: HTTPS_PROXY, HTTP_PROXY, NO_PROXY. Measured side
     /// by side: about half the consumer's CPU per object (docs/performance.md). `false`: every
     /// copy through the SDK.
     #[arg(long, env = "DIRECT_COPY", value_parser = clap::builder::BoolishValueParser::new(), default_value = "true", action = clap::ArgAction::Set)]
     pub direct_copy: bool,
+
+    /// Longest wait for the whole answer to a copy sent directly (`DIRECT_COPY`), plus one
+    /// second per 25 MiB of the object (S3 copies far faster); past it the copy goes through
+    /// the SDK, so that a server that takes a request and never answers holds neither the
+    /// copy nor its message. The connection itself must be made within the SDK's connect
+    /// timeout (3.1 s).
+    #[arg(long, env = "S3_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub s3_request_timeout: Duration,
 
     /// Threads this process runs on. 1 (the default): everything on one thread, which spends
     /// about a tenth less CPU per object than two (no wake-ups across threads; measured in

@@ -33,6 +33,8 @@ pub enum Fault {
     ResetAfter,
     /// The request is forwarded, its answer held back this long.
     Delay(Duration),
+    /// The request is taken and never answered, the connection left open: a hung server.
+    Hang,
     /// This answer instead of the server's (a malformed or truncated one, say).
     Answer { status: u16, body: &'static str },
     /// Forwarded while the limit lets it pass, S3's 503 SlowDown otherwise.
@@ -286,6 +288,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
         // `pick` answers a rate limit with forwarding or a SlowDown: never met here.
         Some(Fault::RateLimited(_)) => forward(&state, req).await,
+        Some(Fault::Hang) => std::future::pending().await,
         Some(Fault::Delay(delay)) => {
             let answer = forward(&state, req).await;
             tokio::time::sleep(delay).await;

@@ -117,35 +117,113 @@ async fn direct_copies_are_signed_as_s3_checks_them() {
     let (env, keys, conflict_etag) = seeded_and_fed().await;
     let out = drain(&env, &[("DIRECT_COPY", "true"), ("DESTINATION_CHECK", "on-conflict")]).await;
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
-    assert_eq!(direct_counts(&out), (keys.len() as u64 + 2, 0), "{}", stdout(&out));
+    assert_eq!(direct_counts(&out), (keys.len() as u64 + 3, 0), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
 
-/// Direct copies that fail although the SDK's requests for the same copies succeed (S3
-/// refusing a signature this path got wrong; no answer at all, as with a TLS set-up it cannot
-/// use) are sent again through the SDK, and after three in a row the path turns itself off
-/// with a warning: everything still moves, nothing is set aside, no secret is logged.
+/// A direct path that fails where the SDK succeeds (S3 refusing a signature this path got
+/// wrong; no answer at all, as with a TLS set-up or a proxy it cannot use) is found at
+/// start-up by one probe copy sent both ways: every copy of the run then goes through the
+/// SDK, everything moves, nothing is set aside, no secret is logged.
 #[tokio::test]
-async fn direct_copies_failing_where_the_sdk_succeeds_turn_the_path_off() {
+async fn a_direct_path_failing_at_start_up_is_off_for_the_run() {
     for fault in [Fault::Error { status: 403, code: "SignatureDoesNotMatch" }, Fault::Reset] {
         let (env, keys, conflict_etag) = seeded_and_fed().await;
         let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
         s3.add(Rule::always(direct_only(), fault.clone()));
-        let vars = [
-            ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
-            ("DESTINATION_CHECK", "on-conflict"),
-            ("CONCURRENCY", "2"),
-            ("RUST_LOG", "warn,consumer=debug"),
-        ];
+        let vars = [("AWS_ENDPOINT_URL_S3", s3.url.as_str()), ("RUST_LOG", "warn,consumer=debug")];
         let out = drain(&env, &vars).await;
         let log = String::from_utf8_lossy(&out.stderr);
-        assert!(log.contains("DIRECT_COPY turned off"), "{fault:?}: {log}");
+        assert!(log.contains("DIRECT_COPY off for this run"), "{fault:?}: {log}");
         assert!(!log.contains("Signature=") && !log.contains("Credential="), "{log}");
-        let (decided, handed_over) = direct_counts(&out);
-        assert_eq!(decided, 0, "{fault:?}");
-        assert!((3..=4).contains(&handed_over), "{fault:?}: three in a row, at most one more in flight: {handed_over}");
-        assert_eq!(s3.injected(), handed_over);
+        assert_eq!(direct_counts(&out), (0, 1), "{fault:?}: only the probe went that way");
+        assert_eq!(s3.injected(), 1);
         assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
+        assert_end_state(&env, &keys, &conflict_etag).await;
+        assert_no_probe_left(&env).await;
+    }
+}
+
+/// A burst of dropped connections on direct copies mid-run, where the SDK's copies succeed:
+/// after three in a row the path turns itself off, with a warning; after its cool-down one
+/// copy tries it again, is answered, and the path is back on for the rest of the run.
+#[tokio::test]
+async fn a_direct_path_turned_off_by_a_burst_of_resets_comes_back() {
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    // The run's own copies (their source is under image/), not the start-up probe's.
+    let mut burst = Rule::always(When { contains: Some("image".into()), ..direct_only() }, Fault::Reset);
+    burst.remaining = Some(consumer::direct::BREAKER.into());
+    s3.add(burst);
+    // Copies through the SDK take a while, so that the cool-down ends before the work does.
+    let sdk = When { contains: Some("image".into()), header: Some(("user-agent", "aws-sdk-rust")), ..When::default() };
+    s3.add(Rule::always(sdk, Fault::Delay(std::time::Duration::from_millis(400))));
+    let vars = [
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        ("DESTINATION_CHECK", "on-conflict"),
+        ("CONCURRENCY", "1"),
+        ("RUST_LOG", "warn,consumer=info"),
+    ];
+    let out = drain(&env, &vars).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let (off, on) = (log.find("DIRECT_COPY turned off for 10s"), log.find("DIRECT_COPY back on"));
+    assert!(off.is_some() && on > off, "{log}");
+    let (decided, handed_over) = direct_counts(&out);
+    assert_eq!(handed_over, u64::from(consumer::direct::BREAKER), "the burst; copies while off are not sent this way");
+    assert!(decided > 1, "copies decided directly again, besides the start-up probe: {decided}");
+    assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
+    assert_end_state(&env, &keys, &conflict_etag).await;
+}
+
+/// A server that takes a direct copy and never answers holds neither the copy nor its
+/// message: past `S3_REQUEST_TIMEOUT` the same copy goes through the SDK, and the run ends.
+#[tokio::test]
+async fn a_hung_direct_copy_goes_through_the_sdk_after_its_timeout() {
+    let (env, keys, conflict_etag) = seeded_and_fed().await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let mut hang = Rule::always(When { contains: Some("image".into()), ..direct_only() }, Fault::Hang);
+    hang.remaining = Some(1);
+    s3.add(hang);
+    let vars = [
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        ("DESTINATION_CHECK", "on-conflict"),
+        ("S3_REQUEST_TIMEOUT", "2s"),
+        ("RUST_LOG", "warn,consumer=info"),
+    ];
+    let out = drain(&env, &vars).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("no whole answer within 2s"), "{log}");
+    assert_eq!(s3.injected(), 1);
+    assert_eq!(direct_counts(&out), (keys.len() as u64 + 2, 1), "{}", stdout(&out));
+    assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
+    assert_end_state(&env, &keys, &conflict_etag).await;
+}
+
+/// Direct copies go through the proxy the environment names, as the SDK's requests do
+/// (`HTTP_PROXY`; `HTTPS_PROXY` for an https endpoint), and not for a host `NO_PROXY` names.
+/// The proxy here forwards to SeaweedFS, reached as `localhost`; SQS, at 127.0.0.1, is left
+/// out of it by `NO_PROXY`.
+#[tokio::test]
+async fn direct_copies_follow_the_proxy_settings_of_the_environment() {
+    for proxied in [true, false] {
+        let (env, keys, conflict_etag) = seeded_and_fed().await;
+        let proxy = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+        let endpoint = env.s3_endpoint.replace("127.0.0.1", "localhost");
+        let no_proxy = if proxied { "127.0.0.1" } else { "127.0.0.1,localhost" };
+        let vars = [
+            ("AWS_ENDPOINT_URL_S3", endpoint.as_str()),
+            ("HTTP_PROXY", proxy.url.as_str()),
+            ("NO_PROXY", no_proxy),
+            ("DESTINATION_CHECK", "on-conflict"),
+        ];
+        let out = drain(&env, &vars).await;
+        assert_eq!(direct_counts(&out), (keys.len() as u64 + 3, 0), "{}", stdout(&out));
+        let copies = proxy.forwarded_by_kind().get("S3 copy").copied().unwrap_or_default();
+        if proxied {
+            assert!(copies >= keys.len() as u64 + 3, "every copy through the proxy: {copies}");
+        } else {
+            assert_eq!(proxy.forwarded(), 0, "NO_PROXY names the host");
+        }
         assert_end_state(&env, &keys, &conflict_etag).await;
     }
 }
@@ -166,7 +244,7 @@ async fn a_direct_copy_that_is_not_clearly_answered_is_sent_again_through_the_sd
     let vars = [("AWS_ENDPOINT_URL_S3", s3.url.as_str()), ("DESTINATION_CHECK", "on-conflict")];
     let out = drain(&env, &vars).await;
     assert_eq!(s3.injected(), 3, "each fault met once: afterwards the SDK sent those copies");
-    assert_eq!(direct_counts(&out), (keys.len() as u64 - 1, 3), "{}", stdout(&out));
+    assert_eq!(direct_counts(&out), (keys.len() as u64, 3), "{}", stdout(&out));
     // The copy whose answer was lost took effect: the SDK's copy then met the server's 412.
     assert!(stdout(&out).contains(&format!("copied {}, already present 2", keys.len() - 1)), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
@@ -179,12 +257,15 @@ async fn a_direct_copy_that_is_not_clearly_answered_is_sent_again_through_the_sd
 async fn a_slow_down_on_the_direct_path_is_paced_and_tried_again_directly() {
     let (env, keys, conflict_etag) = seeded_and_fed().await;
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
-    let mut slow_down = Rule::always(direct_only(), Fault::Error { status: 503, code: "SlowDown" });
+    let mut slow_down = Rule::always(
+        When { contains: Some("image".into()), ..direct_only() },
+        Fault::Error { status: 503, code: "SlowDown" },
+    );
     slow_down.remaining = Some(5);
     s3.add(slow_down);
     let vars = [("AWS_ENDPOINT_URL_S3", s3.url.as_str()), ("DESTINATION_CHECK", "on-conflict")];
     let out = drain(&env, &vars).await;
-    assert_eq!(direct_counts(&out), (keys.len() as u64 + 2, 0), "{}", stdout(&out));
+    assert_eq!(direct_counts(&out), (keys.len() as u64 + 3, 0), "{}", stdout(&out));
     assert_eq!(s3.injected(), 5);
     assert!(stdout(&out).contains("copies S3 asked to slow down 5"), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
@@ -201,7 +282,7 @@ async fn direct_copies_go_over_tls_with_the_sdks_trusted_roots() {
     let vars =
         [("AWS_ENDPOINT_URL_S3", https.as_str()), ("SSL_CERT_FILE", ca.as_str()), ("DESTINATION_CHECK", "on-conflict")];
     let out = drain(&env, &vars).await;
-    assert_eq!(direct_counts(&out), (keys.len() as u64 + 2, 0), "{}", stdout(&out));
+    assert_eq!(direct_counts(&out), (keys.len() as u64 + 3, 0), "{}", stdout(&out));
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;
 }
