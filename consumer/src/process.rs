@@ -24,7 +24,7 @@ use crate::copy::{Copied, Copier, CopyError, Lookahead};
 use crate::lease::Lease;
 use crate::metrics::{InFlight, Stats};
 use crate::record::Rewriter;
-use crate::refusals::{Refusal, Refusals, VERDICT_WAIT, Verdict};
+use crate::refusals::{HALT_AFTER, QUIET, Refusal, Refusals, Verdict, WINDOW};
 
 pub struct Worker {
     pub sqs: Sqs,
@@ -201,31 +201,38 @@ impl Worker {
     }
 
     /// Registers an access denied or KMS refusal ([`Outcome::is_refusal`]); the one that
-    /// completes a streak stops the process ([`crate::refusals`]).
+    /// completes a streak, or half of the last objects decided, stops the process
+    /// ([`crate::refusals`]).
     fn refused(&self, outcome: &Outcome) -> Refusal {
         let refusal = self.refusals.refused();
         if refusal.halts()
             && let Outcome::SetAside { reason, detail, .. } = outcome
         {
+            let reason = reason.as_str();
+            let how_many = if refusal.in_a_row >= HALT_AFTER {
+                format!(
+                    "{} objects in a row were refused ({reason}) with no copy succeeding in between",
+                    refusal.in_a_row
+                )
+            } else {
+                format!("{} of the last {WINDOW} objects were refused ({reason})", refusal.in_window)
+            };
             self.halt.halt(anyhow::anyhow!(
-                "{} objects in a row were refused ({}) with no copy succeeding in between: this is not about one \
-                 object. The last: {detail}. Check the consumer role's grants (s3:GetObject on the source prefix, \
-                 s3:PutObject on the destination prefix, kms:Decrypt and kms:GenerateDataKey on their keys), the \
-                 buckets' policies and the keys' policies, then start the consumers again: the refused objects' \
-                 messages are still in the queue",
-                refusal.in_a_row,
-                reason.as_str(),
+                "{how_many}: this is not about one object. The last: {detail}. Check the consumer role's grants \
+                 (s3:GetObject on the source prefix, s3:PutObject on the destination prefix, kms:Decrypt and \
+                 kms:GenerateDataKey on their keys), the buckets' policies and the keys' policies, then start the \
+                 consumers again: the refused objects' messages are still in the queue",
             ));
         }
         refusal
     }
 
-    /// A refused object is set aside only once the objects around it prove the refusal is about
-    /// it; otherwise (a halt) its message stays, and only the first few of a streak are
+    /// A refused object is set aside only once the objects after it prove the refusal is about
+    /// it; otherwise (a halt) its message stays, and only the first few of the window are
     /// recorded.
     async fn weigh_refusal(&self, refusal: Refusal, outcome: Outcome) -> Outcome {
         let Outcome::SetAside { subject, reason, detail } = outcome else { return outcome };
-        match self.refusals.verdict(&refusal, VERDICT_WAIT).await {
+        match self.refusals.verdict(&refusal, QUIET).await {
             Verdict::OneObject => Outcome::SetAside { subject, reason, detail },
             Verdict::Systemic => {
                 if refusal.recorded()

@@ -4,35 +4,63 @@
 //! objects around it can.
 //!
 //! Promises:
-//! - a refused object is set aside (recorded, its message deleted) only once another object's
-//!   copy has succeeded after the refusal: proof that the refusal was about that object;
-//! - [`HALT_AFTER`] refusals in a row, with no copy succeeding in between, stop the process
-//!   with one line naming the refusal and what to check; the refused objects' messages stay in
-//!   the queue (nothing is set aside for a fault of the whole run);
-//! - at most [`RECORDED_PER_STREAK`] refusals of one streak are recorded, so that
-//!   `feeder failures` shows what happened without a record per object; when those objects
-//!   later move, their records are removed ([`crate::process`]);
-//! - a refusal that neither a success nor a halt settles within [`VERDICT_WAIT`] (the last
-//!   objects of a run) is taken as about its object, as before.
+//! - a refused object is set aside (recorded, its message deleted) only once [`WINDOW`] more
+//!   objects were decided after it without a halt: proof that the refusal was about that
+//!   object;
+//! - [`HALT_AFTER`] refusals in a row, with no copy succeeding in between, or [`WINDOW_HALT`]
+//!   among the last [`WINDOW`] objects decided (a refusal that strikes every other object: a
+//!   key policy for some of the objects, a bucket policy on part of the prefix), stop the
+//!   process with one line naming the refusal and what to check; the refused objects'
+//!   messages stay in the queue (nothing is set aside for a fault of the whole run);
+//! - at most [`RECORDED_PER_STREAK`] refusals among the last [`WINDOW`] objects are recorded
+//!   when the process stops, so that `feeder failures` shows what happened without a record
+//!   per object; when those objects later move, their records are removed
+//!   ([`crate::process`]);
+//! - a refusal is also taken as about its object when no object at all is decided for
+//!   [`QUIET`] while it waits (a run's last objects; a consumer working on few objects at
+//!   once, whose next objects wait for this one's message): then up to [`WINDOW_HALT`] may be
+//!   set aside before a share of them stops the process.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 /// Refusals in a row that stop the process.
 pub const HALT_AFTER: u32 = 10;
-/// Refusals of one streak recorded for the operator.
+/// The objects decided last that a share of refusals is counted over.
+pub const WINDOW: u32 = 40;
+/// Refusals among the last [`WINDOW`] objects that stop the process: half of them.
+pub const WINDOW_HALT: u32 = WINDOW / 2;
+/// Refusals recorded for the operator when the process stops.
 pub const RECORDED_PER_STREAK: u32 = 3;
-/// How long a refusal waits for a success or a halt to settle it.
-pub const VERDICT_WAIT: Duration = Duration::from_secs(20);
+/// How long a refusal waits, with no object decided meanwhile, before it is taken as about
+/// its object.
+pub const QUIET: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Seen {
-    /// Copies that succeeded so far.
-    successes: u64,
+    /// Objects decided so far: copied, or refused.
+    decided: u64,
     /// Refusals since the last success.
     streak: u32,
+    /// The last [`WINDOW`] objects decided: `true` for a refusal.
+    recent: VecDeque<bool>,
     halted: bool,
+}
+
+impl Seen {
+    fn decide(&mut self, refused: bool) {
+        self.decided += 1;
+        if self.recent.len() == WINDOW as usize {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(refused);
+    }
+
+    fn refused_recently(&self) -> u32 {
+        self.recent.iter().filter(|refused| **refused).count() as u32
+    }
 }
 
 /// The process's view of refusals; one per consumer, shared by every worker.
@@ -50,20 +78,23 @@ impl Default for Refusals {
 /// One refusal, as registered.
 #[derive(Debug, Clone, Copy)]
 pub struct Refusal {
-    successes_before: u64,
+    decided_before: u64,
     /// Its place in the streak (1 for the first refusal after a success).
     pub in_a_row: u32,
+    /// Refusals among the last [`WINDOW`] objects, this one included.
+    pub in_window: u32,
+    halts: bool,
 }
 
 impl Refusal {
-    /// Whether this refusal is to be recorded at once.
+    /// Whether this refusal is to be recorded when the process stops.
     pub fn recorded(&self) -> bool {
-        self.in_a_row <= RECORDED_PER_STREAK
+        self.in_window <= RECORDED_PER_STREAK
     }
 
     /// Whether this refusal is the one that stops the process.
     pub fn halts(&self) -> bool {
-        self.in_a_row == HALT_AFTER
+        self.halts
     }
 }
 
@@ -77,10 +108,10 @@ pub enum Verdict {
 }
 
 impl Refusals {
-    /// A copy succeeded: the refusals before it were about their objects.
+    /// A copy succeeded: the streak of refusals ends.
     pub fn succeeded(&self) {
         self.seen.send_modify(|s| {
-            s.successes += 1;
+            s.decide(false);
             s.streak = 0;
         });
     }
@@ -89,21 +120,36 @@ impl Refusals {
     pub fn refused(&self) -> Refusal {
         let mut refusal = None;
         self.seen.send_modify(|s| {
+            let decided_before = s.decided;
+            s.decide(true);
             s.streak = s.streak.saturating_add(1);
-            s.halted |= s.streak >= HALT_AFTER;
-            refusal = Some(Refusal { successes_before: s.successes, in_a_row: s.streak });
+            let in_window = s.refused_recently();
+            let halts = !s.halted && (s.streak >= HALT_AFTER || in_window >= WINDOW_HALT);
+            s.halted |= halts;
+            refusal = Some(Refusal { decided_before, in_a_row: s.streak, in_window, halts });
         });
         refusal.expect("send_modify runs its closure")
     }
 
-    /// Waits until a success (about its object) or a halt (about every object) settles the
-    /// refusal, at most `wait` (then: about its object).
-    pub async fn verdict(&self, refusal: &Refusal, wait: Duration) -> Verdict {
+    /// Waits until [`WINDOW`] more objects are decided without a halt (about its object) or a
+    /// halt (about every object) settles the refusal; when no object at all is decided for
+    /// `quiet` (a run's last objects; a consumer working on few at once, whose other objects
+    /// wait for this one's message), about its object.
+    pub async fn verdict(&self, refusal: &Refusal, quiet: Duration) -> Verdict {
         let mut seen = self.seen.subscribe();
-        let settled = seen.wait_for(|s| s.halted || s.successes > refusal.successes_before);
-        match tokio::time::timeout(wait, settled).await {
-            Ok(Ok(s)) if s.halted => Verdict::Systemic,
-            _ => Verdict::OneObject,
+        loop {
+            {
+                let s = seen.borrow_and_update();
+                if s.halted {
+                    return Verdict::Systemic;
+                }
+                if s.decided > refusal.decided_before + u64::from(WINDOW) {
+                    return Verdict::OneObject;
+                }
+            }
+            if !matches!(tokio::time::timeout(quiet, seen.changed()).await, Ok(Ok(()))) {
+                return Verdict::OneObject;
+            }
         }
     }
 }
@@ -113,48 +159,98 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_refusal_followed_by_a_success_is_about_its_object() {
+    async fn a_refusal_followed_by_a_window_of_successes_is_about_its_object() {
         let refusals = Refusals::default();
         let first = refusals.refused();
-        assert!(first.recorded() && !first.halts());
-        refusals.succeeded();
-        assert_eq!(refusals.verdict(&first, VERDICT_WAIT).await, Verdict::OneObject);
+        assert!(!first.halts());
+        for _ in 0..WINDOW {
+            refusals.succeeded();
+        }
+        assert_eq!(refusals.verdict(&first, QUIET).await, Verdict::OneObject);
         assert_eq!(refusals.refused().in_a_row, 1, "a success ends the streak");
     }
 
     #[tokio::test(start_paused = true)]
     async fn refusals_in_a_row_halt_and_only_the_first_few_are_recorded() {
         let refusals = std::sync::Arc::new(Refusals::default());
+        for _ in 0..5 {
+            refusals.succeeded();
+        }
         let all: Vec<Refusal> = (0..HALT_AFTER).map(|_| refusals.refused()).collect();
         assert_eq!(all.iter().filter(|r| r.recorded()).count() as u32, RECORDED_PER_STREAK);
         assert_eq!(all.iter().filter(|r| r.halts()).count(), 1);
+        assert!(all.last().unwrap().halts());
         for r in &all {
-            assert_eq!(refusals.verdict(r, VERDICT_WAIT).await, Verdict::Systemic);
+            assert_eq!(refusals.verdict(r, QUIET).await, Verdict::Systemic);
         }
-        // A success after the halt does not make the earlier refusals about their objects.
-        refusals.succeeded();
-        assert_eq!(refusals.verdict(&all[0], VERDICT_WAIT).await, Verdict::Systemic);
+        // Later objects do not make the earlier refusals about their objects.
+        for _ in 0..=WINDOW {
+            refusals.succeeded();
+        }
+        assert_eq!(refusals.verdict(&all[0], QUIET).await, Verdict::Systemic);
+        assert!(!refusals.refused().halts(), "one refusal stops the process");
+    }
+
+    /// Every other object refused (never ten in a row): half the window halts, before any
+    /// of those refusals is set aside, and only the first few are recorded.
+    #[tokio::test(start_paused = true)]
+    async fn half_of_a_window_refused_halts() {
+        let refusals = std::sync::Arc::new(Refusals::default());
+        let mut all = Vec::new();
+        for _ in 0..WINDOW_HALT {
+            all.push(refusals.refused());
+            refusals.succeeded();
+        }
+        assert!(all.iter().all(|r| r.in_a_row == 1));
+        assert_eq!(all.iter().filter(|r| r.halts()).count(), 1);
+        assert!(all.last().unwrap().halts());
+        assert_eq!(all.iter().filter(|r| r.recorded()).count() as u32, RECORDED_PER_STREAK);
+        for r in &all {
+            assert_eq!(refusals.verdict(r, QUIET).await, Verdict::Systemic);
+        }
+    }
+
+    /// A share under half does not halt: each refusal is about its object.
+    #[tokio::test(start_paused = true)]
+    async fn a_third_refused_is_about_those_objects() {
+        let refusals = Refusals::default();
+        let mut all = Vec::new();
+        for _ in 0..3 * WINDOW {
+            all.push(refusals.refused());
+            refusals.succeeded();
+            refusals.succeeded();
+        }
+        assert!(all.iter().all(|r| !r.halts()));
+        let begun = tokio::time::Instant::now();
+        let settled = &all[..all.len() - WINDOW as usize / 3 - 1];
+        for r in settled {
+            assert_eq!(refusals.verdict(r, QUIET).await, Verdict::OneObject);
+        }
+        assert_eq!(begun.elapsed(), Duration::ZERO, "settled by the objects after them");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_left_unsettled_is_about_its_object() {
         let refusals = Refusals::default();
         let only = refusals.refused();
+        refusals.succeeded();
         let begun = tokio::time::Instant::now();
-        assert_eq!(refusals.verdict(&only, Duration::from_secs(20)).await, Verdict::OneObject);
-        assert_eq!(begun.elapsed(), Duration::from_secs(20));
+        assert_eq!(refusals.verdict(&only, QUIET).await, Verdict::OneObject);
+        assert_eq!(begun.elapsed(), QUIET, "no object decided meanwhile");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_waiting_refusal_is_settled_by_a_later_success() {
+    async fn a_waiting_refusal_is_settled_by_later_successes() {
         let refusals = std::sync::Arc::new(Refusals::default());
         let one = refusals.refused();
         let waiting = tokio::spawn({
             let refusals = refusals.clone();
-            async move { refusals.verdict(&one, VERDICT_WAIT).await }
+            async move { refusals.verdict(&one, QUIET).await }
         });
         tokio::task::yield_now().await;
-        refusals.succeeded();
+        for _ in 0..WINDOW {
+            refusals.succeeded();
+        }
         assert_eq!(waiting.await.unwrap(), Verdict::OneObject);
     }
 }

@@ -211,9 +211,11 @@ async fn metrics_and_health_are_served_during_a_run() {
     expect("avatar_migration_s3_copy_seconds_count", expected_deleted);
     expect("avatar_migration_db_rewrite_seconds_count", 30.0);
     expect("avatar_migration_s3_slowdowns_total", 0.0);
-    // DIRECT_COPY, the default: every copy decided by the direct path, none sent again.
-    expect("avatar_migration_s3_direct_copies_total", 30.0);
+    // DIRECT_COPY, the default: every copy decided by the direct path (and the start-up
+    // probe's), none sent again, the path never off.
+    expect("avatar_migration_s3_direct_copies_total", 31.0);
     expect("avatar_migration_s3_direct_handed_over_total", 0.0);
+    expect("avatar_migration_s3_direct_copy_off", 0.0);
 
     assert_eq!(http_get(&addr, "/health").await.0, 200);
     // Without blocking the runtime: the fault proxy runs on it.
