@@ -5,7 +5,10 @@
 //!
 //! Faults: consumers SIGKILLed (the last one not replaced); S3 and SQS answering 500, 503
 //! SlowDown, connection resets (before and after the request took effect) and slow answers
-//! on about 12 % of calls (`proxy`); PostgreSQL restarted; SQS unreachable for a while; the
+//! on about 12 % of calls (`proxy`); copies throttled (503 SlowDown above a low rate) for a
+//! while; the destination refusing every copy (403 AccessDenied, a grant gone) until every
+//! consumer stops itself, then consumers started again once it is back; PostgreSQL
+//! restarted; SQS unreachable for a while; the
 //! feeder SIGKILLed twice mid-listing; a row held by a live transaction; poison messages;
 //! sources deleted between listing and copy; destination conflicts (seeded and uploaded live);
 //! destinations holding the same bytes under another ETag.
@@ -343,18 +346,12 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     common::db::prepare(&env.db).await?;
     let s3 = FaultProxy::start(&env.s3_endpoint).await?;
     let sqs = FaultProxy::start(&env.sqs_endpoint).await?;
-    // About 12 % of calls faulted on each side; the rules are tried in turn.
     for proxy in [&s3, &sqs] {
-        for (fault, p) in [
-            (Fault::Error { status: 500, code: "InternalError" }, 0.03),
-            (Fault::Error { status: 503, code: "SlowDown" }, 0.03),
-            (Fault::Reset, 0.02),
-            (Fault::ResetAfter, 0.02),
-            (Fault::Delay(Duration::from_millis(300)), 0.03),
-        ] {
-            proxy.add(Rule::sometimes(When::default(), fault, p));
-        }
+        add_random_faults(proxy);
     }
+    // Copies throttled for a while (from THROTTLE_AT), as an S3 partition does: unlimited until then.
+    let throttle = crate::proxy::RateLimit::new(f64::MAX);
+    s3.add(Rule::always(copies(), Fault::RateLimited(throttle.clone())));
     let mut vars = env.vars();
     vars.retain(|(k, _)| !k.starts_with("AWS_ENDPOINT_URL"));
     vars.push(("AWS_ENDPOINT_URL_S3".into(), s3.url.clone()));
@@ -399,6 +396,9 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let (mut consumer_kills, mut deleted, mut pg_restarts, mut outages, mut locks) =
         (0u64, Vec::new(), 0u64, 0u64, 0u64);
     let mut lock_task = None;
+    let (mut throttled, mut refusing) = (Phase::NotYet, Phase::NotYet);
+    let mut stopped_by_refusals: Vec<(std::process::ExitStatus, String)> = Vec::new();
+    let mut refused = 0;
     let deadline = started + Duration::from_secs(1800);
     let mut last_report = Instant::now();
     loop {
@@ -476,6 +476,68 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
             tokio::time::sleep(config.sqs_outage).await;
             sqs.set_down(false);
             outages = 1;
+        }
+        // Sustained throttling: copies above THROTTLE_RATE per second refused with SlowDown.
+        if matches!(throttled, Phase::NotYet) && progress >= THROTTLE_AT {
+            say(
+                begun,
+                format!("{:.0} % moved: copies throttled to {THROTTLE_RATE}/s for {THROTTLE_FOR:?}", progress * 100.0),
+            );
+            throttle.set_rate(THROTTLE_RATE);
+            throttled = Phase::Since(Instant::now());
+        }
+        if let Phase::Since(since) = throttled
+            && since.elapsed() >= THROTTLE_FOR
+        {
+            throttle.set_rate(f64::MAX);
+            throttled = Phase::Over;
+        }
+        // A systemic refusal: every copy refused, until every running consumer stops itself;
+        // then the grant is back, and consumers are started again.
+        if matches!(refusing, Phase::NotYet) && progress >= REFUSE_AT && !consumers.is_empty() {
+            say(
+                begun,
+                format!("{:.0} % moved: the destination refuses every copy (403 AccessDenied)", progress * 100.0),
+            );
+            // First, so that no other rule answers a copy instead.
+            s3.clear();
+            let mut refuse = Rule::always(copies(), Fault::Error { status: 403, code: "AccessDenied" });
+            refuse.remaining = Some(REFUSALS_AT_MOST);
+            s3.add(refuse);
+            add_random_faults(&s3);
+            s3.add(Rule::always(copies(), Fault::RateLimited(throttle.clone())));
+            refusing = Phase::Since(Instant::now());
+        }
+        if let Phase::Since(since) = refusing {
+            let mut running = 0;
+            for c in &mut consumers {
+                if c.child.try_wait()?.is_none() {
+                    running += 1;
+                }
+            }
+            anyhow::ensure!(
+                since.elapsed() < Duration::from_secs(120),
+                "{running} consumers still running 2 minutes into a systemic refusal"
+            );
+            if running == 0 {
+                for mut c in consumers.drain(..) {
+                    stopped_by_refusals.push(c.wait().await?);
+                }
+                say(
+                    begun,
+                    format!(
+                        "every consumer stopped itself in {:.1} s: the grant is back, consumers started again",
+                        since.elapsed().as_secs_f64()
+                    ),
+                );
+                refused = REFUSALS_AT_MOST - s3.remaining(0).unwrap_or(REFUSALS_AT_MOST);
+                s3.clear();
+                add_random_faults(&s3);
+                s3.add(Rule::always(copies(), Fault::RateLimited(throttle.clone())));
+                consumers = (0..config.consumers).map(|_| spawn_consumer(&vars)).collect::<Result<_, _>>()?;
+                refusing = Phase::Over;
+            }
+            continue;
         }
         // The end: every consumer exited by itself (the queue was empty) and the feeder is done.
         let mut running = 0;
@@ -571,6 +633,22 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     }
 
     let failures: BTreeMap<String, i64> = common::db::failure_counts(&env.db).await?.into_iter().collect();
+    let halted = stopped_by_refusals
+        .iter()
+        .filter(|(exit, last)| exit.code() == Some(1) && last.contains("this is not about one object"));
+    let halted = halted.count();
+    if matches!(refusing, Phase::Over) && (halted == 0 || halted < stopped_by_refusals.len()) {
+        report.problems.push(format!(
+            "on a systemic refusal, {halted} of {} consumers stopped themselves with exit 1: {stopped_by_refusals:?}",
+            stopped_by_refusals.len()
+        ));
+    }
+    let stale_refusals = failures.get("access_denied").copied().unwrap_or(0);
+    if stale_refusals != 0 {
+        report.problems.push(format!("{stale_refusals} access_denied records left standing after the grant came back"));
+    }
+    let (_, throttled_refusals) = throttle.counts();
+    let dead_lettered = common::aws::queue_depth(&env.sqs, &env.dlq_url).await?.total();
     let line = |fault: &str, injected: u64, outcome: String| Line { fault: fault.to_owned(), injected, outcome };
     report.lines = vec![
         line(
@@ -582,6 +660,20 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
             "SQS: 500 / 503 / resets / slow answers (~12 %)",
             sqs.injected(),
             format!("{} requests forwarded", sqs.forwarded()),
+        ),
+        line(
+            &format!("S3: copies throttled to {THROTTLE_RATE}/s for {THROTTLE_FOR:?} (503 SlowDown)"),
+            throttled_refusals,
+            format!("paced; the dead-letter queue holds {dead_lettered} at the end (any cause)"),
+        ),
+        line(
+            "S3: every copy refused (403 AccessDenied) until consumers stop",
+            refused,
+            format!(
+                "{halted} of {} consumers stopped themselves (exit 1); after the fix {stale_refusals} refusal \
+                 records left",
+                stopped_by_refusals.len()
+            ),
         ),
         line(&format!("SQS unreachable for {:?}", config.sqs_outage), outages, "consumers and feeder retried".into()),
         line(
@@ -634,7 +726,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         ),
         line("second pass (verify -> reconcile -> verify)", u64::from(needed), second_pass),
     ];
-    report.faults_injected = report.lines.iter().take(10).map(|l| l.injected).sum();
+    report.faults_injected = report.lines.iter().take(12).map(|l| l.injected).sum();
     report.lines.push(line(
         "end state",
         0,
@@ -653,6 +745,42 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         ),
     ));
     Ok(report)
+}
+
+/// The share of the run's rows moved when copies are throttled, at what rate, for how long.
+const THROTTLE_AT: f64 = 0.20;
+const THROTTLE_RATE: f64 = 15.0;
+const THROTTLE_FOR: Duration = Duration::from_secs(8);
+/// The share moved when the destination starts refusing every copy.
+const REFUSE_AT: f64 = 0.45;
+/// More refusals than the phase can meet: the rule's count of what it has left tells how many.
+const REFUSALS_AT_MOST: u64 = 1_000_000;
+
+/// Where a timed fault stands.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    NotYet,
+    Since(Instant),
+    Over,
+}
+
+/// About 12 % of calls faulted: 500, 503 SlowDown, resets before and after the request took
+/// effect, slow answers; the rules are tried in turn.
+fn add_random_faults(proxy: &FaultProxy) {
+    for (fault, p) in [
+        (Fault::Error { status: 500, code: "InternalError" }, 0.03),
+        (Fault::Error { status: 503, code: "SlowDown" }, 0.03),
+        (Fault::Reset, 0.02),
+        (Fault::ResetAfter, 0.02),
+        (Fault::Delay(Duration::from_millis(300)), 0.03),
+    ] {
+        proxy.add(Rule::sometimes(When::default(), fault, p));
+    }
+}
+
+/// The run's copies (their source under `image/`), not the consumers' start-up probes.
+fn copies() -> When {
+    When { method: Some("PUT"), contains: Some("/image/".into()), ..When::default() }
 }
 
 /// `feeder verify --json`, straight to the real servers; its JSON line.

@@ -196,6 +196,11 @@ impl FaultProxy {
         self.state.rules.lock().unwrap().push(rule);
     }
 
+    /// Faults the rule added `index`-th has left to inject (its `remaining`).
+    pub fn remaining(&self, index: usize) -> Option<u64> {
+        self.state.rules.lock().unwrap().get(index).and_then(|r| r.remaining)
+    }
+
     pub fn clear(&self) {
         self.state.rules.lock().unwrap().clear();
     }
