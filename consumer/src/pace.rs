@@ -341,4 +341,74 @@ mod tests {
         let goodput = accepted as f64 / 10.0;
         assert!(goodput >= 0.95 * 400.0, "30 s after the limit doubled: goodput {goodput}/s");
     }
+
+    /// Consumers sharing one limit, each with its own pace and `in_flight` copies taking
+    /// `latency` (the limit is met halfway), against one token bucket of `limit` a second (as
+    /// the benchmark's proxy): (goodput as a share of the limit, share of copies refused),
+    /// counted after `settle` seconds, over `secs`.
+    async fn sharing(consumers: usize, limit: f64, latency: Duration, settle: u64, secs: u64) -> (f64, f64) {
+        use std::sync::Arc;
+        struct Bucket {
+            tokens: f64,
+            filled_at: Instant,
+            accepted: u64,
+            refused: u64,
+        }
+        let bucket = Arc::new(Mutex::new(Bucket { tokens: 0.0, filled_at: Instant::now(), accepted: 0, refused: 0 }));
+        let begun = Instant::now();
+        let end = Duration::from_secs(settle + secs);
+        let mut fleet = Vec::new();
+        for _ in 0..consumers {
+            let (pace, in_flight, bucket) =
+                (Arc::new(Pace::default()), Arc::new(tokio::sync::Semaphore::new(128)), bucket.clone());
+            fleet.push(tokio::spawn(async move {
+                while begun.elapsed() < end {
+                    let permit = in_flight.clone().acquire_owned().await.expect("open");
+                    let start = pace.start().await;
+                    let (pace, bucket) = (pace.clone(), bucket.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(latency / 2).await;
+                        let accepted = {
+                            let mut b = bucket.lock().unwrap();
+                            let now = Instant::now();
+                            b.tokens = (b.tokens + now.duration_since(b.filled_at).as_secs_f64() * limit)
+                                .min((limit / 10.0).max(1.0));
+                            b.filled_at = now;
+                            let counted = u64::from(begun.elapsed() >= Duration::from_secs(settle));
+                            if b.tokens >= 1.0 {
+                                b.tokens -= 1.0;
+                                b.accepted += counted;
+                                true
+                            } else {
+                                b.refused += counted;
+                                false
+                            }
+                        };
+                        tokio::time::sleep(latency / 2).await;
+                        if !accepted {
+                            pace.slowed_down(start);
+                        }
+                        drop(permit);
+                    });
+                }
+            }));
+        }
+        for consumer in fleet {
+            consumer.await.unwrap();
+        }
+        let b = bucket.lock().unwrap();
+        (b.accepted as f64 / secs as f64 / limit, b.refused as f64 / (b.accepted + b.refused) as f64)
+    }
+
+    /// Consumers that share one limit converge on it without talking to each other: with 2,
+    /// 4 and 8 of them (128 copies in flight each, 50 ms a copy), at least 95 % of the limit
+    /// accepted once settled and at most 5 % of the copies refused.
+    #[tokio::test(start_paused = true)]
+    async fn consumers_sharing_a_limit_converge_on_it() {
+        for consumers in [2, 4, 8] {
+            let (goodput, refused) = sharing(consumers, 200.0, Duration::from_millis(50), 20, 60).await;
+            assert!(goodput >= 0.95, "{consumers} consumers: goodput {goodput:.3} of the limit");
+            assert!(refused <= 0.05, "{consumers} consumers: {:.1} % refused", refused * 100.0);
+        }
+    }
 }
