@@ -415,7 +415,8 @@ impl Copier {
         }
         if size > self.multipart.threshold {
             let (source, destination) = ((src_bucket.as_str(), source_key), (dst_bucket.as_str(), destination_key));
-            match multipart::copy(&self.s3, &self.multipart, source, destination).await? {
+            let paced = multipart::Paced { s3: &self.paced_s3, pace: &self.pace };
+            match multipart::copy(&self.s3, paced, &self.multipart, source, destination).await? {
                 InParts::Copied => return Ok(Copied::Copied),
                 InParts::DestinationExists => {
                     return match self.head(dst_bucket, destination_key).await? {

@@ -15,14 +15,45 @@
 //!   copy uses the same part size, so the destination's ETag equals the source's: a later
 //!   delivery proves the copy complete from the ETags alone, without reading gigabytes;
 //! - an upload that fails or is abandoned is aborted (best effort; a bucket lifecycle rule
-//!   `AbortIncompleteMultipartUpload` catches the rest, see the README).
+//!   `AbortIncompleteMultipartUpload` catches the rest, see the README);
+//! - its writes under the destination prefix (the upload's start, each part, its completion)
+//!   start at the consumer's pace (`crate::pace`), as its single copies do, and one S3 asks to
+//!   slow down is sent again when the pace allows: throttling never fails a copy in parts.
 
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use common::aws::{S3, describe, status};
+use common::aws::{S3, describe, is_slow_down, status};
 use common::db::Reason;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::copy::{CopyError, MAX_SINGLE_COPY};
+use crate::pace::Pace;
+
+/// The S3 client whose slow-downs come back at once (`common::aws::s3_paced_client`) and the
+/// consumer's pace: how the upload's writes are sent.
+#[derive(Clone, Copy)]
+pub struct Paced<'a> {
+    pub s3: &'a S3,
+    pub pace: &'a Pace,
+}
+
+impl Paced<'_> {
+    /// Sends a request when the pace allows, again (at the pace) each time S3 asks to slow down.
+    async fn send<T, E, F>(&self, request: impl Fn() -> F) -> Result<T, SdkError<E, HttpResponse>>
+    where
+        F: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata,
+    {
+        loop {
+            let start = self.pace.start().await;
+            match request().await {
+                Err(err) if is_slow_down(&err) => self.pace.slowed_down(start),
+                sent => return sent,
+            }
+        }
+    }
+}
 
 /// The smallest part S3 accepts (except the last one).
 pub const MIN_PART: i64 = 5 * 1024 * 1024;
@@ -69,6 +100,7 @@ pub enum InParts {
 /// Copies `source` to `destination` in parts.
 pub async fn copy(
     s3: &S3,
+    paced: Paced<'_>,
     config: &Multipart,
     (src_bucket, src_key): (&str, &str),
     (dst_bucket, dst_key): (&str, &str),
@@ -81,7 +113,8 @@ pub async fn copy(
     let part_size = part_size(s3, config, src_bucket, src_key, &source).await;
     let tagging = tagging(s3, src_bucket, src_key).await?;
     let h = &source.head;
-    let created = s3
+    let create = paced
+        .s3
         .create_multipart_upload()
         .bucket(dst_bucket)
         .key(dst_key)
@@ -91,8 +124,9 @@ pub async fn copy(
         .set_content_encoding(h.content_encoding().map(str::to_owned))
         .set_content_language(h.content_language().map(str::to_owned))
         .set_metadata(h.metadata().cloned())
-        .set_tagging(tagging)
-        .send()
+        .set_tagging(tagging);
+    let created = paced
+        .send(|| create.clone().send())
         .await
         .map_err(|e| CopyError::from_s3(&step("starting a multipart copy"), &e))?;
     let upload_id = created
@@ -101,7 +135,7 @@ pub async fn copy(
         .to_owned();
     let guard = AbortOnDrop::new(s3.clone(), dst_bucket, dst_key, &upload_id);
     let done =
-        copy_parts(s3, config, &source, part_size, (src_bucket, src_key), (dst_bucket, dst_key), &upload_id).await;
+        copy_parts(paced, config, &source, part_size, (src_bucket, src_key), (dst_bucket, dst_key), &upload_id).await;
     match done {
         Ok(InParts::Copied) => guard.disarm(),
         // The destination appeared meanwhile, or a part failed: the parts are removed.
@@ -112,7 +146,7 @@ pub async fn copy(
 
 /// Copies the parts and completes the upload; see [`copy`].
 async fn copy_parts(
-    s3: &S3,
+    paced: Paced<'_>,
     config: &Multipart,
     source: &Source,
     part_size: i64,
@@ -127,7 +161,8 @@ async fn copy_parts(
     let mut parts: Vec<CompletedPart> = futures::stream::iter(1..=count)
         .map(|n| {
             let (first, last) = ((n - 1) * part_size, (n * part_size).min(source.size) - 1);
-            let request = s3
+            let request = paced
+                .s3
                 .upload_part_copy()
                 .bucket(dst_bucket)
                 .key(dst_key)
@@ -138,7 +173,7 @@ async fn copy_parts(
                 .copy_source_if_match(&source.etag);
             let step = &step;
             async move {
-                let out = request.send().await.map_err(|e| match status(&e) {
+                let out = paced.send(|| request.clone().send()).await.map_err(|e| match status(&e) {
                     Some(412) => CopyError::Transient(format!(
                         "{}: the source changed during the copy; it is copied again later",
                         step("multipart copy")
@@ -153,15 +188,15 @@ async fn copy_parts(
         .try_collect()
         .await?;
     parts.sort_by_key(|p| p.part_number());
-    let completed = s3
+    let complete = paced
+        .s3
         .complete_multipart_upload()
         .bucket(dst_bucket)
         .key(dst_key)
         .upload_id(upload_id)
         .if_none_match("*")
-        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-        .send()
-        .await;
+        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
+    let completed = paced.send(|| complete.clone().send()).await;
     match completed {
         Ok(_) => Ok(InParts::Copied),
         Err(e) if status(&e) == Some(412) => Ok(InParts::DestinationExists),

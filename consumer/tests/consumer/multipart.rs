@@ -162,3 +162,35 @@ async fn a_large_conflict_is_recorded_and_never_overwritten() {
         assert_eq!(env.depth(&env.queue_url).await, (0, 0), "{check}");
     }
 }
+
+/// A copy in parts that S3 keeps asking to slow down (its start, every part, its completion:
+/// more refusals than the SDK's retries would ride out) is paced and finished by the consumer
+/// that holds it: the same bytes at the destination, nothing set aside, nothing left in the
+/// queue.
+#[tokio::test]
+async fn a_copy_in_parts_rides_out_slow_downs() {
+    use testkit::proxy::{Fault, FaultProxy, Rule, When};
+    let env = Env::on_seaweedfs().await;
+    let big = body(13 * MIB, 5);
+    env.put(&env.source_bucket, "image/big.png", &big).await;
+    let ids = env.insert_rows(&["image/big.png".into()]).await;
+    feed(&env).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    for piece in ["uploads", "partNumber", "uploadId"] {
+        let mut slow_down = Rule::always(
+            When { contains: Some(piece.into()), ..When::default() },
+            Fault::Error { status: 503, code: "SlowDown" },
+        );
+        slow_down.remaining = Some(10);
+        s3.add(slow_down);
+    }
+    let out = drain(&env, &[SMALL_PARTS, &[("AWS_ENDPOINT_URL_S3", s3.url.as_str())]].concat()).await;
+    assert_eq!(s3.injected(), 30, "{}", stdout(&out));
+    assert!(stdout(&out).contains("copies S3 asked to slow down 30"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("received 1 messages"), "done on its first delivery: {}", stdout(&out));
+    assert_eq!(env.get(&env.destination_bucket, "avatar/big.png").await.unwrap(), big);
+    assert_eq!(env.path_of(ids[0]).await, "avatar/big.png");
+    assert_eq!(env.failures().await, vec![]);
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+    assert_eq!(env.depth(&env.dlq_url).await, (0, 0));
+}
