@@ -6,7 +6,11 @@
 //! are that rate times a latency that moves with the load.
 //!
 //! Promises:
-//! - until S3 first asks to slow down, copies are not paced (`CONCURRENCY` bounds them);
+//! - a consumer's copies start along a ramp ([`SLOW_START`] a second, doubling every
+//!   [`RAMP_DOUBLING`], a third of a second to [`RAMP_END`]), then are not paced until S3 first
+//!   asks to slow down (`CONCURRENCY` bounds them): a fleet that starts, or a consumer that
+//!   joins a fleet at S3's limit, does not send its whole `CONCURRENCY` at once, as TCP's slow
+//!   start does not;
 //! - a slow-down cuts the rate to [`BACK_OFF`] of what it was (of the starts of the last second,
 //!   the first time), once per round: a refusal of a copy started before the last cut does
 //!   not cut again, so a burst of refusals from one overshoot is one cut, not a collapse;
@@ -47,6 +51,13 @@ pub const GROWTH: f64 = 0.05;
 pub const DOUBLING: Duration = Duration::from_secs(5);
 /// The rate never falls below this (copies per second).
 pub const MIN_RATE: f64 = 1.0;
+/// Copies per second at a consumer's first copy; see [`RAMP_DOUBLING`].
+pub const SLOW_START: f64 = 100.0;
+/// The ramp doubles its rate this often until [`RAMP_END`], or until S3 first asks to slow
+/// down.
+pub const RAMP_DOUBLING: Duration = Duration::from_millis(50);
+/// Past this rate the ramp ends: copies are not paced until S3 asks to slow down.
+pub const RAMP_END: f64 = 10_000.0;
 /// How far behind its schedule a pace may run and catch up (starts a timer's coarse ticks
 /// bunched together); an idle pace banks nothing beyond it.
 const SLACK: Duration = Duration::from_millis(10);
@@ -67,9 +78,10 @@ struct State {
     cut_at: Instant,
     /// Whether a copy waited for the pace since then.
     bound: bool,
-    /// Starts of the last second, while not paced (the first cut's base).
+    /// Starts of the last second, before the first cut (the first cut's base).
     recent: VecDeque<Instant>,
-    /// The first start, while not paced: the first cut's base in the process's first second.
+    /// The first start: where the ramp begins, and the first cut's base in the process's first
+    /// second.
     first: Option<Instant>,
 }
 
@@ -134,13 +146,12 @@ impl Pace {
                     self.rate_gauge.set(s.effective().unwrap_or_default());
                 }
                 let start = Start { round: s.round };
-                match s.effective() {
+                if s.rate.is_none() {
+                    s.first.get_or_insert(now);
+                }
+                match s.pacing(now) {
                     None => {
-                        s.first.get_or_insert(now);
-                        s.recent.push_back(now);
-                        while s.recent.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1)) {
-                            s.recent.pop_front();
-                        }
+                        s.note_start(now);
                         return start;
                     }
                     Some(rate) => {
@@ -149,6 +160,7 @@ impl Pace {
                         s.next_start = s.next_start.max(now.checked_sub(SLACK).unwrap_or(now));
                         if s.next_start <= now {
                             s.next_start += Duration::from_secs_f64(1.0 / rate);
+                            s.note_start(now);
                             return start;
                         }
                         // Only the learned rate grows by binding, not the operator's cap.
@@ -203,6 +215,34 @@ impl Pace {
 }
 
 impl State {
+    /// The rate starts are spaced at now: the learned rate, the cap or the ramp, whichever is
+    /// lowest; `None`: not paced.
+    fn pacing(&self, now: Instant) -> Option<f64> {
+        let ramp = self.rate.is_none().then(|| self.ramp(now)).flatten();
+        match (self.effective(), ramp) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The ramp's rate now, from the first start; `None` past [`RAMP_END`].
+    fn ramp(&self, now: Instant) -> Option<f64> {
+        let since = now.duration_since(self.first?);
+        let rate = SLOW_START * 2f64.powf(since.as_secs_f64() / RAMP_DOUBLING.as_secs_f64());
+        (rate < RAMP_END).then_some(rate)
+    }
+
+    /// Keeps the starts of the last second until the first cut, its base.
+    fn note_start(&mut self, now: Instant) {
+        if self.rate.is_some() {
+            return;
+        }
+        self.recent.push_back(now);
+        while self.recent.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1)) {
+            self.recent.pop_front();
+        }
+    }
+
     /// The learned rate or the cap, whichever is lower.
     fn effective(&self) -> Option<f64> {
         match (self.rate, self.cap) {
@@ -263,9 +303,22 @@ mod tests {
         (accepted, refused)
     }
 
+    /// Along the ramp, then unpaced until the first slow-down: the first copies are spaced
+    /// (five in the first 50 ms), the ramp is over within half a second, and then copies start
+    /// at once.
     #[tokio::test(start_paused = true)]
-    async fn unpaced_until_the_first_slow_down() {
+    async fn a_ramp_then_unpaced_until_the_first_slow_down() {
         let pace = Pace::default();
+        let begun = Instant::now();
+        let mut first_50_ms = 0;
+        for _ in 0..2000 {
+            pace.start().await;
+            if begun.elapsed() < RAMP_DOUBLING {
+                first_50_ms += 1;
+            }
+        }
+        assert!((5..=8).contains(&first_50_ms), "{first_50_ms} copies in the first 50 ms");
+        assert!(begun.elapsed() < Duration::from_millis(500), "the ramp took {:?}", begun.elapsed());
         let begun = Instant::now();
         for _ in 0..1000 {
             pace.start().await;
