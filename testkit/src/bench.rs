@@ -98,6 +98,13 @@ impl Throttled {
         let before = accepted.iter().filter(|t| **t <= until).count();
         let span = until.duration_since(first).as_secs_f64();
         let goodput_of_limit = if span > 0.0 { (before - 1) as f64 / span / throttle.per_second } else { 0.0 };
+        if std::env::var_os("BENCH_SERIES").is_some() {
+            let mut series = vec![0u32; last.duration_since(first).as_secs() as usize + 1];
+            for t in &accepted {
+                series[t.duration_since(first).as_secs() as usize] += 1;
+            }
+            eprintln!("bench: accepted per second: {series:?}");
+        }
         let follow_s = doubled_at.and_then(|at| {
             let window = Duration::from_secs(5);
             let needed = (0.95 * 2.0 * throttle.per_second * window.as_secs_f64()) as usize;
