@@ -444,7 +444,12 @@ impl Copier {
                 Err(Refused::Error(err)) => {
                     let code = err.as_service_error().and_then(|e| e.code()).unwrap_or_default();
                     if status(&err) == Some(404) && code != "NoSuchBucket" {
-                        return Err(source_missing());
+                        // The source is gone: deleted after an earlier delivery copied it
+                        // (`DELETE_SOURCE`, `feeder cleanup`), its copy then in place.
+                        return match self.head(dst_bucket, destination_key).await? {
+                            Some(dest) => self.compare(source_key, listed_etag, destination_key, dest).await,
+                            None => Err(source_missing()),
+                        };
                     }
                     let step = format!("copy s3://{src_bucket}/{source_key} -> s3://{dst_bucket}/{destination_key}");
                     return Err(CopyError::from_s3(&step, &err));

@@ -141,8 +141,12 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         control::Controller::start(clients.db.clone(), stats.clone(), worker.copier.pace.clone()).await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
     let ended = receive::run(&settings.receive_config(concurrency), worker, stop, paused).await;
+    let mut left = None;
     match ended {
-        receive::Ended::Finished => {
+        receive::Ended::Finished | receive::Ended::ListingUnfinished(_) => {
+            if let receive::Ended::ListingUnfinished(what) = ended {
+                left = Some(what);
+            }
             // Every worker is done and dropped its handles on the batchers: they flush and stop.
             let _ = rewriter_task.await;
             let _ = acker_task.await;
@@ -166,8 +170,9 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     endpoint.cancel();
     let _ = controlling.await;
     stats.print_summary(started.elapsed());
-    match halt.take() {
-        Some(err) => Err(Failure::Run(err)),
-        None => Ok(stats),
+    match (halt.take(), left) {
+        (Some(err), _) => Err(Failure::Run(err)),
+        (None, Some(left)) => Err(Failure::Unfinished(anyhow::anyhow!(left))),
+        (None, None) => Ok(stats),
     }
 }

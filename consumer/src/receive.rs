@@ -51,10 +51,13 @@ pub struct ReceiveConfig {
 }
 
 /// How receiving ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
     /// Every object received was finished.
     Finished,
+    /// An idle exit: every object received was finished, the queue is empty and no feeder
+    /// runs, but the listing is unfinished (what it lacks, for the operator).
+    ListingUnfinished(String),
     /// The grace period ran out: this many objects were abandoned; their messages come back.
     Abandoned(usize),
 }
@@ -116,8 +119,10 @@ pub async fn run(
         let (stop, drain) = (stop.clone(), drain.clone());
         loops.spawn(async move { receiver.run(stop, drain).await });
     }
+    let listing_unfinished = Arc::new(std::sync::Mutex::new(None));
     if let Some(idle) = config.exit_when_idle {
         let watcher = IdleWatcher {
+            listing_unfinished: listing_unfinished.clone(),
             sqs: worker.sqs.clone(),
             queue_url: config.queue_url.clone(),
             db: worker.db.clone(),
@@ -138,7 +143,12 @@ pub async fn run(
         // An idle exit: nobody asked to stop, so every object received is finished. A signal
         // arriving meanwhile starts the grace period.
         tokio::select! {
-            _ = tracker.wait() => return Ended::Finished,
+            _ = tracker.wait() => {
+                return match listing_unfinished.lock().expect("not poisoned").take() {
+                    Some(left) => Ended::ListingUnfinished(left),
+                    None => Ended::Finished,
+                };
+            }
             _ = stop.cancelled() => {}
         }
     }
@@ -270,6 +280,8 @@ struct IdleWatcher {
     idle: Duration,
     activity: Arc<Activity>,
     tracker: TaskTracker,
+    /// Set, with what is left, when it drains while the listing is unfinished.
+    listing_unfinished: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// What one check of the idle watcher found.
@@ -302,12 +314,12 @@ impl IdleWatcher {
                     let since = *empty_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= self.idle {
                         if listing_unfinished {
-                            tracing::warn!(
+                            let left = format!(
                                 "the queue is empty and no feeder is running, but the listing of s3://{}/{} is \
                                  unfinished: run the feeder to resume it, and consumers for what it sends",
-                                self.source.0,
-                                self.source.1
+                                self.source.0, self.source.1
                             );
+                            *self.listing_unfinished.lock().expect("not poisoned") = Some(left);
                         }
                         tracing::info!(idle_secs = self.idle.as_secs_f64(), "queue empty: draining and exiting");
                         drain.cancel();

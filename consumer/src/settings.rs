@@ -48,14 +48,16 @@ pub struct Settings {
     #[arg(long, env = "WAIT_TIME_SECONDS", default_value = "20", value_parser = clap::value_parser!(u64).range(0..=20))]
     pub wait_time_seconds: u64,
 
-    /// Drain and exit 0 once the queue is empty: nothing received for this many seconds,
+    /// Drain and exit once the queue is empty: nothing received for this many seconds,
     /// nothing in flight here, and the queue's own counts (visible, in flight with any
     /// consumer, delayed) read 0 on every check for this many seconds more. A crashed
     /// consumer's messages count as in flight until their visibility timeout brings them
     /// back, so they are waited for; so is a feeder that is sending for the listing (`feeder`,
     /// `reconcile`, `redrive` hold a lease in the database while they run, which outlives a
     /// killed feeder by 15 s). Every object received is finished first, however long that
-    /// takes. Unset (the default): run until SIGTERM, as an ECS service does.
+    /// takes. When the listing is unfinished and no feeder runs, the exit code is 3 (work
+    /// left: run the feeder to resume it), never 0. Unset (the default): run until SIGTERM,
+    /// as an ECS service does.
     #[arg(long, env = "EXIT_WHEN_IDLE")]
     pub exit_when_idle: Option<u64>,
 

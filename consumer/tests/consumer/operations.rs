@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::json;
 use testkit::{Env, wait_until};
 
-use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, seed_legacy, wait_exit};
+use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, seed_legacy, stdout, wait_exit};
 
 /// After a run with a conflict and a malformed message: every rewrite is in the journal, the
 /// report counts them and the set-aside by reason (and lists each one in CSV), `failures`
@@ -424,5 +424,40 @@ async fn unset_concurrency_follows_what_auto_finds() {
         child.kill().unwrap();
         child.wait().unwrap();
         drop(held);
+    }
+}
+
+/// A message delivered again after its objects were copied, their rows moved and their
+/// sources deleted (`DELETE_SOURCE` or `feeder cleanup` deleted them; the message's delete
+/// was lost) finds each object done: the copy is there under the listed ETag, so nothing is
+/// recorded `source_missing`, whether the copy goes first (SeaweedFS) or each destination is
+/// looked at first (MiniStack).
+#[tokio::test]
+async fn a_message_delivered_again_after_its_sources_were_deleted_finds_its_objects_done() {
+    for env in [Env::on_seaweedfs().await, Env::new().await] {
+        let (keys, ids) = seed_legacy(&env, 0..5).await;
+        let mut bodies = Vec::new();
+        for key in &keys {
+            let etag = crate::helpers::etag(&env, &env.source_bucket, key).await;
+            bodies.push(common::message::ObjectMessage::new(key.clone(), 3, etag).to_body());
+        }
+        for body in &bodies {
+            env.send_raw(body).await;
+        }
+        let first = drain(&env, &[]).await;
+        assert!(stdout(&first).contains("copied 5,"), "{}", stdout(&first));
+        for key in &keys {
+            env.s3.delete_object().bucket(&env.source_bucket).key(key).send().await.unwrap();
+        }
+        for body in &bodies {
+            env.send_raw(body).await;
+        }
+        let again = drain(&env, &[("DELETE_SOURCE", "true")]).await;
+        assert!(stdout(&again).contains("already present 5"), "{}", stdout(&again));
+        assert_eq!(env.failures().await, vec![], "no bogus source_missing");
+        for (id, key) in ids.iter().zip(&keys) {
+            assert_eq!(env.path_of(*id).await, key.replacen("image/", "avatar/", 1));
+        }
+        assert_eq!(env.depth(&env.queue_url).await, (0, 0));
     }
 }
