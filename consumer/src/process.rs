@@ -232,9 +232,20 @@ impl Worker {
     /// recorded.
     async fn weigh_refusal(&self, refusal: Refusal, outcome: Outcome) -> Outcome {
         let Outcome::SetAside { subject, reason, detail } = outcome else { return outcome };
-        match self.refusals.verdict(&refusal, QUIET).await {
+        let verdict = self.refusals.verdict(&refusal, QUIET).await;
+        if let Verdict::Halts { in_a_row } = verdict {
+            self.halt.halt(anyhow::anyhow!(
+                "{in_a_row} objects in a row were refused ({}), no copy succeeding since and no other object \
+                 left to try: this is not about one object. The last: {detail}. Check the consumer role's grants \
+                 (s3:GetObject on the source prefix, s3:PutObject on the destination prefix, kms:Decrypt and \
+                 kms:GenerateDataKey on their keys), the buckets' policies and the keys' policies, then start the \
+                 consumers again: the refused objects' messages are still in the queue",
+                reason.as_str()
+            ));
+        }
+        match verdict {
             Verdict::OneObject => Outcome::SetAside { subject, reason, detail },
-            Verdict::Systemic => {
+            Verdict::Systemic | Verdict::Halts { .. } => {
                 if refusal.recorded()
                     && let Err(err) = common::db::record_failure(&self.db, &subject, reason, &detail).await
                 {

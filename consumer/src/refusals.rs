@@ -16,10 +16,10 @@
 //!   when the process stops, so that `feeder failures` shows what happened without a record
 //!   per object; when those objects later move, their records are removed
 //!   ([`crate::process`]);
-//! - a refusal is also taken as about its object when no object at all is decided for
-//!   [`QUIET`] while it waits (a run's last objects; a consumer working on few objects at
-//!   once, whose next objects wait for this one's message): then up to [`WINDOW_HALT`] may be
-//!   set aside before a share of them stops the process.
+//! - when no object at all is decided for [`QUIET`] while a refusal waits (a run's last
+//!   objects; a consumer working on few objects at once), the refusals so far decide:
+//!   [`QUIET_HALT_AFTER`] or more in a row, this one among them, stop the process (a grant
+//!   gone near the end of a run); fewer are about their objects.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -34,9 +34,12 @@ pub const WINDOW: u32 = 40;
 pub const WINDOW_HALT: u32 = WINDOW / 2;
 /// Refusals recorded for the operator when the process stops.
 pub const RECORDED_PER_STREAK: u32 = 3;
-/// How long a refusal waits, with no object decided meanwhile, before it is taken as about
-/// its object.
+/// How long a refusal waits, with no object decided meanwhile, before the refusals so far
+/// decide it.
 pub const QUIET: Duration = Duration::from_secs(5);
+/// Refusals in a row, with no object decided after them for [`QUIET`] (a run's last objects,
+/// where ten in a row may never come), that stop the process.
+pub const QUIET_HALT_AFTER: u32 = 3;
 
 #[derive(Debug, Clone, Default)]
 struct Seen {
@@ -44,6 +47,8 @@ struct Seen {
     decided: u64,
     /// Refusals since the last success.
     streak: u32,
+    /// `decided` at the last success: a refusal decided after it is in the current streak.
+    last_success: u64,
     /// The last [`WINDOW`] objects decided: `true` for a refusal.
     recent: VecDeque<bool>,
     halted: bool,
@@ -105,6 +110,9 @@ pub enum Verdict {
     OneObject,
     /// About every object: keep its message; the process stops.
     Systemic,
+    /// About every object, and this verdict is the one that stops the process: this many
+    /// refusals in a row, and then no object decided for the quiet time.
+    Halts { in_a_row: u32 },
 }
 
 impl Refusals {
@@ -113,6 +121,7 @@ impl Refusals {
         self.seen.send_modify(|s| {
             s.decide(false);
             s.streak = 0;
+            s.last_success = s.decided;
         });
     }
 
@@ -148,7 +157,18 @@ impl Refusals {
                 }
             }
             if !matches!(tokio::time::timeout(quiet, seen.changed()).await, Ok(Ok(()))) {
-                return Verdict::OneObject;
+                // Nothing decided for `quiet` (few objects left): the refusals in a row so far
+                // tell. [`QUIET_HALT_AFTER`] of them with no success since stop the process.
+                let mut verdict = Verdict::OneObject;
+                self.seen.send_modify(|s| {
+                    if s.halted {
+                        verdict = Verdict::Systemic;
+                    } else if s.streak >= QUIET_HALT_AFTER && refusal.decided_before >= s.last_success {
+                        s.halted = true;
+                        verdict = Verdict::Halts { in_a_row: s.streak };
+                    }
+                });
+                return verdict;
             }
         }
     }
@@ -227,6 +247,20 @@ mod tests {
             assert_eq!(refusals.verdict(r, QUIET).await, Verdict::OneObject);
         }
         assert_eq!(begun.elapsed(), Duration::ZERO, "settled by the objects after them");
+    }
+
+    /// At a run's end, where ten in a row may never come: three refusals in a row and then
+    /// nothing decided stop the process (one verdict says so, the others are systemic); two
+    /// do not.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_in_a_row_then_quiet_halt() {
+        let refusals = Refusals::default();
+        refusals.succeeded();
+        let two: Vec<Refusal> = (0..2).map(|_| refusals.refused()).collect();
+        assert_eq!(refusals.verdict(&two[1], QUIET).await, Verdict::OneObject);
+        let third = refusals.refused();
+        assert_eq!(refusals.verdict(&third, QUIET).await, Verdict::Halts { in_a_row: 3 });
+        assert_eq!(refusals.verdict(&two[0], QUIET).await, Verdict::Systemic);
     }
 
     #[tokio::test(start_paused = true)]
