@@ -217,12 +217,7 @@ impl Worker {
             } else {
                 format!("{} of the last {WINDOW} objects were refused ({reason})", refusal.in_window)
             };
-            self.halt.halt(anyhow::anyhow!(
-                "{how_many}: this is not about one object. The last: {detail}. Check the consumer role's grants \
-                 (s3:GetObject on the source prefix, s3:PutObject on the destination prefix, kms:Decrypt and \
-                 kms:GenerateDataKey on their keys), the buckets' policies and the keys' policies, then start the \
-                 consumers again: the refused objects' messages are still in the queue",
-            ));
+            self.halt.halt(systemic_refusal(&how_many, detail));
         }
         refusal
     }
@@ -234,14 +229,12 @@ impl Worker {
         let Outcome::SetAside { subject, reason, detail } = outcome else { return outcome };
         let verdict = self.refusals.verdict(&refusal, QUIET).await;
         if let Verdict::Halts { in_a_row } = verdict {
-            self.halt.halt(anyhow::anyhow!(
-                "{in_a_row} objects in a row were refused ({}), no copy succeeding since and no other object \
-                 left to try: this is not about one object. The last: {detail}. Check the consumer role's grants \
-                 (s3:GetObject on the source prefix, s3:PutObject on the destination prefix, kms:Decrypt and \
-                 kms:GenerateDataKey on their keys), the buckets' policies and the keys' policies, then start the \
-                 consumers again: the refused objects' messages are still in the queue",
+            let how_many = format!(
+                "{in_a_row} objects in a row were refused ({}), no copy succeeding since and no other object left \
+                 to try",
                 reason.as_str()
-            ));
+            );
+            self.halt.halt(systemic_refusal(&how_many, &detail));
         }
         match verdict {
             Verdict::OneObject => Outcome::SetAside { subject, reason, detail },
@@ -461,4 +454,15 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// The error that stops the process on refusals that are not about one object: `how_many`
+/// says which refusals, `detail` the last one.
+fn systemic_refusal(how_many: &str, detail: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{how_many}: this is not about one object. The last: {detail}. Check the consumer role's grants \
+         (s3:GetObject on the source prefix, s3:PutObject on the destination prefix, kms:Decrypt and \
+         kms:GenerateDataKey on their keys), the buckets' policies and the keys' policies, then start the \
+         consumers again: the refused objects' messages are still in the queue"
+    )
 }
