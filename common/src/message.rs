@@ -7,6 +7,13 @@
 //! The feeder writes version 1 for one object per message and version 2 otherwise; the
 //! consumer reads both ([`decode`]).
 //!
+//! Bodies are ASCII: every character outside ASCII is written as a JSON `\uXXXX` escape
+//! (a surrogate pair above U+FFFF), and control characters as JSON always writes them. S3
+//! allows any character in a key, SQS only `#x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD
+//! #x10000-#x10FFFF` in a body, and AWS has both refused others (`InvalidMessageContents`) and
+//! replaced them with U+FFFD: escaped, every legal key arrives byte for byte. Bodies written
+//! before, with raw UTF-8, read the same ([`decode`] is plain JSON).
+//!
 //! Promises: parsing never panics; anything that is not such a message with non-empty keys,
 //! sizes that are not negative and at most [`MAX_OBJECTS`] objects is a [`MessageError`] that
 //! names what is wrong, so the consumer can record it for the operator instead of retrying it
@@ -73,7 +80,7 @@ impl ObjectMessage {
     }
 
     pub fn to_body(&self) -> String {
-        serde_json::to_string(self).expect("an ObjectMessage always serialises")
+        to_ascii_json(self)
     }
 
     /// Parses a version-1 message (one object).
@@ -113,8 +120,41 @@ pub fn encode(objects: &[ObjectMessage]) -> String {
         many => {
             let objects =
                 many.iter().map(|o| Entry { key: o.key.clone(), size: o.size, etag: o.etag.clone() }).collect();
-            serde_json::to_string(&Batch { v: BATCH_VERSION, objects }).expect("a batch always serialises")
+            to_ascii_json(&Batch { v: BATCH_VERSION, objects })
         }
+    }
+}
+
+/// JSON with every non-ASCII character escaped, as in a body (see the module documentation).
+pub fn to_ascii_json<T: Serialize>(value: &T) -> String {
+    let mut out = Vec::with_capacity(128);
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, AsciiFormatter);
+    value.serialize(&mut serializer).expect("messages always serialise");
+    String::from_utf8(out).expect("ASCII is UTF-8")
+}
+
+/// serde_json's compact formatter, writing non-ASCII characters as `\uXXXX`.
+struct AsciiFormatter;
+
+impl serde_json::ser::Formatter for AsciiFormatter {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if c.is_ascii() {
+                continue;
+            }
+            writer.write_all(&fragment.as_bytes()[start..i])?;
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                write!(writer, "\\u{unit:04x}")?;
+            }
+            start = i + c.len_utf8();
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
     }
 }
 
@@ -152,6 +192,24 @@ mod tests {
         let body = m.to_body();
         assert_eq!(body, r#"{"v":1,"key":"image/a b.png","size":1503,"etag":"\"9b2c\""}"#);
         assert_eq!(ObjectMessage::parse(&body).unwrap(), m);
+    }
+
+    /// Keys with characters SQS cannot carry (U+FFFE, U+FFFF, controls) and any other
+    /// character travel as ASCII and come back byte for byte; a body of the earlier raw UTF-8
+    /// form reads the same.
+    #[test]
+    fn bodies_are_ascii_and_every_key_survives() {
+        let key = "image/\u{FFFE}\u{FFFF}\u{1}\u{7f}é漢😀\u{D7FF}\u{E000}.png";
+        let m = ObjectMessage::new(key.into(), 1, "\"e\"".into());
+        let body = m.to_body();
+        assert!(body.is_ascii(), "{body}");
+        assert!(body.contains(r"\ufffe\uffff\u0001") && body.contains(r"\ud83d\ude00"), "{body}");
+        assert_eq!(ObjectMessage::parse(&body).unwrap(), m);
+        let batch = encode(&[m.clone(), m.clone()]);
+        assert!(batch.is_ascii());
+        assert_eq!(decode(&batch).unwrap(), vec![m.clone(), m]);
+        let raw = "{\"v\":1,\"key\":\"image/é漢.png\",\"size\":1,\"etag\":\"e\"}";
+        assert_eq!(ObjectMessage::parse(raw).unwrap().key, "image/é漢.png");
     }
 
     #[test]
@@ -241,6 +299,7 @@ mod properties {
         #[test]
         fn every_message_round_trips(key in ".{1,200}", size in 0i64.., etag in any::<String>()) {
             let m = ObjectMessage::new(key, size, etag);
+            prop_assert!(m.to_body().is_ascii());
             prop_assert_eq!(ObjectMessage::parse(&m.to_body()).unwrap(), m);
         }
     }

@@ -34,7 +34,7 @@ struct Outgoing<'a> {
 /// An upper bound of what one object adds to a version-2 body.
 fn entry_bytes(o: &ObjectMessage) -> usize {
     // {"key":…,"size":<at most 20 characters>,"etag":…}, plus a comma
-    serde_json::to_string(&o.key).map_or(0, |k| k.len()) + serde_json::to_string(&o.etag).map_or(0, |e| e.len()) + 40
+    common::message::to_ascii_json(&o.key).len() + common::message::to_ascii_json(&o.etag).len() + 40
 }
 
 /// Splits `items` into consecutive runs of at most `max_items` items whose `size`s, added to
