@@ -238,6 +238,10 @@ impl Worker {
         }
         match verdict {
             Verdict::OneObject => Outcome::SetAside { subject, reason, detail },
+            Verdict::Unsettled => Outcome::RetryLater(format!(
+                "kept in the queue: refused, and no object since tells whether the refusal is about this one \
+                 (it comes back): {detail}"
+            )),
             Verdict::Systemic | Verdict::Halts { .. } => {
                 if refusal.recorded()
                     && let Err(err) = common::db::record_failure(&self.db, &subject, reason, &detail).await

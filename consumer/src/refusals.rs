@@ -19,7 +19,9 @@
 //! - when no object at all is decided for [`QUIET`] while a refusal waits (a run's last
 //!   objects; a consumer working on few objects at once), the refusals so far decide:
 //!   [`QUIET_HALT_AFTER`] or more in a row, this one among them, stop the process (a grant
-//!   gone near the end of a run); fewer are about their objects.
+//!   gone near the end of a run); fewer are about their objects when a copy succeeded after
+//!   them, and otherwise settle nothing: the message comes back (an SQS outage in the middle
+//!   of a systemic refusal never sets its objects aside one by one).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -113,6 +115,11 @@ pub enum Verdict {
     /// About every object, and this verdict is the one that stops the process: this many
     /// refusals in a row, and then no object decided for the quiet time.
     Halts { in_a_row: u32 },
+    /// Nothing tells: fewer than [`QUIET_HALT_AFTER`] refusals in a row, then no object
+    /// decided for the quiet time and no copy succeeding since (the queue unreachable for a
+    /// while, a consumer just started). Its message comes back; on its last delivery the
+    /// object is recorded `retries_exhausted` with the refusal.
+    Unsettled,
 }
 
 impl Refusals {
@@ -143,7 +150,8 @@ impl Refusals {
     /// Waits until [`WINDOW`] more objects are decided without a halt (about its object) or a
     /// halt (about every object) settles the refusal; when no object at all is decided for
     /// `quiet` (a run's last objects; a consumer working on few at once, whose other objects
-    /// wait for this one's message), about its object.
+    /// wait for this one's message), about its object if a copy succeeded after it, else
+    /// unsettled.
     pub async fn verdict(&self, refusal: &Refusal, quiet: Duration) -> Verdict {
         let mut seen = self.seen.subscribe();
         loop {
@@ -159,13 +167,16 @@ impl Refusals {
             if !matches!(tokio::time::timeout(quiet, seen.changed()).await, Ok(Ok(()))) {
                 // Nothing decided for `quiet` (few objects left): the refusals in a row so far
                 // tell. [`QUIET_HALT_AFTER`] of them with no success since stop the process.
-                let mut verdict = Verdict::OneObject;
+                let mut verdict = Verdict::Unsettled;
                 self.seen.send_modify(|s| {
                     if s.halted {
                         verdict = Verdict::Systemic;
                     } else if s.streak >= QUIET_HALT_AFTER && refusal.decided_before >= s.last_success {
                         s.halted = true;
                         verdict = Verdict::Halts { in_a_row: s.streak };
+                    } else if s.last_success > refusal.decided_before {
+                        // A copy succeeded after it: the grant works; the refusal is its own.
+                        verdict = Verdict::OneObject;
                     }
                 });
                 return verdict;
@@ -257,20 +268,23 @@ mod tests {
         let refusals = Refusals::default();
         refusals.succeeded();
         let two: Vec<Refusal> = (0..2).map(|_| refusals.refused()).collect();
-        assert_eq!(refusals.verdict(&two[1], QUIET).await, Verdict::OneObject);
+        assert_eq!(refusals.verdict(&two[1], QUIET).await, Verdict::Unsettled);
         let third = refusals.refused();
         assert_eq!(refusals.verdict(&third, QUIET).await, Verdict::Halts { in_a_row: 3 });
         assert_eq!(refusals.verdict(&two[0], QUIET).await, Verdict::Systemic);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_refusal_left_unsettled_is_about_its_object() {
+    async fn a_quiet_refusal_is_about_its_object_only_when_a_copy_succeeded_after_it() {
         let refusals = Refusals::default();
         let only = refusals.refused();
         refusals.succeeded();
         let begun = tokio::time::Instant::now();
         assert_eq!(refusals.verdict(&only, QUIET).await, Verdict::OneObject);
         assert_eq!(begun.elapsed(), QUIET, "no object decided meanwhile");
+        // One refusal, then nothing at all (SQS out of reach): nothing tells.
+        let last = refusals.refused();
+        assert_eq!(refusals.verdict(&last, QUIET).await, Verdict::Unsettled);
     }
 
     #[tokio::test(start_paused = true)]
