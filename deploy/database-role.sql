@@ -48,8 +48,20 @@ ALTER ROLE avatar_migrator CONNECTION LIMIT :connection_limit;
 
 GRANT CONNECT ON DATABASE :"DBNAME" TO avatar_migrator;
 -- The bookkeeping tables (avatar_migration_checkpoint, _ranges, _failures, _journal, _verify,
--- _cleanup, and the fleet's _control and _consumers), which
--- the role creates and owns.
+-- _cleanup, the fleet's _control and _consumers, the _leases, the _tombstones and the fence's
+-- function and counter), which the role creates and owns.
 GRANT USAGE, CREATE ON SCHEMA public TO avatar_migrator;
 -- verify and status read every row; the rewrite changes `path` only.
 GRANT SELECT, UPDATE (path) ON avatars TO avatar_migrator;
+-- The fence (`feeder fence install|remove`): a trigger on avatars that keeps deletes of legacy
+-- objects safe while the live service writes; its function runs with this role's rights.
+GRANT TRIGGER ON avatars TO avatar_migrator;
+-- The delete protocol waits for the transactions open when its tombstones were committed, and
+-- names them while it waits: pg_read_all_stats lets it see which are autovacuum (never waited
+-- for) and how long each has been open. Without it, every transaction is waited for.
+DO $$
+BEGIN
+    GRANT pg_read_all_stats TO avatar_migrator;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'cannot grant pg_read_all_stats (ask a superuser): the delete protocol then also waits for autovacuum';
+END $$;

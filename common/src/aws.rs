@@ -4,8 +4,11 @@
 //! `AWS_ENDPOINT_URL_SQS` variables (emulators), never from code branches; credentials and
 //! region from the SDK's default chain.
 
+use std::time::Duration;
+
 use anyhow::{Context, anyhow};
 use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -24,12 +27,40 @@ pub async fn sdk_config() -> anyhow::Result<SdkConfig> {
     Ok(config)
 }
 
-pub fn s3_client(config: &SdkConfig, force_path_style: bool) -> S3 {
+/// A connection to S3 or SQS must be made within this (the SDK's default).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(3100);
+/// The longest attempt of an SQS call: more than a long poll (20 s) takes.
+pub const SQS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest copy rate a copy's time bound allows for: one second per 25 MiB.
+pub const MIN_COPY_RATE: u64 = 25 * 1024 * 1024;
+
+/// Every attempt of every request bounded: the connection within [`CONNECT_TIMEOUT`], the whole
+/// answer within `attempt`.
+fn timeouts(attempt: Duration) -> TimeoutConfig {
+    TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).operation_attempt_timeout(attempt).build()
+}
+
+/// The bound of one copy attempt of `size` bytes: `request_timeout` (`S3_REQUEST_TIMEOUT`),
+/// plus the time to copy its bytes at [`MIN_COPY_RATE`].
+pub fn copy_timeout(request_timeout: Duration, size: u64) -> Duration {
+    request_timeout + Duration::from_secs(size / MIN_COPY_RATE)
+}
+
+/// A request's configuration with the attempt bound of a copy of `size` bytes, for
+/// `customize().config_override(..)`.
+pub fn copy_attempt(request_timeout: Duration, size: u64) -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default().timeout_config(timeouts(copy_timeout(request_timeout, size)))
+}
+
+/// The S3 client; each attempt of a request is bounded by `request_timeout`
+/// (`S3_REQUEST_TIMEOUT`; copies get [`copy_attempt`]).
+pub fn s3_client(config: &SdkConfig, force_path_style: bool, request_timeout: Duration) -> S3 {
     // Adaptive retries: S3 answers 503 SlowDown while it partitions a hot prefix; the adaptive
     // mode backs off and rate-limits this client, then ramps up again, which is what S3 asks
     // for. Eight attempts ride out a partition split without failing the object.
     let conf = aws_sdk_s3::config::Builder::from(config)
         .force_path_style(force_path_style)
+        .timeout_config(timeouts(request_timeout))
         .retry_config(RetryConfig::adaptive().with_max_attempts(8))
         .interceptor(CountSlowDowns)
         .endpoint_resolver(KeyBlindEndpoints::default())
@@ -42,9 +73,10 @@ pub fn s3_client(config: &SdkConfig, force_path_style: bool) -> S3 {
 /// client-side rate limiter of its own) and none for an answer asking to slow down (503, 429,
 /// a throttling code), which comes back at once for the caller's controller to act on. Other
 /// retries (a 500, a reset, a timeout) stay.
-pub fn s3_paced_client(config: &SdkConfig, force_path_style: bool) -> S3 {
+pub fn s3_paced_client(config: &SdkConfig, force_path_style: bool, request_timeout: Duration) -> S3 {
     let conf = aws_sdk_s3::config::Builder::from(config)
         .force_path_style(force_path_style)
+        .timeout_config(timeouts(request_timeout))
         .retry_config(RetryConfig::standard().with_max_attempts(8))
         .retry_classifier(NoThrottleRetries)
         .interceptor(CountSlowDowns)
@@ -166,7 +198,8 @@ impl aws_sdk_s3::config::Intercept for CountSlowDowns {
 pub fn sqs_client(config: &SdkConfig) -> Sqs {
     // Standard retries (3 attempts) suffice: every SQS call we make is safe to repeat, and a
     // call that still fails leaves the message to come back after its visibility timeout.
-    Sqs::new(config)
+    let conf = aws_sdk_sqs::config::Builder::from(config).timeout_config(timeouts(SQS_ATTEMPT_TIMEOUT)).build();
+    Sqs::from_conf(conf)
 }
 
 /// An AWS service that did not answer, or answered that it cannot serve now (a 5xx, a

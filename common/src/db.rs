@@ -11,7 +11,10 @@
 //! - the rewrite is `UPDATE ... WHERE path = old` (I4): a row the live service changed is left
 //!   alone.
 
-use std::collections::{HashMap, HashSet};
+pub mod fence;
+pub mod lease;
+
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -181,6 +184,8 @@ async fn prepare_locked(conn: &mut PgConnection) -> anyhow::Result<()> {
         .execute(&mut *conn)
         .await
         .context("cannot create the migration's control tables")?;
+    sqlx::raw_sql(lease::TABLES).execute(&mut *conn).await.context("cannot create the migration's lease table")?;
+    sqlx::raw_sql(fence::TABLES).execute(&mut *conn).await.context("cannot create the migration's tombstones")?;
     // A table made by an earlier version lacks the feeder's lease. `ALTER TABLE` takes an
     // exclusive lock even when the column exists, so it runs only when the column is missing.
     let has_lease: bool = sqlx::query_scalar(
@@ -379,6 +384,26 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 12] = [
+        Reason::SourceMissing,
+        Reason::DestinationConflict,
+        Reason::MalformedMessage,
+        Reason::OutsidePrefix,
+        Reason::RowObjectMissing,
+        Reason::TooLarge,
+        Reason::DestinationUnproven,
+        Reason::AccessDenied,
+        Reason::ObjectArchived,
+        Reason::KeyTooLong,
+        Reason::EncryptionKeyUnusable,
+        Reason::RetriesExhausted,
+    ];
+
+    /// The reason recorded as `name`, if any.
+    pub fn parse(name: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::SourceMissing => "source_missing",
@@ -477,14 +502,18 @@ pub async fn failure_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
         .await
 }
 
-/// Which of these subjects (keys) are recorded with some reason.
-pub async fn recorded_subjects(pool: &PgPool, subjects: &[&str]) -> sqlx::Result<HashSet<String>> {
-    let rows: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT subject FROM avatar_migration_failures WHERE subject = ANY($1)")
+/// The reasons each of these subjects (keys) is recorded with.
+pub async fn recorded_reasons(pool: &PgPool, subjects: &[&str]) -> sqlx::Result<HashMap<String, Vec<String>>> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT subject, reason FROM avatar_migration_failures WHERE subject = ANY($1)")
             .bind(subjects)
             .fetch_all(pool)
             .await?;
-    Ok(rows.into_iter().collect())
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for (subject, reason) in rows {
+        out.entry(subject).or_default().push(reason);
+    }
+    Ok(out)
 }
 
 /// One page of `avatars` in id order, after `after_id`: (id, path). Keyset pagination on the
@@ -503,16 +532,28 @@ pub struct RowCounts {
     pub all: i64,
     pub legacy: i64,
     pub modern: i64,
+    /// Legacy rows whose path is the subject of a failure record (set aside with a reason).
+    pub legacy_set_aside: i64,
+    /// Estimated from the planner's statistics and the journal's counter, not counted.
+    pub estimated: bool,
 }
 
-/// Counts rows by prefix. A full scan of the table: exempt from the statement timeout.
-pub async fn count_rows(pool: &PgPool, legacy_prefix: &str, modern_prefix: &str) -> sqlx::Result<RowCounts> {
+/// Counts rows by prefix: one scan of the table, bounded by `timeout` (`statement_timeout`;
+/// the session's `lock_timeout` still applies, so it never queues behind a DDL).
+pub async fn count_rows(
+    pool: &PgPool,
+    legacy_prefix: &str,
+    modern_prefix: &str,
+    timeout: Duration,
+) -> sqlx::Result<RowCounts> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
-    let (legacy, modern, all): (i64, i64, i64) = sqlx::query_as(
+    sqlx::query(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis().max(1))).execute(&mut *tx).await?;
+    let (legacy, modern, all, legacy_set_aside): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE left(path, length($1)) = $1),
                 count(*) FILTER (WHERE left(path, length($2)) = $2),
-                count(*)
+                count(*),
+                count(*) FILTER (WHERE left(path, length($1)) = $1
+                                 AND EXISTS (SELECT 1 FROM avatar_migration_failures f WHERE f.subject = path))
          FROM avatars",
     )
     .bind(legacy_prefix)
@@ -520,7 +561,16 @@ pub async fn count_rows(pool: &PgPool, legacy_prefix: &str, modern_prefix: &str)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(RowCounts { all, legacy, modern })
+    Ok(RowCounts { all, legacy, modern, legacy_set_aside, estimated: false })
+}
+
+/// The planner's estimate of the rows in `avatars` (`pg_class.reltuples`, kept by
+/// autovacuum and `ANALYZE`); `None` when the table was never analyzed.
+pub async fn estimated_rows(pool: &PgPool) -> sqlx::Result<Option<i64>> {
+    let n: f64 = sqlx::query_scalar("SELECT reltuples::float8 FROM pg_class WHERE oid = 'avatars'::regclass")
+        .fetch_one(pool)
+        .await?;
+    Ok((n >= 0.0).then_some(n as i64))
 }
 
 /// The feeder's position in the listing of one bucket and prefix.
@@ -866,13 +916,15 @@ pub struct RolledBack {
 }
 
 /// Points the rows of these journal entries back at their old path, compare-and-set: only a
-/// row whose path is still the one the entry wrote, with the entry's id; held rows are
+/// row whose path is still the one the entry wrote, with the entry's id, and never at a legacy
+/// path with a tombstone (its object is being or was deleted: see [`fence`]); held rows are
 /// skipped (`SKIP LOCKED`). Rolled-back entries are marked in the same statement. `dry`:
 /// counts only, writes nothing.
 pub async fn roll_back(pool: &PgPool, journal_ids: &[i64], dry: bool) -> sqlx::Result<RolledBack> {
     let (entries, at_new, back): (i64, i64, i64) = sqlx::query_as(
         "WITH j AS (SELECT journal_id, row_id, old_path, new_path FROM avatar_migration_journal
-                    WHERE journal_id = ANY($1) AND rolled_back_at IS NULL),
+                    WHERE journal_id = ANY($1) AND rolled_back_at IS NULL
+                      AND NOT EXISTS (SELECT 1 FROM avatar_migration_tombstones t WHERE t.legacy_path = old_path)),
          at_new AS (SELECT a.id, j.journal_id, j.old_path, j.new_path
                     FROM avatars a JOIN j ON a.path = j.new_path AND a.id::text = j.row_id),
          held AS (SELECT a.id, at_new.journal_id, at_new.old_path, at_new.new_path

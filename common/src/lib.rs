@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod control;
 pub mod db;
+pub mod deletion;
 pub mod exit;
 pub mod identity;
 pub mod keys;

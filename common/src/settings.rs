@@ -49,6 +49,14 @@ pub struct StorageArgs {
     /// (virtual-hosted style) on AWS.
     #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub s3_force_path_style: bool,
+
+    /// Longest wait for S3's whole answer to one attempt of a request (a HEAD, a listing, a
+    /// delete, a copy), plus, for a copy, one second per 25 MiB of the object (S3 copies far
+    /// faster); past it the attempt is abandoned and tried again (up to the SDK's attempts), so
+    /// that a server that takes a request and never answers holds nothing for long. The
+    /// connection itself must be made within 3.1 s.
+    #[arg(long, env = "S3_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub s3_request_timeout: std::time::Duration,
 }
 
 impl StorageArgs {

@@ -43,7 +43,7 @@ pub async fn connect(
     storage.mapping().setup()?;
     let db_options = database.connect_options().setup()?;
     let config = crate::aws::sdk_config().await.setup()?;
-    let s3 = crate::aws::s3_client(&config, storage.s3_force_path_style);
+    let s3 = crate::aws::s3_client(&config, storage.s3_force_path_style, storage.s3_request_timeout);
     let sqs = crate::aws::sqs_client(&config);
     let waiting = StartupWait::new(wait);
     let db = waiting.until_available(|| crate::db::connect(db_options.clone(), max_connections)).await.setup()?;

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
     let config = common::aws::sdk_config().await?;
-    let s3 = common::aws::s3_client(&config, true);
+    let s3 = common::aws::s3_client(&config, true, std::time::Duration::from_secs(30));
     let (bucket, keys, etags) = testkit::bench::seed_copy_sources(&s3, "direct-copy-cpu", n, at_once).await?;
     let timeout = std::time::Duration::from_secs(30);
     let direct =

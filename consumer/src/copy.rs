@@ -188,6 +188,8 @@ pub struct Copier {
     pub paced_s3: S3,
     /// When copies start ([`crate::pace`]).
     pub pace: std::sync::Arc<Pace>,
+    /// Each attempt's bound (`S3_REQUEST_TIMEOUT`; a copy's grows with its size).
+    pub request_timeout: std::time::Duration,
 }
 
 /// Why the start-up probe could not tell.
@@ -415,7 +417,8 @@ impl Copier {
         }
         if size > self.multipart.threshold {
             let (source, destination) = ((src_bucket.as_str(), source_key), (dst_bucket.as_str(), destination_key));
-            let paced = multipart::Paced { s3: &self.paced_s3, pace: &self.pace };
+            let paced =
+                multipart::Paced { s3: &self.paced_s3, pace: &self.pace, request_timeout: self.request_timeout };
             match multipart::copy(&self.s3, paced, &self.multipart, source, destination).await? {
                 InParts::Copied => return Ok(Copied::Copied),
                 InParts::DestinationExists => {
@@ -504,6 +507,8 @@ impl Copier {
         };
         let sent =
             conditional_copy(&self.paced_s3, &self.mapping.destination_bucket, destination_key, &copy_source, etag)
+                .customize()
+                .config_override(common::aws::copy_attempt(self.request_timeout, size.max(0) as u64))
                 .send()
                 .await;
         if let Some((direct, handover)) = handed_over {

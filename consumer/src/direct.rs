@@ -74,7 +74,7 @@ const MAX_COOL_DOWN: Duration = Duration::from_secs(300);
 
 /// The slowest copy rate a request's time bound allows for: S3 copies within a region run far
 /// faster, so a copy of 5 GB (the most one request copies) may take 200 s more than the bound.
-pub const MIN_COPY_RATE: u64 = 25 * 1024 * 1024;
+pub const MIN_COPY_RATE: u64 = common::aws::MIN_COPY_RATE;
 
 /// The SDK's connect timeout (`aws-config`'s default) where the configuration sets none.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(3100);
@@ -389,7 +389,7 @@ impl DirectCopy {
 
     /// The time bound of one copy of `size` bytes.
     fn bound(&self, size: u64) -> Duration {
-        self.request_timeout + Duration::from_secs(size / MIN_COPY_RATE)
+        common::aws::copy_timeout(self.request_timeout, size)
     }
 
     async fn send(&self, key: &str, copy_source: &str, etag: &str, size: u64) -> Result<Answer, Miss> {

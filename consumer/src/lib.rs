@@ -17,6 +17,7 @@ pub mod receive;
 pub mod record;
 pub mod refusals;
 pub mod settings;
+pub mod sources;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -80,7 +81,12 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         destination_check: settings.destination_check,
         multipart: settings.multipart(),
         direct: None,
-        paced_s3: common::aws::s3_paced_client(&clients.s3_config, settings.storage.s3_force_path_style),
+        paced_s3: common::aws::s3_paced_client(
+            &clients.s3_config,
+            settings.storage.s3_force_path_style,
+            settings.storage.s3_request_timeout,
+        ),
+        request_timeout: settings.storage.s3_request_timeout,
         pace: Arc::new(pace::Pace::new(stats.copy_rate.clone(), stats.copies_slowed_down.clone())),
     };
     // A dry run writes nothing, not even the probe's objects; it looks at every destination.
@@ -99,7 +105,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
             &clients.s3_config,
             bucket,
             force_path_style,
-            settings.s3_request_timeout,
+            settings.storage.s3_request_timeout,
             counters,
         ) {
             Ok(direct) => copier.direct = Some(direct),
@@ -121,6 +127,19 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
             None
         }
     };
+    let (sources, sources_task) = if settings.delete_source && !settings.dry_run {
+        let deleter = common::deletion::Deleter {
+            db: clients.db.clone(),
+            s3: clients.s3.clone(),
+            bucket: copier.mapping.source_bucket.clone(),
+            wait: settings.delete_wait,
+        };
+        let (sources, task) =
+            sources::SourceDeleter::start(deleter, settings.legacy_writes_stopped, stats.clone()).await.setup()?;
+        (Some(sources), Some(task))
+    } else {
+        (None, None)
+    };
     let worker = Arc::new(process::Worker {
         sqs: clients.sqs.clone(),
         db: clients.db.clone(),
@@ -133,8 +152,9 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         halt: halt.clone(),
         max_receive_count,
         dry_run: settings.dry_run.then(process::DryRun::default),
-        delete_source: settings.delete_source,
+        sources,
         refusals: refusals::Refusals::default(),
+        object_timeout: settings.object_timeout,
     });
     // The operator's pause and cap, read before the first receive.
     let (controller, paused) =
@@ -150,11 +170,17 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
             // Every worker is done and dropped its handles on the batchers: they flush and stop.
             let _ = rewriter_task.await;
             let _ = acker_task.await;
+            if let Some(task) = sources_task {
+                let _ = task.await;
+            }
         }
         receive::Ended::Abandoned(unfinished) => {
             // A flush may be stuck (a statement, a slow call): the grace period is over.
             rewriter_task.abort();
             acker_task.abort();
+            if let Some(task) = sources_task {
+                task.abort(); // the sources not deleted stay for `feeder cleanup`
+            }
             tracing::warn!(
                 unfinished,
                 "shutdown grace period over with objects still in flight: their messages come back later"

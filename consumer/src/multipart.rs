@@ -36,6 +36,8 @@ use crate::pace::Pace;
 pub struct Paced<'a> {
     pub s3: &'a S3,
     pub pace: &'a Pace,
+    /// Each attempt's bound (`S3_REQUEST_TIMEOUT`), grown by a part's or object's size.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Paced<'_> {
@@ -173,7 +175,9 @@ async fn copy_parts(
                 .copy_source_if_match(&source.etag);
             let step = &step;
             async move {
-                let out = paced.send(|| request.clone().send()).await.map_err(|e| match status(&e) {
+                let bound = || common::aws::copy_attempt(paced.request_timeout, (last - first + 1) as u64);
+                let sent = paced.send(|| request.clone().customize().config_override(bound()).send()).await;
+                let out = sent.map_err(|e| match status(&e) {
                     Some(412) => CopyError::Transient(format!(
                         "{}: the source changed during the copy; it is copied again later",
                         step("multipart copy")
@@ -196,7 +200,9 @@ async fn copy_parts(
         .upload_id(upload_id)
         .if_none_match("*")
         .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
-    let completed = paced.send(|| complete.clone().send()).await;
+    // S3 may take minutes to complete a large upload.
+    let bound = || common::aws::copy_attempt(paced.request_timeout, source.size as u64);
+    let completed = paced.send(|| complete.clone().customize().config_override(bound()).send()).await;
     match completed {
         Ok(_) => Ok(InParts::Copied),
         Err(e) if status(&e) == Some(412) => Ok(InParts::DestinationExists),

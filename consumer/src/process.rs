@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::Message;
 use common::aws::Sqs;
+use common::db::fence::Tombstone;
 use common::db::{Reason, Rewritten};
 use common::message::ObjectMessage;
 use sqlx::PgPool;
@@ -40,13 +41,16 @@ pub struct Worker {
     /// (`retries_exhausted`, with its last error) before its message goes to the dead-letter
     /// queue. `None`: no dead-letter queue.
     pub max_receive_count: Option<u32>,
-    /// `DELETE_SOURCE`: delete each source once its copy is proven and no row references it.
-    pub delete_source: bool,
+    /// `DELETE_SOURCE`: each source, once its copy is proven and its rows moved, is handed
+    /// over for deletion.
+    pub sources: Option<crate::sources::SourceDeleter>,
     /// `--dry-run`: inspect and report, write nothing, delete no message; stop at the first
     /// message seen twice (the queue has come round).
     pub dry_run: Option<DryRun>,
     /// Access denied and KMS refusals: about one object, or about every object.
     pub refusals: Refusals,
+    /// How long one object may be worked on (`OBJECT_TIMEOUT`, plus a second per 25 MiB).
+    pub object_timeout: Duration,
 }
 
 /// The state of a dry run.
@@ -97,6 +101,9 @@ enum Outcome {
         detail: String,
     },
     RetryLater(String),
+    /// Worked on past `OBJECT_TIMEOUT`: given up; the message comes back, its other objects
+    /// with it.
+    Abandoned(String),
     /// Nothing can be moved: stop the process (the message comes back).
     Fatal(String),
 }
@@ -155,12 +162,19 @@ impl Worker {
                     match self.copy_object(msg, lookahead.as_ref()).instrument(span.clone()).await {
                         Ok(destination) => pending.push(Box::pin(
                             async move {
+                                let destination_key = destination.clone();
                                 let outcome = self.rewrite_rows(msg, destination).await;
                                 if receipts > 1 && matches!(outcome, Outcome::Done) {
                                     self.forget_refusals(&msg.key).await;
                                 }
-                                if self.delete_source && matches!(outcome, Outcome::Done) {
-                                    self.delete_source(msg).await;
+                                if let Some(sources) = &self.sources
+                                    && matches!(outcome, Outcome::Done)
+                                {
+                                    sources.delete(Tombstone {
+                                        legacy: msg.key.clone(),
+                                        new: destination_key,
+                                        etag: msg.etag.clone(),
+                                    });
                                 }
                                 self.note_exhausted(&outcome, &msg.key, receipts).await;
                                 self.settle(outcome).await
@@ -180,9 +194,9 @@ impl Worker {
                         }
                         Err(outcome) => {
                             self.note_exhausted(&outcome, &msg.key, receipts).instrument(span.clone()).await;
-                            let fatal = matches!(outcome, Outcome::Fatal(_));
+                            let stop = matches!(outcome, Outcome::Fatal(_) | Outcome::Abandoned(_));
                             deletable &= self.settle(outcome).instrument(span).await;
-                            if fatal {
+                            if stop {
                                 break;
                             }
                         }
@@ -264,35 +278,6 @@ impl Worker {
         }
     }
 
-    /// `DELETE_SOURCE`: the object's copy holds its bytes (copied or proven already present)
-    /// and its rows moved; deletes the source when no row references its legacy path any more,
-    /// conditional on the listed ETag (a source replaced since is kept). A failure only keeps
-    /// the object: `feeder cleanup` finds it later.
-    async fn delete_source(&self, msg: &ObjectMessage) {
-        let bucket = &self.copier.mapping.source_bucket;
-        match common::db::count_at_path(&self.db, &msg.key).await {
-            Ok(0) => {}
-            Ok(rows) => {
-                tracing::info!(rows, "source kept: rows still reference it");
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "source kept: cannot count the rows that reference it");
-                return;
-            }
-        }
-        let mut delete = self.copier.s3.delete_object().bucket(bucket).key(&msg.key);
-        if !msg.etag.is_empty() {
-            delete = delete.if_match(&msg.etag);
-        }
-        match delete.send().await {
-            Ok(_) => {
-                self.stats.sources_deleted.inc();
-            }
-            Err(err) => tracing::warn!(error = common::aws::describe(&err), "source kept: the delete failed"),
-        }
-    }
-
     /// A dry run's handling of one message: says what would happen to each object, changes
     /// nothing; the message comes back after its visibility timeout.
     async fn inspect(&self, dry: &DryRun, id: &str, body: &str) {
@@ -348,7 +333,7 @@ impl Worker {
     /// On the last delivery before the dead-letter queue, records why the object keeps
     /// failing, so that `feeder failures` shows a reason for every dead-lettered key.
     async fn note_exhausted(&self, outcome: &Outcome, key: &str, receipts: u32) {
-        let Outcome::RetryLater(why) = outcome else { return };
+        let (Outcome::RetryLater(why) | Outcome::Abandoned(why)) = outcome else { return };
         let Some(max) = self.max_receive_count.filter(|&max| max > 0 && receipts >= max) else { return };
         let detail = format!(
             "received {receipts} times (maxReceiveCount {max}): its message goes to the dead-letter queue \
@@ -371,7 +356,14 @@ impl Worker {
         };
         let started = Instant::now();
         let absent = lookahead.is_some_and(|l| l.proves_absent(&destination));
-        let copied = self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination, absent).await;
+        let bound = common::aws::copy_timeout(self.object_timeout, msg.size.max(0) as u64);
+        let copying = self.copier.ensure_copied(&msg.key, &msg.etag, msg.size, &destination, absent);
+        let Ok(copied) = tokio::time::timeout(bound, copying).await else {
+            return Err(Outcome::Abandoned(format!(
+                "not copied within {} (OBJECT_TIMEOUT, plus a second per 25 MiB)",
+                humantime::format_duration(bound)
+            )));
+        };
         self.stats.copy_seconds.observe(started.elapsed().as_secs_f64());
         match copied {
             Ok(Copied::Copied) => {
@@ -429,6 +421,14 @@ impl Worker {
             Outcome::RetryLater(why) => {
                 self.stats.retry_later.inc();
                 tracing::warn!(error = why, "not done: the message comes back after its visibility timeout");
+                false
+            }
+            Outcome::Abandoned(why) => {
+                self.stats.retry_later.inc();
+                tracing::warn!(
+                    error = why,
+                    "abandoned: the message comes back after its visibility timeout, its other objects with it"
+                );
                 false
             }
             Outcome::Fatal(why) => {

@@ -145,12 +145,27 @@ pub struct Settings {
     #[arg(long, env = "DRY_RUN", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
     pub dry_run: bool,
 
-    /// Delete each legacy object right after its rows moved, when its copy holds its bytes
-    /// and no row references the legacy path any more (conditional on the listed ETag).
-    /// Needs s3:DeleteObject on the legacy prefix (the stack's EnableLegacyCleanup). Off: the
-    /// legacy objects stay for `feeder cleanup` after verification.
+    /// Delete each legacy object after its rows moved, when its copy holds its bytes and no
+    /// row references the legacy path any more, by the delete protocol (tombstones, a wait for
+    /// older transactions, a second check, a delete conditional on the listed ETag), in
+    /// batches in the background. Needs the fence (`feeder fence install`) or
+    /// LEGACY_WRITES_STOPPED, and s3:DeleteObject on the legacy prefix (the stack's
+    /// ConsumerDeleteSource). Holds the lease on the legacy objects shared: no rollback or
+    /// cleanup meanwhile. Off: the legacy objects stay for `feeder cleanup` after verification.
     #[arg(long, env = "DELETE_SOURCE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
     pub delete_source: bool,
+
+    /// With DELETE_SOURCE: how long, at most, a batch of deletes waits after its tombstones
+    /// are committed for the transactions open at that moment to end (e.g. `5m`); past it
+    /// the batch is kept, for `feeder cleanup`.
+    #[arg(long, env = "DELETE_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub delete_wait: std::time::Duration,
+
+    /// With DELETE_SOURCE: delete without the fence. You state that the live service no longer
+    /// writes legacy paths; without the fence, one it writes after its object's references
+    /// were checked names a deleted object.
+    #[arg(long, env = "LEGACY_WRITES_STOPPED", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
+    pub legacy_writes_stopped: bool,
 
     /// Send each copy (the conditional CopyObject, one per object) directly: signed by the
     /// SDK's own signer, to the SDK's endpoint for the bucket, over the SDK's HTTP transport,
@@ -169,13 +184,13 @@ pub struct Settings {
     #[arg(long, env = "DIRECT_COPY", value_parser = clap::builder::BoolishValueParser::new(), default_value = "true", action = clap::ArgAction::Set)]
     pub direct_copy: bool,
 
-    /// Longest wait for the whole answer to a copy sent directly (`DIRECT_COPY`), plus one
-    /// second per 25 MiB of the object (S3 copies far faster); past it the copy goes through
-    /// the SDK, so that a server that takes a request and never answers holds neither the
-    /// copy nor its message. The connection itself must be made within the SDK's connect
-    /// timeout (3.1 s).
-    #[arg(long, env = "S3_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub s3_request_timeout: Duration,
+    /// The longest one object may be worked on (its checks, its copy, its rows), plus one
+    /// second per 25 MiB of it; past it the object is abandoned to its message's next delivery
+    /// (its message's visibility is no longer extended, the rest of the message waits with
+    /// it), so that a request that never ends holds no message for good. Each request has its
+    /// own, shorter bound (S3_REQUEST_TIMEOUT).
+    #[arg(long, env = "OBJECT_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub object_timeout: Duration,
 
     /// Threads this process runs on. 1 (the default): everything on one thread, which spends
     /// about a tenth less CPU per object than two (no wake-ups across threads; measured in

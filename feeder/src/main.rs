@@ -50,6 +50,7 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
         Command::Cleanup(args) => ops::cleanup::cleanup(&settings, &args, &clients, shutdown).await.map(|_| true),
         Command::Redrive(args) => ops::redrive::redrive(&settings, &args, &clients).await.map(|_| true),
         Command::Rollback(args) => ops::rollback::rollback(&settings, &args, &clients).await.map(|_| true),
+        Command::Fence(command) => ops::fence::fence(&command, &clients).await.map(|_| true),
         Command::Pause => ops::control::pause(&clients, true).await.map(|_| true),
         Command::Resume => ops::control::pause(&clients, false).await.map(|_| true),
         Command::Throttle(args) => ops::control::throttle(&args, &clients).await.map(|_| true),

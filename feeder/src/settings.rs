@@ -44,8 +44,8 @@ pub enum Command {
     Run,
     /// Show the listing checkpoint, the queue and dead-letter queue depths, how many rows are
     /// legacy or modern, the failures recorded so far, rows rewritten per second over the last
-    /// five minutes (from the rewrite journal) and an ETA. Counting rows scans the table
-    /// (once, also with --watch).
+    /// five minutes (from the rewrite journal) and an ETA. Rows are counted (one scan, also
+    /// with --watch) up to --exact-max-rows, estimated past it unless --exact.
     Status(StatusArgs),
     /// Check that the migration is done: every row's path names an existing object, and no
     /// row still points at the legacy prefix unless it was set aside with a reason. Rows
@@ -64,12 +64,23 @@ pub enum Command {
     Report(ReportArgs),
     /// Point the rows the migration rewrote back at their legacy paths (from the rewrite
     /// journal), compare-and-set: only rows whose path is still the one the migration wrote,
-    /// and only while their legacy object exists. Refuses while the queue holds messages
-    /// (stop the consumers and purge it first). Destination objects are left in place.
+    /// only while their legacy object exists and is not being deleted (no tombstone), and only
+    /// while the copy they name still holds the legacy bytes (a new upload at the same key is
+    /// kept). Refuses while the queue holds messages (stop the consumers and purge it first);
+    /// runs alone (a lease: no cleanup and no consumer deleting sources meanwhile).
+    /// Destination objects are left in place.
     Rollback(RollbackArgs),
     /// Delete legacy objects that are safely moved: only when their copy has the same bytes and
-    /// no row references the legacy path. Without --yes, a dry run that lists and counts.
+    /// no row references the legacy path, by the delete protocol (tombstones, a wait for older
+    /// transactions, a second check, a delete conditional on the ETag). Needs the fence (`fence
+    /// install`) or --legacy-writes-stopped; runs alone (a lease: no rollback, no other cleanup
+    /// and no consumer deleting sources meanwhile). Without --yes, a dry run that lists and
+    /// counts.
     Cleanup(CleanupArgs),
+    /// The fence that keeps deletes safe while the live service writes avatars.path: install,
+    /// remove, status.
+    #[command(subcommand)]
+    Fence(FenceCommand),
     /// Stop every consumer taking messages, within seconds (objects in flight finish; their
     /// messages wait in the queue), until `resume`. Shown by `status` and the consumers'
     /// metrics.
@@ -211,10 +222,10 @@ pub struct ReconcileArgs {
     pub include_set_aside: bool,
 }
 
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct StatusArgs {
     /// Also print the reading as one JSON object, as the last line of stdout: rows_legacy,
-    /// rows_modern, rows_other, rows_left, objects_listed, listing_complete, feeder_running, queue_visible,
+    /// rows_modern, rows_other, rows_left, rows_legacy_set_aside, rows_estimated, objects_listed, listing_complete, feeder_running, queue_visible,
     /// queue_in_flight, queue_delayed, dlq_visible, failures (by reason), rewrites_recorded,
     /// objects_per_s (rows rewritten per second over the last five minutes), eta_s.
     #[arg(long)]
@@ -229,6 +240,21 @@ pub struct StatusArgs {
     /// Seconds between readings with --watch.
     #[arg(long, default_value = "5")]
     pub interval: u64,
+
+    /// Count the rows exactly whatever the table's size: one scan of avatars, bounded by
+    /// --exact-timeout. A DDL on avatars queues behind the scan, and the live service's
+    /// queries behind the DDL: prefer a quiet hour on a large table.
+    #[arg(long)]
+    pub exact: bool,
+
+    /// The longest an exact count may take (its statement_timeout), with --exact.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub exact_timeout: std::time::Duration,
+
+    /// Past this many rows (the planner's estimate), rows are estimated rather than counted,
+    /// unless --exact. Below it, the count runs under DB_STATEMENT_TIMEOUT.
+    #[arg(long, env = "STATUS_EXACT_MAX_ROWS", default_value = "1000000")]
+    pub exact_max_rows: u64,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -261,7 +287,7 @@ pub struct RollbackArgs {
     pub concurrency: NonZeroUsize,
 
     /// Also print the result as one JSON object, as the last line of stdout: dry_run, entries,
-    /// rows_rolled_back, rows_changed_since, rows_held, legacy_missing.
+    /// rows_rolled_back, rows_changed_since, rows_held, legacy_missing, copy_replaced.
     #[arg(long)]
     pub json: bool,
 }
@@ -304,8 +330,44 @@ pub struct CleanupArgs {
     #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
 
+    /// How long, at most, each batch waits after its tombstones are committed for the
+    /// transactions open at that moment to end (e.g. `5m`); past it, cleanup stops with an
+    /// error naming them, and nothing of that batch is deleted.
+    #[arg(long, env = "DELETE_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub delete_wait: std::time::Duration,
+
+    /// Delete without the fence (`feeder fence install`): you state that the live service no
+    /// longer writes legacy paths. Without the fence, a row the live service writes with a
+    /// legacy path after its object's references were checked names a deleted object.
+    #[arg(long, env = "LEGACY_WRITES_STOPPED", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
+    pub legacy_writes_stopped: bool,
+
     /// Also print the result as one JSON object, as the last line of stdout: dry_run,
     /// legacy_objects, deleted, kept_referenced, kept_not_copied, kept_delete_failed, complete.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `fence`'s subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum FenceCommand {
+    /// Install the fence on avatars (or change its mode): a trigger that, for a row written
+    /// with the path of a legacy object being or already deleted, writes its copy's path
+    /// instead (`rewrite`), or refuses the write (`reject`). Idempotent; takes a brief lock on
+    /// avatars, with a short lock timeout, retried.
+    Install {
+        #[arg(long, value_enum, default_value = "rewrite")]
+        mode: common::db::fence::Mode,
+    },
+    /// Remove the fence. Do it only once the live service no longer writes legacy paths:
+    /// without it, such a write names a deleted object.
+    Remove,
+    /// Show whether the fence is installed, its mode, the tombstones (pending and deleted) and
+    /// how many writes it rewrote.
+    Status {
+        /// Also print the status as one JSON object, as the last line of stdout: installed,
+        /// mode, enabled, tombstones_pending, tombstones_deleted, writes_rewritten.
+        #[arg(long)]
+        json: bool,
+    },
 }

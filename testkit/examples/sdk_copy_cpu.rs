@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
-    let s3 = common::aws::s3_client(&common::aws::sdk_config().await?, true);
+    let s3 = common::aws::s3_client(&common::aws::sdk_config().await?, true, std::time::Duration::from_secs(30));
     let (bucket, keys, etags) = testkit::bench::seed_copy_sources(&s3, "sdk-copy-cpu", n, at_once).await?;
     for (headers, under) in [("plain", "plain"), ("consumer's headers", "conditional")] {
         let copies = futures::stream::iter(keys.iter().zip(&etags))

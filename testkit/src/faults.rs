@@ -11,7 +11,11 @@
 //! restarted; SQS unreachable for a while; the
 //! feeder SIGKILLed twice mid-listing; a row held by a live transaction; poison messages;
 //! sources deleted between listing and copy; destination conflicts (seeded and uploaded live);
-//! destinations holding the same bytes under another ETag.
+//! destinations holding the same bytes under another ETag; S3 taking some requests and never
+//! answering (a hung server) for a while. At the end, as an operator would: the fence and
+//! `cleanup --yes` while a writer points rows back at the objects being deleted, and a
+//! `rollback` started meanwhile (refused by the lease); every row that named an object before
+//! must name one after.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -356,6 +360,9 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     vars.retain(|(k, _)| !k.starts_with("AWS_ENDPOINT_URL"));
     vars.push(("AWS_ENDPOINT_URL_S3".into(), s3.url.clone()));
     vars.push(("AWS_ENDPOINT_URL_SQS".into(), sqs.url.clone()));
+    // A hung request is given up after 2 s an attempt, an object after 8 s.
+    vars.push(("S3_REQUEST_TIMEOUT".into(), "2s".into()));
+    vars.push(("OBJECT_TIMEOUT".into(), "8s".into()));
 
     // Poison messages, straight into the queue.
     let poison = ["not json at all", r#"{"v":7,"key":"image/x.png"}"#, r#"{"v":1,"key":"","size":1,"etag":"e"}"#];
@@ -396,7 +403,8 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let (mut consumer_kills, mut deleted, mut pg_restarts, mut outages, mut locks) =
         (0u64, Vec::new(), 0u64, 0u64, 0u64);
     let mut lock_task = None;
-    let (mut throttled, mut refusing) = (Phase::NotYet, Phase::NotYet);
+    let (mut throttled, mut refusing, mut hanging) = (Phase::NotYet, Phase::NotYet, Phase::NotYet);
+    let mut hung = 0u64;
     let mut stopped_by_refusals: Vec<(std::process::ExitStatus, String)> = Vec::new();
     let mut refused = 0;
     let deadline = started + Duration::from_secs(1800);
@@ -491,6 +499,33 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         {
             throttle.set_rate(f64::MAX);
             throttled = Phase::Over;
+        }
+        // A hung server: a share of S3's requests taken and never answered, for a while.
+        if matches!(hanging, Phase::NotYet) && progress >= HANG_AT && !matches!(refusing, Phase::Since(_)) {
+            say(
+                begun,
+                format!(
+                    "{:.0} % moved: S3 takes {:.0} % of requests and never answers, for {HANG_FOR:?}",
+                    progress * 100.0,
+                    HANG_SHARE * 100.0
+                ),
+            );
+            s3.clear();
+            let mut hang = Rule::sometimes(When::default(), Fault::Hang, HANG_SHARE);
+            hang.remaining = Some(REFUSALS_AT_MOST);
+            s3.add(hang);
+            add_random_faults(&s3);
+            s3.add(Rule::always(copies(), Fault::RateLimited(throttle.clone())));
+            hanging = Phase::Since(Instant::now());
+        }
+        if let Phase::Since(since) = hanging
+            && since.elapsed() >= HANG_FOR
+        {
+            hung = REFUSALS_AT_MOST - s3.remaining(0).unwrap_or(REFUSALS_AT_MOST);
+            s3.clear();
+            add_random_faults(&s3);
+            s3.add(Rule::always(copies(), Fault::RateLimited(throttle.clone())));
+            hanging = Phase::Over;
         }
         // A systemic refusal: every copy refused, until every running consumer stops itself;
         // then the grant is back, and consumers are started again.
@@ -632,6 +667,15 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         }
     }
 
+    let cleanup = cleanup_while_writing(&env, &direct, begun).await?;
+    report.violations += cleanup.broken.len() as u64;
+    report
+        .problems
+        .extend(cleanup.broken.iter().take(10).map(|p| format!("I1 after cleanup: a row names nothing: {p}")));
+    if !cleanup.rollback_refused {
+        report.problems.push("a rollback started during cleanup --yes was not refused by the lease".into());
+    }
+
     let failures: BTreeMap<String, i64> = common::db::failure_counts(&env.db).await?.into_iter().collect();
     let halted = stopped_by_refusals
         .iter()
@@ -724,9 +768,29 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
             live.rows.lock().unwrap().len() as u64,
             "every one kept".into(),
         ),
+        line(
+            &format!("S3: {:.0} % of requests hung for {HANG_FOR:?} (taken, never answered)", HANG_SHARE * 100.0),
+            hung,
+            "each attempt given up after S3_REQUEST_TIMEOUT (2 s), tried again; no message held".into(),
+        ),
+        line(
+            "cleanup --yes while a live writer points rows back at objects being deleted",
+            cleanup.writes,
+            format!(
+                "{} legacy objects deleted, {} writes rewritten by the fence, {} rows naming nothing",
+                cleanup.deleted,
+                cleanup.rewritten,
+                cleanup.broken.len()
+            ),
+        ),
+        line(
+            "rollback started during cleanup --yes",
+            1,
+            if cleanup.rollback_refused { "refused by the lease (exit 1)".into() } else { "NOT refused".into() },
+        ),
         line("second pass (verify -> reconcile -> verify)", u64::from(needed), second_pass),
     ];
-    report.faults_injected = report.lines.iter().take(12).map(|l| l.injected).sum();
+    report.faults_injected = report.lines.iter().take(15).map(|l| l.injected).sum();
     report.lines.push(line(
         "end state",
         0,
@@ -745,6 +809,139 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         ),
     ));
     Ok(report)
+}
+
+/// The share of the run's rows moved when S3 starts hanging on some requests, how many, for how long.
+const HANG_AT: f64 = 0.70;
+const HANG_SHARE: f64 = 0.05;
+const HANG_FOR: Duration = Duration::from_secs(5);
+
+/// What the cleanup at the end did.
+struct CleanupRun {
+    deleted: u64,
+    /// Writes of the live writer during the cleanup.
+    writes: u64,
+    /// Of those, what the fence rewrote to the copy's path.
+    rewritten: u64,
+    /// Rows that named an object before the cleanup and name nothing after it.
+    broken: Vec<String>,
+    rollback_refused: bool,
+}
+
+/// Rows naming nothing: a legacy path missing from the source bucket, a modern one from the
+/// destination bucket (other paths are not ours to judge).
+async fn rows_naming_nothing(env: &Env) -> anyhow::Result<HashSet<String>> {
+    let rows: Vec<(i32, Option<String>)> = sqlx::query_as("SELECT id, path FROM avatars").fetch_all(&env.db).await?;
+    let mut broken = HashSet::new();
+    for (id, path) in rows {
+        let Some(path) = path else { continue };
+        let bucket = if path.starts_with("avatar/") {
+            &env.destination_bucket
+        } else if path.starts_with("image/") {
+            &env.source_bucket
+        } else {
+            continue;
+        };
+        if !env.exists(bucket, &path).await {
+            broken.insert(format!("row {id} -> {path}"));
+        }
+    }
+    Ok(broken)
+}
+
+/// The end of a migration, as an operator runs it while the live service writes: the fence,
+/// then `cleanup --yes`, while a writer keeps pointing rows back at the legacy paths of the
+/// objects being deleted (the one cleanup tombstoned last) and inserting rows with them; a
+/// `rollback` started meanwhile must be refused by the lease. Every row that named an object
+/// before must name one after.
+async fn cleanup_while_writing(env: &Env, vars: &[(String, String)], begun: Instant) -> anyhow::Result<CleanupRun> {
+    say(begun, "cleanup --yes with the fence, while a live writer points rows back at what it deletes");
+    let before = rows_naming_nothing(env).await?;
+    let fence = command("feeder", vars, &[]).args(["fence", "install"]).status().await?;
+    anyhow::ensure!(fence.success(), "feeder fence install failed");
+    let stop = CancellationToken::new();
+    let writer = {
+        let (db, stop) = (env.db.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut writes = 0u64;
+            while !stop.is_cancelled() {
+                let chased: Option<(String, String)> = sqlx::query_as(
+                    "SELECT legacy_path, new_path FROM avatar_migration_tombstones ORDER BY created_at DESC LIMIT 1",
+                )
+                .fetch_optional(&db)
+                .await
+                .ok()
+                .flatten();
+                let Some((legacy, modern)) = chased else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                let wrote = async {
+                    let mut tx = db.begin().await?;
+                    sqlx::query("UPDATE avatars SET path = $1 WHERE path = $2")
+                        .bind(&legacy)
+                        .bind(&modern)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("INSERT INTO avatars (path) VALUES ($1)").bind(&legacy).execute(&mut *tx).await?;
+                    tx.commit().await
+                };
+                if wrote.await.is_ok() {
+                    writes += 1;
+                }
+            }
+            writes
+        })
+    };
+    let cleanup = command("feeder", vars, &[])
+        .args(["cleanup", "--yes", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting feeder cleanup")?;
+    // Once cleanup holds the lease (its first tombstones), a rollback must not start.
+    let tombstoned = || async {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM avatar_migration_tombstones)")
+            .fetch_one(&env.db)
+            .await
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !tombstoned().await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rollback = command("feeder", vars, &[])
+        .args(["rollback", "--force"])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await?;
+    let rollback_refused =
+        rollback.status.code() == Some(1) && String::from_utf8_lossy(&rollback.stderr).contains("feeder cleanup on");
+    let out = cleanup.wait_with_output().await?;
+    stop.cancel();
+    let writes = writer.await?;
+    anyhow::ensure!(out.status.success(), "feeder cleanup --yes failed: {}", String::from_utf8_lossy(&out.stdout));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("feeder cleanup --json printed {stdout:?}"))?;
+    let status = command("feeder", vars, &[])
+        .args(["fence", "status", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await?;
+    let status = String::from_utf8_lossy(&status.stdout);
+    let status: serde_json::Value = serde_json::from_str(status.lines().last().unwrap_or_default())
+        .with_context(|| format!("feeder fence status --json printed {status:?}"))?;
+    let after = rows_naming_nothing(env).await?;
+    let mut broken: Vec<String> = after.difference(&before).cloned().collect();
+    broken.sort();
+    say(begun, format!("cleanup: {result}; rows naming nothing before {}, after {}", before.len(), after.len()));
+    Ok(CleanupRun {
+        deleted: result["deleted"].as_u64().unwrap_or(0),
+        writes,
+        rewritten: status["writes_rewritten"].as_u64().unwrap_or(0),
+        broken,
+        rollback_refused,
+    })
 }
 
 /// The share of the run's rows moved when copies are throttled, at what rate, for how long.

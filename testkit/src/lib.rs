@@ -132,7 +132,7 @@ impl Env {
 
         let config = |endpoint: &str| aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).load();
         let s3_config = config(s3_endpoint).await;
-        let s3 = common::aws::s3_client(&s3_config, true);
+        let s3 = common::aws::s3_client(&s3_config, true, std::time::Duration::from_secs(30));
         let sqs = common::aws::sqs_client(&config(sqs_endpoint).await);
         let (source_bucket, destination_bucket) = (format!("src-{id}"), format!("dst-{id}"));
         for b in [&source_bucket, &destination_bucket] {

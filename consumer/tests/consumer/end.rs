@@ -68,8 +68,9 @@ fn least_privilege_url(env: &Env, password: &str, extra: &[&str]) -> String {
 }
 
 /// `deploy/database-role.sql` is safe to run again (and repairs an invalid index), sets the
-/// role's connection budget (170 unless told), and the whole plan (feed, consume, verify, reconcile, status) runs logged in as the role it
-/// creates, not as the superuser: its grants are enough.
+/// role's connection budget (170 unless told), and the whole plan (feed, consume, verify,
+/// reconcile, status, fence, cleanup, rollback) runs logged in as the role it creates, not as
+/// the superuser: its grants are enough.
 #[tokio::test]
 async fn the_pipeline_runs_as_the_least_privilege_database_role() {
     let env = Env::new().await;
@@ -112,10 +113,52 @@ async fn the_pipeline_runs_as_the_least_privilege_database_role() {
     let (code, out) = run(&["status"], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("40 modern"), "{out}");
+    // Deleting: the fence (TRIGGER on avatars), the protocol, the lease.
+    let (code, out) = run(&["fence", "install"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["cleanup", "--yes"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("deleted 40;"), "{out}");
+    let (code, out) = run(&["rollback", "--dry-run"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["fence", "remove"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("fence: off") && out.contains("DROP TRIGGER"), "only the owner may drop it: {out}");
     let owner: String =
         sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'avatar_migration_failures'")
             .fetch_one(&env.db)
             .await
             .unwrap();
     assert_eq!(owner, "avatar_migrator", "the bookkeeping tables were created by the role itself");
+}
+
+/// A failure record counts only while what it says still holds: a `source_missing` record of
+/// a legacy object re-created since, and a `destination_conflict` record whose conflicting
+/// copy was removed since, no longer set their rows aside; `verify` says not done (and
+/// removes them), and `reconcile` enqueues those rows. A record that holds still counts.
+#[tokio::test]
+async fn a_failure_record_counts_only_while_it_still_holds() {
+    let env = Env::new().await;
+    let (keys, _) = seed_legacy(&env, 0..3).await;
+    common::db::prepare(&env.db).await.unwrap();
+    let record = |key: String, reason| {
+        let db = env.db.clone();
+        async move { common::db::record_failure(&db, &key, reason, "recorded earlier").await.unwrap() }
+    };
+    // Recorded while true, no longer true: the source is there, the conflicting copy gone.
+    record(keys[0].clone(), common::db::Reason::SourceMissing).await;
+    record(keys[1].clone(), common::db::Reason::DestinationConflict).await;
+    // Still true: the copy's key holds other bytes.
+    env.put(&env.destination_bucket, &keys[2].replacen("image/", "avatar/", 1), b"new").await;
+    record(keys[2].clone(), common::db::Reason::DestinationConflict).await;
+
+    let (code, out) = feeder(&env, &["verify"]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("1 set aside with a reason (feeder failures), 2 not migrated yet"), "{out}");
+    let left: Vec<String> = env.failures().await.into_iter().map(|(_, key)| key).collect();
+    assert_eq!(left, [keys[2].clone()], "the stale records are removed");
+
+    let (code, out) = feeder(&env, &["reconcile"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("3 legacy: 2 messages enqueued, 1 left alone"), "{out}");
 }

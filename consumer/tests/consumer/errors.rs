@@ -148,3 +148,37 @@ async fn a_consumer_started_while_its_services_restart_waits_for_them() {
     assert!(begun.elapsed() < Duration::from_secs(60), "a refusal for good is not waited on");
     assert!(stderr.contains("cannot connect to the database") && !stderr.contains("s3cr3t-pw"), "{stderr}");
 }
+
+/// Every request is bounded in time: a server that takes a request and never answers holds
+/// neither an object nor its message. Every request about one object hangs for a while (HEADs
+/// and copies alike, through the SDK): each attempt gives up after `S3_REQUEST_TIMEOUT`, the
+/// object is abandoned after `OBJECT_TIMEOUT` (its message comes back, its visibility no
+/// longer extended), and once the server answers again the run ends with every object moved.
+#[tokio::test]
+async fn a_hung_server_holds_no_object_and_no_message_for_good() {
+    let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 2).await;
+    let (keys, ids) = seed_legacy(&env, 0..6).await;
+    feed(&env).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let mut hang = Rule::always(containing("avatar-3"), Fault::Hang);
+    hang.remaining = Some(8);
+    s3.add(hang);
+    let vars = [
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        ("DIRECT_COPY", "false"),
+        ("S3_REQUEST_TIMEOUT", "1s"),
+        ("OBJECT_TIMEOUT", "2500ms"),
+        ("VISIBILITY_TIMEOUT", "2"),
+        ("RUST_LOG", "warn"),
+    ];
+    let out = tokio::time::timeout(Duration::from_secs(120), drain(&env, &vars))
+        .await
+        .expect("a hung server held the consumer");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(s3.injected(), 8, "every hung request was given up");
+    assert!(log.contains("abandoned"), "the object was abandoned to its next delivery: {log}");
+    for (id, key) in ids.iter().zip(&keys) {
+        assert_eq!(env.path_of(*id).await, key.replacen("image/", "avatar/", 1));
+    }
+    assert_eq!(env.depth(&env.queue_url).await, (0, 0));
+}

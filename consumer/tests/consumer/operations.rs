@@ -3,9 +3,10 @@
 //! with exact counts.
 
 use std::collections::BTreeMap;
+use std::process::Command;
 
 use serde_json::json;
-use testkit::{Env, wait_until};
+use testkit::{Env, binary, wait_until};
 
 use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, seed_legacy, stdout, wait_exit};
 
@@ -84,6 +85,7 @@ async fn status_and_report_tell_what_was_moved_and_set_aside() {
 
 /// Rollback points rewritten rows back at their legacy paths, compare-and-set: a row the live
 /// service changed since is left alone, a row whose legacy object is gone is left alone, a
+/// row whose copy the live service replaced by a new upload at the same key is left alone, a
 /// row another transaction holds is skipped (and rolled back by the next run); a dry run
 /// writes nothing; and it refuses while the queue holds messages.
 #[tokio::test]
@@ -99,13 +101,15 @@ async fn rollback_points_rows_back_only_where_it_is_safe() {
         .await
         .unwrap();
     env.s3.delete_object().bucket(&env.source_bucket).key(&keys[1]).send().await.unwrap();
+    // The live service uploads a new avatar for row 3 at the same key, and keeps the path.
+    env.put(&env.destination_bucket, &keys[3].replacen("image/", "avatar/", 1), b"new").await;
 
     let (code, out) = feeder(&env, &["rollback", "--dry-run", "--json"]);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(
         last_json(&out),
-        json!({"dry_run": true, "entries": 10, "rows_rolled_back": 8, "rows_changed_since": 1, "rows_held": 0,
-               "legacy_missing": 1})
+        json!({"dry_run": true, "entries": 10, "rows_rolled_back": 7, "rows_changed_since": 1, "rows_held": 0,
+               "legacy_missing": 1, "copy_replaced": 1})
     );
     assert_eq!(env.count_rows_with_prefix("image/").await, 0, "a dry run writes nothing");
 
@@ -123,14 +127,14 @@ async fn rollback_points_rows_back_only_where_it_is_safe() {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(
         last_json(&out),
-        json!({"dry_run": false, "entries": 10, "rows_rolled_back": 7, "rows_changed_since": 1, "rows_held": 1,
-               "legacy_missing": 1})
+        json!({"dry_run": false, "entries": 10, "rows_rolled_back": 6, "rows_changed_since": 1, "rows_held": 1,
+               "legacy_missing": 1, "copy_replaced": 1})
     );
     live.rollback().await.unwrap();
     for (i, id) in ids.iter().enumerate() {
         let expected = match i {
             0 => "avatar/new-upload.png".to_owned(),
-            1 | 2 => keys[i].replacen("image/", "avatar/", 1),
+            1..=3 => keys[i].replacen("image/", "avatar/", 1),
             _ => keys[i].clone(),
         };
         assert_eq!(env.path_of(*id).await, expected, "row {i}");
@@ -139,10 +143,10 @@ async fn rollback_points_rows_back_only_where_it_is_safe() {
     let (code, out) = feeder(&env, &["rollback", "--json"]);
     assert_eq!(code, Some(0), "{out}");
     let again = last_json(&out);
-    assert_eq!((again["entries"].clone(), again["rows_rolled_back"].clone()), (json!(3), json!(1)), "{again}");
+    assert_eq!((again["entries"].clone(), again["rows_rolled_back"].clone()), (json!(4), json!(1)), "{again}");
     assert_eq!(env.path_of(ids[2]).await, keys[2], "the held row, once free");
     let (_, out) = feeder(&env, &["report", "--json"]);
-    assert_eq!(last_json(&out)["rows_rolled_back"], 8);
+    assert_eq!(last_json(&out)["rows_rolled_back"], 7);
 }
 
 /// `GET path` on the consumer's endpoint: (status, body).
@@ -306,6 +310,7 @@ async fn cleanup_deletes_only_what_is_safely_moved() {
     env.put(&env.destination_bucket, &keys[1].replacen("image/", "avatar/", 1), b"PNG").await;
     env.put(&env.source_bucket, "image/never-copied.png", b"png").await;
     let source_before = env.keys(&env.source_bucket).await;
+    feeder(&env, &["fence", "install"]);
 
     let (code, out) = feeder(&env, &["cleanup", "--json"]);
     assert_eq!(code, Some(0), "{out}");
@@ -353,6 +358,7 @@ async fn delete_source_deletes_only_moved_sources() {
     env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
     env.insert_rows(&["image/same.png".into(), "image/conflict.png".into()]).await;
     feed(&env).await;
+    feeder(&env, &["fence", "install"]);
     let out = drain(&env, &[("DELETE_SOURCE", "true")]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("sources deleted 4;"), "{stdout}");
@@ -452,7 +458,7 @@ async fn a_message_delivered_again_after_its_sources_were_deleted_finds_its_obje
         for body in &bodies {
             env.send_raw(body).await;
         }
-        let again = drain(&env, &[("DELETE_SOURCE", "true")]).await;
+        let again = drain(&env, &[("DELETE_SOURCE", "true"), ("LEGACY_WRITES_STOPPED", "true")]).await;
         assert!(stdout(&again).contains("already present 5"), "{}", stdout(&again));
         assert_eq!(env.failures().await, vec![], "no bogus source_missing");
         for (id, key) in ids.iter().zip(&keys) {
@@ -460,4 +466,47 @@ async fn a_message_delivered_again_after_its_sources_were_deleted_finds_its_obje
         }
         assert_eq!(env.depth(&env.queue_url).await, (0, 0));
     }
+}
+
+/// `feeder status` never holds production up: past `STATUS_EXACT_MAX_ROWS` (by the planner's
+/// estimate) it estimates rows instead of scanning, touching no lock on `avatars`, so it
+/// answers even while a DDL holds the table; `--exact` counts, and meeting that lock gives up
+/// within the session's `lock_timeout` with an error instead of queueing. Legacy rows set
+/// aside are those whose path has a failure record, never a subtraction of all records.
+#[tokio::test]
+async fn status_estimates_past_a_size_and_never_queues_behind_a_lock() {
+    let env = Env::new().await;
+    let (keys, _) = seed_legacy(&env, 0..4).await;
+    common::db::prepare(&env.db).await.unwrap();
+    common::db::record_failure(&env.db, &keys[0], common::db::Reason::AccessDenied, "denied").await.unwrap();
+    common::db::record_failure(&env.db, "message 1", common::db::Reason::MalformedMessage, "bad").await.unwrap();
+    common::db::record_failure(&env.db, "image/no-row.png", common::db::Reason::SourceMissing, "gone").await.unwrap();
+    let (code, out) = feeder(&env, &["status", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let exact = last_json(&out);
+    assert_eq!(
+        (exact["rows_legacy"].clone(), exact["rows_legacy_set_aside"].clone(), exact["rows_left"].clone()),
+        (json!(4), json!(1), json!(3)),
+        "{exact}"
+    );
+    assert_eq!(exact["rows_estimated"], false);
+
+    sqlx::raw_sql("ANALYZE avatars").execute(&env.db).await.unwrap();
+    let mut ddl = env.db.begin().await.unwrap();
+    sqlx::raw_sql("LOCK TABLE avatars IN ACCESS EXCLUSIVE MODE").execute(&mut *ddl).await.unwrap();
+    let out = Command::new(binary("feeder"))
+        .envs(env.vars())
+        .env("STATUS_EXACT_MAX_ROWS", "0")
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let estimated = last_json(&stdout);
+    assert_eq!((estimated["rows_estimated"].clone(), estimated["rows_legacy"].clone()), (json!(true), json!(4)));
+    let out = Command::new(binary("feeder")).envs(env.vars()).args(["status", "--exact"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lock timeout"), "{stderr}");
+    ddl.rollback().await.unwrap();
 }

@@ -2,20 +2,28 @@
 //!
 //! Promises:
 //! - a legacy object is deleted only when its copy exists with the same bytes (the identity
-//!   rule of `verify --objects`) and no row references its legacy path (checked through the
-//!   index on `path` just before the delete batch); the delete is conditional on the ETag
-//!   listed, so an object replaced since is kept;
+//!   rule of `verify --objects`) and no row references its legacy path, by the delete protocol
+//!   of `common::deletion`: tombstones committed, every older transaction waited for, the
+//!   references checked again, the delete conditional on the ETag listed (an object replaced
+//!   since is kept);
+//! - with `--yes` it refuses to start without the fence (`feeder fence install`) unless
+//!   `--legacy-writes-stopped` says the live service no longer writes legacy paths, and it
+//!   holds the lease on the legacy objects exclusively (no rollback, no other cleanup, no
+//!   consumer deleting sources meanwhile);
 //! - without `--yes` it is a dry run: it lists and counts what it would delete, deleting and
 //!   saving nothing;
-//! - deletes go in `DeleteObjects` batches of at most 1,000, at most `--rate` objects per
-//!   second; each key the batch reports as failed is counted and kept;
+//! - deletes go in `DeleteObjects` batches of at most 1,000 (one `DeleteObject` each for keys
+//!   XML cannot carry), at most `--rate` objects per second; each key the answer reports as
+//!   failed is counted and kept;
 //! - its position and counts are saved after each page (`avatar_migration_cleanup`), so an
 //!   interrupted cleanup resumes; a finished one starts over next time.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use common::db::fence::Tombstone;
+use common::db::lease::{Lease, Mode};
+use common::deletion::Deleter;
 use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +85,9 @@ pub async fn cleanup(
     let mapping = settings.storage.mapping()?;
     let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
     let dry_run = !args.yes;
+    let lease = if dry_run { None } else { Some(take_lease(args, clients).await?) };
+    let deleter =
+        Deleter { db: clients.db.clone(), s3: clients.s3.clone(), bucket: bucket.to_owned(), wait: args.delete_wait };
     let mut state = Cleanup { dry_run, ..Cleanup::default() };
     if !dry_run && let Some(row) = common::db::load_cleanup_row(&clients.db, bucket, prefix).await? {
         let (last_key, objects, deleted, referenced, not_copied, failed, finished) = row;
@@ -101,7 +112,7 @@ pub async fn cleanup(
                 break;
             }
         };
-        let checks: Vec<(bool, Verdict)> = futures::stream::iter(page.iter().map(|o| {
+        let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| {
             let mapping = &mapping;
             async move {
                 let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
@@ -109,46 +120,35 @@ pub async fn cleanup(
                     verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination))
                         .await?;
                 let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
-                anyhow::Ok((referenced, copy))
+                anyhow::Ok((referenced, copy, destination))
             }
         }))
         .buffered(args.concurrency.get())
         .try_collect()
         .await?;
         let mut doomed = Vec::new();
-        for (object, (referenced, copy)) in page.iter().zip(checks) {
+        for (object, (referenced, copy, destination)) in page.iter().zip(checks) {
             state.objects += 1;
             match (referenced, copy) {
                 (true, _) => state.referenced += 1,
-                (false, Verdict::Same) => doomed.push(object),
+                (false, Verdict::Same) => {
+                    doomed.push(Tombstone { legacy: object.key.clone(), new: destination, etag: object.etag.clone() })
+                }
                 (false, _) => state.not_copied += 1,
             }
         }
         if dry_run {
             for object in &doomed {
-                println!("cleanup: would delete {}", object.key);
+                println!("cleanup: would delete {}", object.legacy);
             }
             state.deleted += doomed.len() as i64;
-        } else if !doomed.is_empty() {
-            let ids = doomed
-                .iter()
-                .map(|o| ObjectIdentifier::builder().key(&o.key).e_tag(&o.etag).build().context("an object identifier"))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let out = clients
-                .s3
-                .delete_objects()
-                .bucket(bucket)
-                .delete(Delete::builder().set_objects(Some(ids)).quiet(true).build()?)
-                .send()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("deleting legacy objects in s3://{bucket}: {}", common::aws::describe(&e))
-                })?;
-            for error in out.errors() {
-                tracing::warn!(key = error.key(), code = error.code(), "legacy object not deleted: kept");
-            }
-            state.failed += out.errors().len() as i64;
-            state.deleted += (doomed.len() - out.errors().len()) as i64;
+        } else if let Some(lease) = &lease
+            && !doomed.is_empty()
+        {
+            let out = deleter.delete(lease, &doomed).await?;
+            state.referenced += out.referenced.len() as i64;
+            state.failed += (out.failed.len() + out.elsewhere.len()) as i64;
+            state.deleted += out.deleted.len() as i64;
             // At most `rate` deletes per second, over the whole run.
             if let Some(rate) = args.rate {
                 let due = Duration::from_secs_f64(state.deleted as f64 / rate.get() as f64);
@@ -187,5 +187,29 @@ pub async fn cleanup(
     if args.json {
         println!("{}", state.json());
     }
+    if let Some(lease) = lease {
+        lease.end().await;
+    }
     Ok(state)
+}
+
+/// The exclusive lease, after checking that deletes are protected (the fence) or declared
+/// safe without it.
+async fn take_lease(args: &CleanupArgs, clients: &Clients) -> anyhow::Result<Lease> {
+    if common::db::fence::protects(&clients.db).await.context("looking for the fence on avatars")? {
+        tracing::info!("the fence is installed: a write of a legacy path being deleted names its copy instead");
+    } else if args.legacy_writes_stopped {
+        tracing::warn!(
+            "deleting without the fence (--legacy-writes-stopped): a legacy path the live service writes after its \
+             object's check names a deleted object"
+        );
+    } else {
+        anyhow::bail!(
+            "cleanup --yes refuses to delete without the fence: the live service could write a legacy path after \
+             cleanup checked it and before its object is deleted, leaving a row that names nothing. Install it \
+             (`feeder fence install`), or pass --legacy-writes-stopped once the live service no longer writes \
+             legacy paths"
+        );
+    }
+    Ok(Lease::take(&clients.db, "feeder cleanup", Mode::Exclusive).await?)
 }

@@ -7,7 +7,8 @@
 //! | [`verify`] | every row, a HEAD per legacy or modern row; with `--objects` ([`objects`]) the source listing, HEADs of each legacy object and its copy | failures: `row_object_missing`; the object check's position |
 //! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
 //! | [`control`] (`pause`, `resume`, `throttle`) | the control row | the control row |
-//! | [`cleanup`] | the source listing, HEADs of each legacy object and its copy, a row count per key | deletes legacy objects (with `--yes`); its position |
+//! | [`cleanup`] | the source listing, HEADs of each legacy object and its copy, a row count per key | deletes legacy objects (with `--yes`), by the delete protocol: tombstones, the lease; its position |
+//! | [`fence`] (`install`, `remove`, `status`) | the trigger on `avatars`, the tombstones | the trigger on `avatars` |
 //! | [`failures`] | the failure records | nothing |
 //! | [`redrive`] | the dead-letter queue | queue messages (moved back); failures: `retries_exhausted` forgotten |
 //! | [`report`] | the rewrite journal, the failure records | nothing |
@@ -16,11 +17,13 @@
 pub mod cleanup;
 pub mod control;
 pub mod failures;
+pub mod fence;
 pub mod objects;
 pub mod reconcile;
 pub mod redrive;
 pub mod report;
 pub mod rollback;
+pub mod standing;
 pub mod status;
 pub mod verify;
 

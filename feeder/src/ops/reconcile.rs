@@ -62,7 +62,8 @@ pub async fn reconcile(
         let recorded = if args.include_set_aside {
             Default::default()
         } else {
-            common::db::recorded_subjects(&clients.db, &distinct.iter().copied().collect::<Vec<_>>()).await?
+            let paths: Vec<&str> = distinct.iter().copied().collect();
+            super::standing::standing(clients, &mapping, &paths, args.concurrency.get()).await?
         };
         result.set_aside += legacy.iter().filter(|p| recorded.contains(*p)).count() as u64;
         let heads = futures::stream::iter(distinct.into_iter().filter(|p| !recorded.contains(*p)).map(|path| {

@@ -6,17 +6,26 @@
 //!   migration wrote (and its id the journal's); a row the live service changed since is left
 //!   alone and counted; a row another transaction holds is skipped, never waited for (run
 //!   again);
-//! - a row is pointed back only when its legacy object still exists (HEAD), so no row ever
-//!   points at nothing;
+//! - a row is pointed back only when its legacy object still exists (HEAD) and has no
+//!   tombstone (it is not being deleted: `common::db::fence`), so no row ever points at
+//!   nothing; it holds the lease on the legacy objects exclusively (no cleanup and no consumer
+//!   deleting sources meanwhile);
 //! - it refuses to run while the queue holds messages (consumers would migrate the rows
 //!   again) unless `--force`;
 //! - `--dry-run` counts what it would do and writes nothing;
+//! - a row is pointed back only while the copy it names still holds the legacy object's bytes
+//!   (the identity rule of `verify --objects`): a new avatar the live service uploaded at the
+//!   same key is never undone; such an entry is left alone and counted;
 //! - the journal is read in pages; each rolled-back entry is marked in the same statement.
 //!   Destination objects are left in place (nothing is deleted).
 
 use futures::StreamExt;
 
+use anyhow::Context;
+use common::db::lease::{Lease, Mode};
+
 use super::ROWS_PAGE;
+use super::objects::{Verdict, verdict};
 use crate::settings::RollbackArgs;
 use crate::{Clients, Settings};
 use common::aws::{head_etag, queue_depth};
@@ -32,8 +41,19 @@ pub struct Rollback {
     pub changed: u64,
     /// Rows held by another transaction: skipped.
     pub held: u64,
-    /// Entries whose legacy object no longer exists: left alone.
+    /// Entries whose legacy object no longer exists, or has a tombstone (being or already
+    /// deleted): left alone.
     pub legacy_missing: u64,
+    /// Entries whose copy no longer holds the legacy bytes (the live service uploaded a new
+    /// object at its key), or cannot be proven to: left alone.
+    pub copy_replaced: u64,
+}
+
+/// What the objects of one journal entry allow.
+enum Check {
+    Back,
+    LegacyMissing,
+    CopyReplaced,
 }
 
 impl Rollback {
@@ -45,6 +65,7 @@ impl Rollback {
             "rows_changed_since": self.changed,
             "rows_held": self.held,
             "legacy_missing": self.legacy_missing,
+            "copy_replaced": self.copy_replaced,
         })
         .to_string()
     }
@@ -52,7 +73,7 @@ impl Rollback {
 
 pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Clients) -> anyhow::Result<Rollback> {
     let mapping = settings.storage.mapping()?;
-    let source_bucket = mapping.source_bucket.as_str();
+    let (source_bucket, destination_bucket) = (mapping.source_bucket.as_str(), mapping.destination_bucket.as_str());
     let depth = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
     if depth.total() > 0 && !args.force && !args.dry_run {
         anyhow::bail!(
@@ -61,6 +82,8 @@ pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Client
             depth.total()
         );
     }
+    let lease =
+        if args.dry_run { None } else { Some(Lease::take(&clients.db, "feeder rollback", Mode::Exclusive).await?) };
     let mut result = Rollback { dry_run: args.dry_run, ..Rollback::default() };
     let mut after = 0;
     loop {
@@ -68,18 +91,41 @@ pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Client
         let Some(last) = page.last() else { break };
         after = last.journal_id;
         result.entries += page.len() as u64;
-        let checks = futures::stream::iter(page.iter().map(|e| async move {
-            let exists = head_etag(&clients.s3, source_bucket, &e.old_path).await.map_err(anyhow::Error::msg)?;
-            anyhow::Ok((e.journal_id, exists.is_some()))
-        }))
-        .buffer_unordered(args.concurrency.get())
-        .collect::<Vec<_>>()
-        .await;
+        let paths: Vec<&str> = page.iter().map(|e| e.old_path.as_str()).collect();
+        let deleted = common::db::fence::tombstoned(&clients.db, &paths).await.context("reading the tombstones")?;
+        let checks =
+            futures::stream::iter(page.iter().filter(|e| !deleted.contains(&e.old_path)).map(|e| async move {
+                let exists = head_etag(&clients.s3, source_bucket, &e.old_path).await.map_err(anyhow::Error::msg)?;
+                if exists.is_none() {
+                    return anyhow::Ok((e.journal_id, Check::LegacyMissing));
+                }
+                // The copy the row names must still hold the legacy bytes: a new upload at the
+                // same key (the live service's write) is never undone.
+                let copy = verdict(clients, (source_bucket, &e.old_path), (destination_bucket, &e.new_path)).await?;
+                Ok((
+                    e.journal_id,
+                    if matches!(copy, Verdict::Conflict | Verdict::Unproven) {
+                        Check::CopyReplaced
+                    } else {
+                        Check::Back
+                    },
+                ))
+            }))
+            .buffer_unordered(args.concurrency.get())
+            .collect::<Vec<_>>()
+            .await;
+        result.legacy_missing += (page.len() - checks.len()) as u64;
+        anyhow::ensure!(
+            lease.as_ref().is_none_or(Lease::valid),
+            "the lease on the legacy objects could not be renewed in time (the database is out of reach?): stopped; \
+             run rollback again"
+        );
         let mut ids = Vec::with_capacity(page.len());
         for check in checks {
             match check? {
-                (id, true) => ids.push(id),
-                (_, false) => result.legacy_missing += 1,
+                (id, Check::Back) => ids.push(id),
+                (_, Check::LegacyMissing) => result.legacy_missing += 1,
+                (_, Check::CopyReplaced) => result.copy_replaced += 1,
             }
         }
         let done = common::db::roll_back(&clients.db, &ids, args.dry_run).await?;
@@ -90,11 +136,15 @@ pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Client
     let verb = if args.dry_run { "would point" } else { "pointed" };
     println!(
         "rollback: {verb} {} rows back at their legacy paths; {} changed since by the live service (left alone), {} held \
-         by another transaction (run again), {} whose legacy object is gone (left alone)",
-        result.rows, result.changed, result.held, result.legacy_missing
+         by another transaction (run again), {} whose legacy object is gone (left alone), {} whose copy was replaced \
+         since by a new upload (left alone)",
+        result.rows, result.changed, result.held, result.legacy_missing, result.copy_replaced
     );
     if args.json {
         println!("{}", result.json());
+    }
+    if let Some(lease) = lease {
+        lease.end().await;
     }
     Ok(result)
 }

@@ -1,8 +1,14 @@
 //! `feeder status`: where the migration stands: the listing checkpoint, the queue and
 //! dead-letter queue depths, rows by prefix, failures by reason, and (from the rewrite
 //! journal) rows rewritten per second over the last minutes and an ETA. Writes nothing.
-//! Counting rows scans the table (exempt from the statement timeout), so `--watch` counts
-//! them once and then follows the journal's counter, which is cheap.
+//!
+//! Promises: every query runs under the session's `lock_timeout` and a bounded
+//! `statement_timeout`; rows are counted (one scan, which holds a lock a DDL would queue
+//! behind) only on a table of at most `--exact-max-rows` rows by the planner's estimate, or
+//! with `--exact`; past that they are estimated from the planner's statistics and the
+//! journal's counter, and said to be. `--watch` counts once and then follows the journal's
+//! counter, which is cheap. Failure records are never subtracted from row counts: the legacy
+//! rows set aside are those whose path has a record, counted in the same scan.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -44,10 +50,9 @@ impl Status {
         self.journal.recent as f64 / self.journal.window_s.max(1.0)
     }
 
-    /// Legacy rows not set aside: what is left to do.
+    /// Legacy rows not set aside: what is left to do (estimated: every legacy row).
     pub fn rows_left(&self) -> i64 {
-        let set_aside: i64 = self.failures.iter().map(|(_, n)| n).sum();
-        (self.rows.legacy - set_aside).max(0)
+        (self.rows.legacy - self.rows.legacy_set_aside).max(0)
     }
 
     /// Seconds until the rows left are rewritten at the current rate; `None` when nothing
@@ -65,6 +70,8 @@ impl Status {
             "rows_modern": self.rows.modern,
             "rows_other": self.rows.all - self.rows.legacy - self.rows.modern,
             "rows_left": self.rows_left(),
+            "rows_legacy_set_aside": self.rows.legacy_set_aside,
+            "rows_estimated": self.rows.estimated,
             "objects_listed": self.listing.listed,
             "listing_complete": self.listing.finished,
             "feeder_running": self.feeder_running,
@@ -105,13 +112,22 @@ impl Status {
         let q = self.queue;
         println!("queue:    {} waiting, {} in flight, {} delayed; {dlq}", q.visible, q.in_flight, q.delayed);
         let r = self.rows;
-        println!(
-            "rows:     {} in all: {} legacy, {} modern, {} other",
-            r.all,
-            r.legacy,
-            r.modern,
-            r.all - r.legacy - r.modern
-        );
+        if r.estimated {
+            println!(
+                "rows:     about {} in all: about {} legacy, {} modern (estimated from the planner's statistics and \
+                 the journal; --exact counts them, one scan of the table)",
+                r.all, r.legacy, r.modern
+            );
+        } else {
+            println!(
+                "rows:     {} in all: {} legacy ({} of them set aside), {} modern, {} other",
+                r.all,
+                r.legacy,
+                r.legacy_set_aside,
+                r.modern,
+                r.all - r.legacy - r.modern
+            );
+        }
         let failures = self.failures.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
         println!("set aside: {}", if failures.is_empty() { "none".to_owned() } else { failures });
         println!("progress: {}", self.progress_line());
@@ -142,12 +158,29 @@ impl Status {
 }
 
 /// Reads everything once.
-pub async fn read(settings: &Settings, clients: &Clients) -> anyhow::Result<Status> {
+pub async fn read(settings: &Settings, args: &StatusArgs, clients: &Clients) -> anyhow::Result<Status> {
     let mapping = settings.storage.mapping()?;
     let (legacy, modern) = (mapping.source_prefix.as_str(), mapping.destination_prefix.as_str());
-    let rows = common::db::count_rows(&clients.db, legacy, modern).await?;
-    let mut status = Status { rows, ..Status::default() };
+    let mut status = Status::default();
     refresh(settings, clients, &mut status).await?;
+    let estimate = common::db::estimated_rows(&clients.db).await?;
+    status.rows = match estimate {
+        Some(n) if n > args.exact_max_rows as i64 && !args.exact => {
+            // The journal's counter: about the rows rewritten (the live service's own writes
+            // of modern paths are not in it).
+            let modern = status.journal.last_id.min(n);
+            RowCounts { all: n, legacy: n - modern, modern, legacy_set_aside: 0, estimated: true }
+        }
+        _ => {
+            let timeout = if args.exact { args.exact_timeout } else { settings.database.db_statement_timeout };
+            common::db::count_rows(&clients.db, legacy, modern, timeout).await.map_err(|err| {
+                anyhow::Error::new(err).context(format!(
+                    "counting the rows of avatars (bounded by {}; --exact-timeout sets it with --exact)",
+                    humantime::format_duration(timeout)
+                ))
+            })?
+        }
+    };
     Ok(status)
 }
 
@@ -185,7 +218,7 @@ pub async fn status(
     clients: &Clients,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut status = read(settings, clients).await?;
+    let mut status = read(settings, args, clients).await?;
     if !args.watch {
         status.print();
         if args.json {

@@ -116,7 +116,7 @@ pub async fn verify(
             .filter(|(_, _, side, exists)| *side == Side::Legacy && *exists)
             .map(|c| c.1.as_str())
             .collect();
-        let recorded = common::db::recorded_subjects(&clients.db, &legacy_paths).await?;
+        let recorded = super::standing::standing(clients, &mapping, &legacy_paths, args.concurrency.get()).await?;
         for (id, path, side, exists) in &checks {
             result.rows += 1;
             match side {
