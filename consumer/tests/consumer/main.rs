@@ -11,6 +11,7 @@ mod identity;
 mod multipart;
 mod operations;
 mod pace;
+mod reference;
 mod rows;
 mod seaweedfs;
 mod secrets;
