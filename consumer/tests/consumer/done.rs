@@ -1,4 +1,4 @@
-//! "Done means done" (DESIGN.md): a consumer's idle exit waits for the queue to be empty, not
+//! "Done means done" (docs/design.md): a consumer's idle exit waits for the queue to be empty, not
 //! for one empty receive; shutdown is bounded by the grace period; a second signal stops at
 //! once.
 

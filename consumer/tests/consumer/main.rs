@@ -1,5 +1,5 @@
 //! The consumer against the real local services: what moves, what stays, and the invariants
-//! I1-I5 of DESIGN.md.
+//! I1-I5 of docs/design.md.
 
 mod batches;
 mod deletes;
