@@ -277,15 +277,6 @@ pub async fn check_queue(sqs: &Sqs, queue_url: &str) -> anyhow::Result<i32> {
         .map(|v| v.unwrap_or(30))
 }
 
-/// The ETag of an object, `None` when there is no object at that key (404); any other failure
-/// is an error naming the object.
-pub async fn head_etag(s3: &S3, bucket: &str, key: &str) -> Result<Option<String>, String> {
-    crate::identity::head_object(s3, bucket, key)
-        .await
-        .map(|head| head.map(|h| h.etag))
-        .map_err(|err| format!("HEAD s3://{bucket}/{key}: {}", describe(&err)))
-}
-
 /// What an AWS error means for the work at hand. README: "What each error means".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

@@ -68,6 +68,15 @@ pub async fn head_object(
     }))
 }
 
+/// The ETag of an object, `None` when there is no object at that key (404); any other failure
+/// is an error naming the object.
+pub async fn head_etag(s3: &S3, bucket: &str, key: &str) -> Result<Option<String>, String> {
+    head_object(s3, bucket, key)
+        .await
+        .map(|head| head.map(|h| h.etag))
+        .map_err(|err| format!("HEAD s3://{bucket}/{key}: {}", crate::aws::describe(&err)))
+}
+
 /// What the metadata alone says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {

@@ -31,7 +31,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::copy_object::CopyObjectError;
 use aws_sdk_s3::operation::copy_object::builders::CopyObjectFluentBuilder;
 use aws_sdk_s3::types::MetadataDirective;
-use common::aws::{ErrorClass, S3, classify_object_error, describe, is_slow_down, permanent_object_reason, status};
+use common::aws::{S3, describe, is_slow_down, status};
 use common::db::Reason;
 use common::identity::{Identity, ObjectHead, head_object, same_content};
 use common::keys::KeyMapping;
@@ -40,54 +40,12 @@ use common::message::ObjectMessage;
 
 use crate::direct::{Answer, DirectCopy};
 use crate::multipart::{self, InParts, Multipart};
+pub use crate::outcome::{Copied, CopyError, MAX_SINGLE_COPY};
 use crate::pace::Pace;
 
 /// Where, under the destination prefix, [`Copier::resolve_destination_check`] puts its two
 /// short-lived objects (the IAM grant for deleting them is scoped to it).
 pub const PROBE_DIRECTORY: &str = ".avatar-migration-probe/";
-
-/// The largest object a single `CopyObject` can copy (5 GiB).
-pub const MAX_SINGLE_COPY: i64 = 5 * 1024 * 1024 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Copied {
-    /// This call created the destination object.
-    Copied,
-    /// The destination already held the same bytes.
-    AlreadyPresent,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CopyError {
-    /// Permanent for this object: recorded with this reason, the message deleted.
-    #[error("{detail}")]
-    SetAside { reason: Reason, detail: String },
-    /// Nothing can be moved (a bucket is gone, the credentials are refused): stop.
-    #[error("{0}")]
-    Fatal(String),
-    /// Try again later: the message comes back.
-    #[error("{0}")]
-    Transient(String),
-}
-
-impl CopyError {
-    /// Classifies an S3 error met at `step` (which names the request and the object).
-    pub(crate) fn from_s3<E>(step: &str, err: &SdkError<E, HttpResponse>) -> Self
-    where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-    {
-        let detail = format!("{step}: {}", describe(err));
-        match classify_object_error(err) {
-            ErrorClass::Transient => CopyError::Transient(detail),
-            ErrorClass::Fatal => CopyError::Fatal(detail),
-            ErrorClass::Permanent => {
-                let code = err.as_service_error().and_then(|e| e.code()).unwrap_or_default();
-                let reason = permanent_object_reason(code, status(err)).unwrap_or(Reason::AccessDenied);
-                CopyError::SetAside { reason, detail }
-            }
-        }
-    }
-}
 
 /// When the destination key is looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -11,6 +11,7 @@ pub mod direct;
 pub mod lease;
 pub mod metrics;
 pub mod multipart;
+pub mod outcome;
 pub mod pace;
 pub mod process;
 pub mod receive;

@@ -27,7 +27,7 @@ use common::aws::{S3, describe, is_slow_down, status};
 use common::db::Reason;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::copy::{CopyError, MAX_SINGLE_COPY};
+use crate::outcome::{CopyError, MAX_SINGLE_COPY};
 use crate::pace::Pace;
 
 /// The S3 client whose slow-downs come back at once (`common::aws::s3_paced_client`) and the

@@ -245,7 +245,7 @@ async fn sampler(env: Arc<Env>, missing: HashSet<String>, stop: CancellationToke
             let env = &env;
             async move {
                 let bucket = if path.starts_with("avatar/") { &env.destination_bucket } else { &env.source_bucket };
-                (common::aws::head_etag(&env.s3, bucket, &path).await, path)
+                (common::identity::head_etag(&env.s3, bucket, &path).await, path)
             }
         });
         for (head, path) in futures::future::join_all(checks).await {

@@ -312,7 +312,7 @@ impl Env {
     }
 
     pub async fn exists(&self, bucket: &str, key: &str) -> bool {
-        common::aws::head_etag(&self.s3, bucket, key).await.unwrap_or_else(|e| panic!("{e}")).is_some()
+        common::identity::head_etag(&self.s3, bucket, key).await.unwrap_or_else(|e| panic!("{e}")).is_some()
     }
 
     pub async fn keys(&self, bucket: &str) -> Vec<String> {

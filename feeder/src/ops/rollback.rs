@@ -28,7 +28,8 @@ use super::ROWS_PAGE;
 use super::objects::{Verdict, verdict};
 use crate::settings::RollbackArgs;
 use crate::{Clients, Settings};
-use common::aws::{head_etag, queue_depth};
+use common::aws::queue_depth;
+use common::identity::head_etag;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rollback {

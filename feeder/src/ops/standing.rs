@@ -10,8 +10,8 @@
 
 use std::collections::HashSet;
 
-use common::aws::head_etag;
 use common::db::Reason;
+use common::identity::head_etag;
 use common::keys::KeyMapping;
 use futures::{StreamExt, TryStreamExt};
 

@@ -12,8 +12,8 @@ use futures::{StreamExt, TryStreamExt};
 use super::{ROWS_PAGE, Side, classify};
 use crate::settings::VerifyArgs;
 use crate::{Clients, Settings};
-use common::aws::head_etag;
 use common::db::Reason;
+use common::identity::head_etag;
 
 /// Pending rows printed at most.
 const SAMPLE: usize = 10;
