@@ -350,8 +350,10 @@ pub async fn count_at_path(pool: &PgPool, path: &str) -> sqlx::Result<u64> {
     Ok(n as u64)
 }
 
-/// Why an object (or message) was set aside for the operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why an object (or message) was set aside for the operator; a value of `feeder failures
+/// --reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum Reason {
     /// The source object no longer exists; nothing to copy.
     SourceMissing,
@@ -384,24 +386,9 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
-        Reason::SourceMissing,
-        Reason::DestinationConflict,
-        Reason::MalformedMessage,
-        Reason::OutsidePrefix,
-        Reason::RowObjectMissing,
-        Reason::TooLarge,
-        Reason::DestinationUnproven,
-        Reason::AccessDenied,
-        Reason::ObjectArchived,
-        Reason::KeyTooLong,
-        Reason::EncryptionKeyUnusable,
-        Reason::RetriesExhausted,
-    ];
-
     /// The reason recorded as `name`, if any.
     pub fn parse(name: &str) -> Option<Reason> {
-        Reason::ALL.into_iter().find(|r| r.as_str() == name)
+        <Reason as clap::ValueEnum>::value_variants().iter().copied().find(|r| r.as_str() == name)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -1028,4 +1015,20 @@ pub async fn save_cleanup_row(pool: &PgPool, bucket: &str, prefix: &str, row: &C
     .execute(pool)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names recorded in the database are the names `feeder failures --reason` takes.
+    #[test]
+    fn a_reasons_recorded_name_is_its_command_line_name() {
+        for reason in <Reason as clap::ValueEnum>::value_variants() {
+            let name = clap::ValueEnum::to_possible_value(reason).unwrap();
+            assert_eq!(name.get_name(), reason.as_str());
+            assert_eq!(Reason::parse(reason.as_str()), Some(*reason));
+        }
+        assert_eq!(Reason::parse("no_such_reason"), None);
+    }
 }

@@ -294,11 +294,9 @@ pub struct RollbackArgs {
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct FailuresArgs {
-    /// Only this reason (source_missing, destination_conflict, destination_unproven,
-    /// access_denied, object_archived, malformed_message, outside_prefix, row_object_missing,
-    /// key_too_long, encryption_key_unusable, retries_exhausted).
-    #[arg(long)]
-    pub reason: Option<String>,
+    /// Only this reason.
+    #[arg(long, value_enum)]
+    pub reason: Option<common::db::Reason>,
 
     /// One JSON object per line: reason, subject, occurrences, detail.
     #[arg(long, conflicts_with = "csv")]

@@ -16,7 +16,9 @@ pub async fn failures(args: &FailuresArgs, clients: &Clients) -> anyhow::Result<
     let mut count = 0;
     let mut after = None;
     loop {
-        let page = common::db::failures_page(&clients.db, args.reason.as_deref(), after.as_ref(), 1000).await?;
+        let page =
+            common::db::failures_page(&clients.db, args.reason.map(common::db::Reason::as_str), after.as_ref(), 1000)
+                .await?;
         let Some(last) = page.last() else { break };
         after = Some((last.reason.clone(), last.subject.clone()));
         count += page.len() as u64;
