@@ -11,6 +11,7 @@ pub mod identity;
 pub mod keys;
 pub mod listing;
 pub mod message;
+pub mod reason;
 pub mod settings;
 pub mod setup;
 pub mod shutdown;

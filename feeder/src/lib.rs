@@ -12,13 +12,15 @@ pub mod ops;
 pub mod progress;
 pub mod ranges;
 pub mod settings;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::store::ranges::KeyRange;
 use anyhow::Context;
 use common::aws::queue_depth;
-use common::db::{Checkpoint, KeyRange};
+use common::db::Checkpoint;
 use common::exit::Failure;
 use common::keys::KeyMapping;
 use tokio::sync::mpsc;
@@ -64,7 +66,7 @@ pub async fn feed(
     if args.restart {
         checkpoint = Checkpoint::default();
         if !args.dry_run {
-            common::db::replace_ranges(&clients.db, bucket, prefix, &[])
+            crate::store::ranges::replace_ranges(&clients.db, bucket, prefix, &[])
                 .await
                 .context("clearing the listing's ranges")?;
         }
@@ -97,7 +99,7 @@ pub async fn feed(
         page_size: args.page_size,
     });
     let mut ranges =
-        common::db::load_ranges(&clients.db, bucket, prefix).await.context("reading the listing's ranges")?;
+        crate::store::ranges::load_ranges(&clients.db, bucket, prefix).await.context("reading the listing's ranges")?;
     let resumed_after = checkpoint.last_key.clone();
     let inventory = match &args.inventory {
         Some(location) => Some(Arc::new(inventory::read_manifest(&clients.s3, location, bucket).await?)),
@@ -114,7 +116,7 @@ pub async fn feed(
                 })
                 .collect();
             if !args.dry_run {
-                common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
+                crate::store::ranges::replace_ranges(&clients.db, bucket, prefix, &ranges)
                     .await
                     .context("saving the input's parts")?;
             }
@@ -134,7 +136,7 @@ pub async fn feed(
     if ranges.is_empty() && args.list_ranges > 1 {
         ranges = ranges::plan(&lister, resumed_after.as_deref(), args.list_ranges.into()).await?;
         if !args.dry_run {
-            common::db::replace_ranges(&clients.db, bucket, prefix, &ranges)
+            crate::store::ranges::replace_ranges(&clients.db, bucket, prefix, &ranges)
                 .await
                 .context("saving the listing's ranges")?;
         }
@@ -186,7 +188,7 @@ pub async fn feed(
                 ranges[i].finished = true;
                 unfinished -= 1;
                 if in_ranges && !args.dry_run {
-                    common::db::save_progress(&clients.db, bucket, prefix, &checkpoint, Some(&ranges[i]))
+                    crate::store::ranges::save_progress(&clients.db, bucket, prefix, &checkpoint, Some(&ranges[i]))
                         .await
                         .context("saving the feeder checkpoint")?;
                 }
@@ -220,7 +222,7 @@ pub async fn feed(
         let range = &mut ranges[i];
         range.listed += page.len() as i64;
         range.last_key.clone_from(&checkpoint.last_key);
-        common::db::save_progress(&clients.db, bucket, prefix, &checkpoint, in_ranges.then_some(&*range))
+        crate::store::ranges::save_progress(&clients.db, bucket, prefix, &checkpoint, in_ranges.then_some(&*range))
             .await
             .context("saving the feeder checkpoint")?;
         tracing::info!(

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use common::db::KeyRange;
+use crate::store::ranges::KeyRange;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::list::Lister;

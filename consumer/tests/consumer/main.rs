@@ -167,7 +167,7 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     let mut sorted = env.keys(&env.source_bucket).await;
     sorted.retain(|k| k.starts_with("image/"));
     sorted.sort();
-    common::db::save_object_check_row(
+    feeder::store::scans::save_object_check_row(
         &env.db,
         &env.source_bucket,
         "image/",

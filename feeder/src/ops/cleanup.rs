@@ -63,7 +63,7 @@ impl Cleanup {
         .to_string()
     }
 
-    fn row(&self) -> common::db::CleanupRow {
+    fn row(&self) -> crate::store::scans::CleanupRow {
         (
             self.last_key.clone(),
             self.objects,
@@ -89,7 +89,7 @@ pub async fn cleanup(
     let deleter =
         Deleter { db: clients.db.clone(), s3: clients.s3.clone(), bucket: bucket.to_owned(), wait: args.delete_wait };
     let mut state = Cleanup { dry_run, ..Cleanup::default() };
-    if !dry_run && let Some(row) = common::db::load_cleanup_row(&clients.db, bucket, prefix).await? {
+    if !dry_run && let Some(row) = crate::store::scans::load_cleanup_row(&clients.db, bucket, prefix).await? {
         let (last_key, objects, deleted, referenced, not_copied, failed, finished) = row;
         if !finished {
             state = Cleanup { dry_run, last_key, objects, deleted, referenced, not_copied, failed, finished };
@@ -162,7 +162,7 @@ pub async fn cleanup(
         }
         state.last_key = page.last().map(|o| o.key.clone()).or(state.last_key.take());
         if !dry_run {
-            common::db::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
+            crate::store::scans::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
         }
         if shutdown.is_cancelled() {
             break;
@@ -171,7 +171,7 @@ pub async fn cleanup(
     drop(pages);
     task.await.context("the listing task failed")?;
     if !dry_run {
-        common::db::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
+        crate::store::scans::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
     println!(

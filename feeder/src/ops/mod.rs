@@ -1,5 +1,6 @@
 //! The operator's commands, one file each; each file opens with what the command promises and
-//! what it may write. Their SQL lives in `common::db`.
+//! what it may write. Their SQL lives in `crate::store` (the feeder's own tables) and
+//! `common::db` (what both binaries use).
 //!
 //! | command | reads | writes |
 //! |---|---|---|

@@ -35,11 +35,13 @@ pub struct ObjectCheck {
 }
 
 impl ObjectCheck {
-    fn from_row((last_key, objects, missing_copy, conflicts, unproven, finished): common::db::ObjectCheckRow) -> Self {
+    fn from_row(
+        (last_key, objects, missing_copy, conflicts, unproven, finished): crate::store::scans::ObjectCheckRow,
+    ) -> Self {
         Self { last_key, objects, missing_copy, conflicts, unproven, finished, sample: false }
     }
 
-    fn row(&self) -> common::db::ObjectCheckRow {
+    fn row(&self) -> crate::store::scans::ObjectCheckRow {
         (self.last_key.clone(), self.objects, self.missing_copy, self.conflicts, self.unproven, self.finished)
     }
 
@@ -73,7 +75,10 @@ pub async fn check(
     let mut state = match args.sample {
         Some(_) => ObjectCheck { sample: true, ..ObjectCheck::default() },
         None => {
-            match common::db::load_object_check_row(&clients.db, bucket, prefix).await?.map(ObjectCheck::from_row) {
+            match crate::store::scans::load_object_check_row(&clients.db, bucket, prefix)
+                .await?
+                .map(ObjectCheck::from_row)
+            {
                 Some(saved) if !saved.finished => saved,
                 _ => ObjectCheck::default(),
             }
@@ -103,7 +108,7 @@ pub async fn check(
         check_segment(clients, args, &mapping, pages, &mut state, &mut left, &shutdown).await?;
         task.await.context("the listing task failed")?;
         if !state.sample {
-            common::db::save_object_check_row(&clients.db, bucket, prefix, &state.row()).await?;
+            crate::store::scans::save_object_check_row(&clients.db, bucket, prefix, &state.row()).await?;
         }
     }
     let scope = if state.sample {
@@ -176,7 +181,7 @@ async fn check_segment(
         }
         state.last_key = page.last().map(|o| o.key.clone()).or(state.last_key.take());
         if !state.sample {
-            common::db::save_object_check_row(&clients.db, bucket, prefix, &state.row()).await?;
+            crate::store::scans::save_object_check_row(&clients.db, bucket, prefix, &state.row()).await?;
         }
         if *left == 0 || shutdown.is_cancelled() {
             return Ok(());

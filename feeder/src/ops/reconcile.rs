@@ -49,7 +49,7 @@ pub async fn reconcile(
     let mut result = Reconciliation::default();
     let mut after_id = i64::MIN;
     while !shutdown.is_cancelled() {
-        let rows = common::db::rows_after(&clients.db, after_id, ROWS_PAGE).await?;
+        let rows = crate::store::rows::rows_after(&clients.db, after_id, ROWS_PAGE).await?;
         let Some(&(last, _)) = rows.last() else { break };
         after_id = last;
         result.rows += rows.len() as u64;

@@ -39,7 +39,7 @@ pub async fn report(args: &ReportArgs, clients: &Clients) -> anyhow::Result<Repo
         csv(clients).await?;
     }
     let (rows_rewritten, rows_rolled_back, first_rewrite, last_rewrite) =
-        common::db::journal_totals(&clients.db).await?;
+        crate::store::journal::journal_totals(&clients.db).await?;
     let report = Report {
         rows_rewritten,
         rows_rolled_back,
@@ -72,7 +72,7 @@ async fn csv(clients: &Clients) -> anyhow::Result<()> {
     out.write_record(["kind", "row_id", "old_path", "new_path", "at", "reason", "detail"])?;
     let mut after = 0;
     loop {
-        let page = common::db::journal_page(&clients.db, after, ROWS_PAGE, false).await?;
+        let page = crate::store::journal::journal_page(&clients.db, after, ROWS_PAGE, false).await?;
         let Some(last) = page.last() else { break };
         after = last.journal_id;
         for e in &page {

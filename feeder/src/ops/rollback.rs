@@ -88,7 +88,7 @@ pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Client
     let mut result = Rollback { dry_run: args.dry_run, ..Rollback::default() };
     let mut after = 0;
     loop {
-        let page = common::db::journal_page(&clients.db, after, ROWS_PAGE, true).await?;
+        let page = crate::store::journal::journal_page(&clients.db, after, ROWS_PAGE, true).await?;
         let Some(last) = page.last() else { break };
         after = last.journal_id;
         result.entries += page.len() as u64;
@@ -129,7 +129,7 @@ pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Client
                 (_, Check::CopyReplaced) => result.copy_replaced += 1,
             }
         }
-        let done = common::db::roll_back(&clients.db, &ids, args.dry_run).await?;
+        let done = crate::store::journal::roll_back(&clients.db, &ids, args.dry_run).await?;
         result.rows += done.rows;
         result.changed += done.changed;
         result.held += done.held;

@@ -13,8 +13,10 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use crate::store::journal::JournalSummary;
+use crate::store::rows::RowCounts;
 use common::aws::{QueueDepth, queue_depth, redrive_policy};
-use common::db::{Checkpoint, JournalSummary, RowCounts};
+use common::db::Checkpoint;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::StatusArgs;
@@ -163,7 +165,7 @@ pub async fn read(settings: &Settings, args: &StatusArgs, clients: &Clients) -> 
     let (legacy, modern) = (mapping.source_prefix.as_str(), mapping.destination_prefix.as_str());
     let mut status = Status::default();
     refresh(settings, clients, &mut status).await?;
-    let estimate = common::db::estimated_rows(&clients.db).await?;
+    let estimate = crate::store::rows::estimated_rows(&clients.db).await?;
     status.rows = match estimate {
         Some(n) if n > args.exact_max_rows as i64 && !args.exact => {
             // The journal's counter: about the rows rewritten (the live service's own writes
@@ -173,7 +175,7 @@ pub async fn read(settings: &Settings, args: &StatusArgs, clients: &Clients) -> 
         }
         _ => {
             let timeout = if args.exact { args.exact_timeout } else { settings.database.db_statement_timeout };
-            common::db::count_rows(&clients.db, legacy, modern, timeout).await.map_err(|err| {
+            crate::store::rows::count_rows(&clients.db, legacy, modern, timeout).await.map_err(|err| {
                 anyhow::Error::new(err).context(format!(
                     "counting the rows of avatars (bounded by {}; --exact-timeout sets it with --exact)",
                     humantime::format_duration(timeout)
@@ -190,7 +192,7 @@ async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) ->
     let (bucket, prefix) = (&mapping.source_bucket, mapping.source_prefix.as_str());
     status.listing = common::db::load_checkpoint(&clients.db, bucket, prefix).await?;
     status.feeder_running = common::db::listing_state(&clients.db, bucket, prefix).await?.feeder_running;
-    let ranges = common::db::load_ranges(&clients.db, bucket, prefix).await?;
+    let ranges = crate::store::ranges::load_ranges(&clients.db, bucket, prefix).await?;
     status.parts = (!ranges.is_empty()).then(|| (ranges.len(), ranges.iter().filter(|r| r.finished).count()));
     status.queue = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
     status.dlq = match redrive_policy(&clients.sqs, &settings.queue.queue_url).await? {
@@ -200,7 +202,7 @@ async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) ->
     status.failures = common::db::failure_counts(&clients.db).await?;
     status.control = common::control::read(&clients.db).await?;
     status.fleet = common::control::fleet(&clients.db).await?;
-    let journal = common::db::journal_summary(&clients.db, RATE_WINDOW).await?;
+    let journal = crate::store::journal::journal_summary(&clients.db, RATE_WINDOW).await?;
     // After the first reading: rows rewritten since the last one moved from legacy to modern.
     if status.journal.window_s > 0.0 {
         let moved = (journal.last_id - status.journal.last_id).max(0);

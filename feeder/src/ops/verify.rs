@@ -91,7 +91,7 @@ pub async fn verify(
     let mut result = Verification::default();
     let mut after_id = i64::MIN;
     loop {
-        let rows = common::db::rows_after(&clients.db, after_id, ROWS_PAGE).await?;
+        let rows = crate::store::rows::rows_after(&clients.db, after_id, ROWS_PAGE).await?;
         let Some(&(last, _)) = rows.last() else { break };
         after_id = last;
         let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| {

@@ -322,7 +322,7 @@ async fn key_ranges_listed_at_once_cover_every_key_exactly_once() {
     let mut enqueued = keys_of(&env.drain().await);
     enqueued.sort();
     assert_eq!(enqueued, keys, "each key exactly once");
-    let ranges = common::db::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
+    let ranges = feeder::store::ranges::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
     assert_eq!(ranges.len(), 4, "{ranges:?}");
     assert!(ranges.iter().all(|r| r.finished && r.listed > 0), "{ranges:?}");
     assert_eq!(ranges.iter().map(|r| r.listed).sum::<i64>(), keys.len() as i64);
@@ -346,7 +346,8 @@ async fn a_killed_feeder_resumes_each_key_range_from_its_checkpoint() {
         .spawn()
         .unwrap();
     wait_until("pages of several ranges checkpointed", Duration::from_secs(60), || async {
-        let ranges = common::db::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap_or_default();
+        let ranges =
+            feeder::store::ranges::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap_or_default();
         // Once more than 20 messages are queued (one per object), the feeder waits for room
         // that never comes: held, with every page it sent checkpointed.
         ranges.iter().map(|r| r.listed).sum::<i64>() > 20
@@ -354,7 +355,7 @@ async fn a_killed_feeder_resumes_each_key_range_from_its_checkpoint() {
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let before = common::db::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
+    let before = feeder::store::ranges::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
     let listed_before: i64 = before.iter().map(|r| r.listed).sum();
     assert!(before.len() == 4 && before.iter().any(|r| !r.finished), "{before:?}");
 
@@ -371,7 +372,7 @@ async fn a_killed_feeder_resumes_each_key_range_from_its_checkpoint() {
     let mut enqueued = keys_of(&env.drain().await);
     enqueued.sort();
     assert_eq!(enqueued, keys, "each key exactly once across both runs");
-    let after = common::db::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
+    let after = feeder::store::ranges::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
     assert!(after.iter().all(|r| r.finished), "{after:?}");
     assert_eq!(
         after.iter().map(|r| (r.after.clone(), r.until.clone())).collect::<Vec<_>>(),
@@ -450,7 +451,7 @@ async fn an_inventory_report_is_read_instead_of_listing() {
     assert_eq!(enqueued, keys, "each key of the report under the prefix, once");
     let object = &common::message::decode(&bodies[0]).unwrap()[0];
     assert_eq!((object.size, object.etag.as_str()), (3, "\"bff139fa05ac583f685a523ab3d110a0\""));
-    let parts = common::db::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
+    let parts = feeder::store::ranges::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap();
     let done: Vec<_> = parts.iter().map(|p| (p.inventory_file.as_deref(), p.rows_done, p.listed, p.finished)).collect();
     assert_eq!(
         done,
@@ -497,7 +498,7 @@ async fn a_dry_run_counts_and_sends_or_saves_nothing() {
     assert!(summary.messages >= n.div_ceil(10), "{summary:?}");
     assert_eq!(env.depth(&env.queue_url).await, (0, 0), "nothing sent");
     assert_eq!(common::db::load_checkpoint(&env.db, &env.source_bucket, "image/").await.unwrap(), Default::default());
-    assert!(common::db::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap().is_empty());
+    assert!(feeder::store::ranges::load_ranges(&env.db, &env.source_bucket, "image/").await.unwrap().is_empty());
     let real = RunArgs { dry_run: false, ..dry };
     let real = feeder::feed(&settings, &real, &clients, CancellationToken::new()).await.unwrap();
     assert_eq!((real.listed, real.messages), (n, summary.messages), "the same count, for real");

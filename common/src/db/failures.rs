@@ -1,0 +1,102 @@
+//! The failure records (`avatar_migration_failures`): what was set aside, by subject and
+//! reason; recorded again, a record's count goes up.
+
+use std::collections::HashMap;
+
+use sqlx::{PgPool, Row};
+
+use crate::reason::Reason;
+
+/// Records a failure; recording it again bumps its count.
+pub async fn record_failure(pool: &PgPool, subject: &str, reason: Reason, detail: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO avatar_migration_failures (subject, reason, detail) VALUES ($1, $2, $3)
+         ON CONFLICT (subject, reason) DO UPDATE
+         SET detail = EXCLUDED.detail, occurrences = avatar_migration_failures.occurrences + 1,
+             last_seen = now()",
+    )
+    .bind(subject)
+    .bind(reason.as_str())
+    .bind(detail)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureRecord {
+    pub subject: String,
+    pub reason: String,
+    pub detail: String,
+    pub occurrences: i32,
+}
+
+pub async fn list_failures(pool: &PgPool) -> sqlx::Result<Vec<FailureRecord>> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = failures_page(pool, None, after.as_ref(), 1000).await?;
+        let Some(last) = page.last() else { return Ok(all) };
+        after = Some((last.reason.clone(), last.subject.clone()));
+        all.extend(page);
+    }
+}
+
+/// Failure records after `after` (reason, subject) in that order, at most `limit`; only of
+/// `reason` when given. Pages through the records without loading them all.
+pub async fn failures_page(
+    pool: &PgPool,
+    reason: Option<&str>,
+    after: Option<&(String, String)>,
+    limit: i64,
+) -> sqlx::Result<Vec<FailureRecord>> {
+    let (after_reason, after_subject) =
+        after.map(|(r, s)| (Some(r.as_str()), Some(s.as_str()))).unwrap_or((None, None));
+    let rows = sqlx::query(
+        "SELECT subject, reason, detail, occurrences FROM avatar_migration_failures
+         WHERE ($1::text IS NULL OR reason = $1)
+           AND ($2::text IS NULL OR (reason, subject) > ($2, $3))
+         ORDER BY reason, subject LIMIT $4",
+    )
+    .bind(reason)
+    .bind(after_reason)
+    .bind(after_subject)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| FailureRecord { subject: r.get(0), reason: r.get(1), detail: r.get(2), occurrences: r.get(3) })
+        .collect())
+}
+
+/// Forgets the records of these subjects with this reason (they are being retried).
+pub async fn clear_failures(pool: &PgPool, subjects: &[String], reason: Reason) -> sqlx::Result<u64> {
+    let done = sqlx::query("DELETE FROM avatar_migration_failures WHERE reason = $1 AND subject = ANY($2)")
+        .bind(reason.as_str())
+        .bind(subjects)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// How many failures of each reason are recorded (one `GROUP BY`, never every row).
+pub async fn failure_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT reason, count(*) FROM avatar_migration_failures GROUP BY reason ORDER BY reason")
+        .fetch_all(pool)
+        .await
+}
+
+/// The reasons each of these subjects (keys) is recorded with.
+pub async fn recorded_reasons(pool: &PgPool, subjects: &[&str]) -> sqlx::Result<HashMap<String, Vec<String>>> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT subject, reason FROM avatar_migration_failures WHERE subject = ANY($1)")
+            .bind(subjects)
+            .fetch_all(pool)
+            .await?;
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for (subject, reason) in rows {
+        out.entry(subject).or_default().push(reason);
+    }
+    Ok(out)
+}

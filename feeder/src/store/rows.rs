@@ -1,0 +1,63 @@
+//! Reading `avatars` for the operator's commands: pages in id order, counts, the planner's
+//! estimate.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+/// One page of `avatars` in id order, after `after_id`: (id, path). Keyset pagination on the
+/// primary key: no long transaction, no lock, flat memory over any table size.
+pub async fn rows_after(pool: &PgPool, after_id: i64, limit: i64) -> sqlx::Result<Vec<(i64, Option<String>)>> {
+    sqlx::query_as("SELECT id::bigint, path FROM avatars WHERE id > $1 ORDER BY id LIMIT $2")
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// Rows by where their path points.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    pub all: i64,
+    pub legacy: i64,
+    pub modern: i64,
+    /// Legacy rows whose path is the subject of a failure record (set aside with a reason).
+    pub legacy_set_aside: i64,
+    /// Estimated from the planner's statistics and the journal's counter, not counted.
+    pub estimated: bool,
+}
+
+/// Counts rows by prefix: one scan of the table, bounded by `timeout` (`statement_timeout`;
+/// the session's `lock_timeout` still applies, so it never queues behind a DDL).
+pub async fn count_rows(
+    pool: &PgPool,
+    legacy_prefix: &str,
+    modern_prefix: &str,
+    timeout: Duration,
+) -> sqlx::Result<RowCounts> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis().max(1))).execute(&mut *tx).await?;
+    let (legacy, modern, all, legacy_set_aside): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE left(path, length($1)) = $1),
+                count(*) FILTER (WHERE left(path, length($2)) = $2),
+                count(*),
+                count(*) FILTER (WHERE left(path, length($1)) = $1
+                                 AND EXISTS (SELECT 1 FROM avatar_migration_failures f WHERE f.subject = path))
+         FROM avatars",
+    )
+    .bind(legacy_prefix)
+    .bind(modern_prefix)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(RowCounts { all, legacy, modern, legacy_set_aside, estimated: false })
+}
+
+/// The planner's estimate of the rows in `avatars` (`pg_class.reltuples`, kept by
+/// autovacuum and `ANALYZE`); `None` when the table was never analyzed.
+pub async fn estimated_rows(pool: &PgPool) -> sqlx::Result<Option<i64>> {
+    let n: f64 = sqlx::query_scalar("SELECT reltuples::float8 FROM pg_class WHERE oid = 'avatars'::regclass")
+        .fetch_one(pool)
+        .await?;
+    Ok((n >= 0.0).then_some(n as i64))
+}
