@@ -35,13 +35,23 @@ pub struct Controller {
     pace: Arc<Pace>,
     paused: watch::Sender<bool>,
     last: Control,
+    /// Whether the fleet has refusal records standing (`access_denied`,
+    /// `encryption_key_unusable`): while it has, each object moved removes its own.
+    refusal_records: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Controller {
     /// Reads the control row once (before any receive); the receivers' `paused` follows it.
-    pub async fn start(db: sqlx::PgPool, stats: Arc<Stats>, pace: Arc<Pace>) -> (Controller, watch::Receiver<bool>) {
+    pub async fn start(
+        db: sqlx::PgPool,
+        stats: Arc<Stats>,
+        pace: Arc<Pace>,
+        refusal_records: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (Controller, watch::Receiver<bool>) {
         let (paused, watching) = watch::channel(false);
-        let mut controller = Controller { name: consumer_name(), db, stats, pace, paused, last: Control::default() };
+        let last = Control::default();
+        let name = consumer_name();
+        let mut controller = Controller { name, db, stats, pace, paused, last, refusal_records };
         controller.tick().await;
         (controller, watching)
     }
@@ -77,6 +87,10 @@ impl Controller {
         }
         self.last = control;
         self.paused.send_replace(control.paused);
+        match common::db::failures::refusals_recorded(db).await {
+            Ok(any) => self.refusal_records.store(any, std::sync::atomic::Ordering::Relaxed),
+            Err(err) => tracing::warn!(error = %err, "cannot look for refusal records"),
+        }
         let stats = &self.stats;
         stats.paused.set(i64::from(control.paused));
         let pace = &self.pace;

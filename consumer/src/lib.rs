@@ -141,6 +141,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     } else {
         (None, None)
     };
+    let refusal_records = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = Arc::new(process::Worker {
         sqs: clients.sqs.clone(),
         db: clients.db.clone(),
@@ -156,10 +157,12 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         sources,
         refusals: refusals::Refusals::default(),
         object_timeout: settings.object_timeout,
+        refusal_records: refusal_records.clone(),
     });
     // The operator's pause and cap, read before the first receive.
     let (controller, paused) =
-        control::Controller::start(clients.db.clone(), stats.clone(), worker.copier.pace.clone()).await;
+        control::Controller::start(clients.db.clone(), stats.clone(), worker.copier.pace.clone(), refusal_records)
+            .await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
     let ended = receive::run(&settings.receive_config(concurrency), worker, stop, paused).await;
     let mut left = None;

@@ -51,6 +51,11 @@ pub struct Worker {
     pub refusals: Refusals,
     /// How long one object may be worked on (`OBJECT_TIMEOUT`, plus a second per 25 MiB).
     pub object_timeout: Duration,
+    /// The fleet has refusal records standing (read every few seconds by the controller):
+    /// each object moved meanwhile removes its own, whatever delivery moved it (a record
+    /// written for one message may be outlived by a copy of that object moved through
+    /// another, a feeder's resent page).
+    pub refusal_records: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The state of a dry run.
@@ -164,7 +169,8 @@ impl Worker {
                             async move {
                                 let destination_key = destination.clone();
                                 let outcome = self.rewrite_rows(msg, destination).await;
-                                if receipts > 1 && matches!(outcome, Outcome::Done) {
+                                let recorded = self.refusal_records.load(std::sync::atomic::Ordering::Relaxed);
+                                if (receipts > 1 || recorded) && matches!(outcome, Outcome::Done) {
                                     self.forget_refusals(&msg.key).await;
                                 }
                                 if let Some(sources) = &self.sources
@@ -193,6 +199,12 @@ impl Worker {
                             ));
                         }
                         Err(outcome) => {
+                            // Decided for another reason (its source gone, a conflict): a
+                            // refusal recorded by an earlier delivery no longer stands.
+                            let recorded = self.refusal_records.load(std::sync::atomic::Ordering::Relaxed);
+                            if (receipts > 1 || recorded) && matches!(outcome, Outcome::SetAside { .. }) {
+                                self.forget_refusals(&msg.key).instrument(span.clone()).await;
+                            }
                             self.note_exhausted(&outcome, &msg.key, receipts).instrument(span.clone()).await;
                             let stop = matches!(outcome, Outcome::Fatal(_) | Outcome::Abandoned(_));
                             deletable &= self.settle(outcome).instrument(span).await;
@@ -267,14 +279,12 @@ impl Worker {
         }
     }
 
-    /// The object moved on a later delivery: an access denied or KMS record an earlier one
-    /// left (a run stopped by refusals in a row) no longer stands.
+    /// The object moved (on a later delivery, or while refusal records stand): an access
+    /// denied or KMS record an earlier delivery left (a run stopped by refusals in a row) no
+    /// longer stands.
     async fn forget_refusals(&self, key: &str) {
-        let keys = [key.to_owned()];
-        for reason in [Reason::AccessDenied, Reason::EncryptionKeyUnusable] {
-            if let Err(err) = common::db::clear_failures(&self.db, &keys, reason).await {
-                tracing::warn!(error = %err, "cannot remove an earlier refusal's record of a moved object");
-            }
+        if let Err(err) = common::db::failures::clear_refusals(&self.db, key).await {
+            tracing::warn!(error = %err, "cannot remove an earlier refusal's record of a moved object");
         }
     }
 

@@ -893,6 +893,11 @@ async fn cleanup_while_writing(env: &Env, vars: &[(String, String)], begun: Inst
             writes
         })
     };
+    // A transaction open before cleanup's first tombstones holds cleanup in its wait (the
+    // delete protocol's step 3) until the rollback below has tried: cleanup surely holds its
+    // lease then, however fast it would otherwise finish.
+    let mut open = env.db.begin().await?;
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *open).await?;
     let cleanup = command("feeder", vars, &[])
         .args(["cleanup", "--yes", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -916,6 +921,10 @@ async fn cleanup_while_writing(env: &Env, vars: &[(String, String)], begun: Inst
         .await?;
     let rollback_refused =
         rollback.status.code() == Some(1) && String::from_utf8_lossy(&rollback.stderr).contains("feeder cleanup on");
+    if !rollback_refused {
+        say(begun, format!("rollback during cleanup: {}", String::from_utf8_lossy(&rollback.stderr).trim()));
+    }
+    open.commit().await?;
     let out = cleanup.wait_with_output().await?;
     stop.cancel();
     let writes = writer.await?;

@@ -182,3 +182,27 @@ async fn a_hung_server_holds_no_object_and_no_message_for_good() {
     }
     assert_eq!(env.depth(&env.queue_url).await, (0, 0));
 }
+
+/// A refusal record outlived by its object: recorded by a consumer stopped by a systemic
+/// refusal (its message kept), while the same object moves through another message on its
+/// first delivery (a page the feeder sent again), or is decided for another reason (its
+/// source gone). While refusal records stand, every object decided removes its own, whatever
+/// delivery decided it: none is left behind.
+#[tokio::test]
+async fn a_refusal_record_goes_when_its_object_moves_through_any_message() {
+    let env = Env::new().await;
+    let (keys, _) = seed_legacy(&env, 0..3).await;
+    common::db::prepare(&env.db).await.unwrap();
+    common::db::record_failure(&env.db, &keys[1], common::db::Reason::AccessDenied, "refused before").await.unwrap();
+    // An object refused once, whose source is gone by its next delivery: decided
+    // source_missing, and the refusal no longer stands either.
+    common::db::record_failure(&env.db, &keys[2], common::db::Reason::AccessDenied, "refused before").await.unwrap();
+    feed(&env).await;
+    env.s3.delete_object().bucket(&env.source_bucket).key(&keys[2]).send().await.unwrap();
+    drain(&env, &[]).await;
+    assert_eq!(
+        env.failures().await,
+        vec![("source_missing".to_owned(), keys[2].clone())],
+        "the refusal records went with their objects' decisions"
+    );
+}
