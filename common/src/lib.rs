@@ -7,6 +7,7 @@ pub mod control;
 pub mod db;
 pub mod deletion;
 pub mod exit;
+pub mod host;
 pub mod identity;
 pub mod keys;
 pub mod listing;

@@ -21,9 +21,9 @@ use crate::pace::Pace;
 
 /// This process's name in the reports: host, process id, and when it started.
 pub fn consumer_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let host = common::host::name().unwrap_or_else(|| "consumer".to_owned());
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-    format!("{}-{}-{started}", if host.is_empty() { "consumer" } else { &host }, std::process::id())
+    format!("{host}-{}-{started}", std::process::id())
 }
 
 /// Reads the control row and reports; the receivers watch `paused`. It holds no handle on the

@@ -169,8 +169,7 @@ impl Worker {
                             async move {
                                 let destination_key = destination.clone();
                                 let outcome = self.rewrite_rows(msg, destination).await;
-                                let recorded = self.refusal_records.load(std::sync::atomic::Ordering::Relaxed);
-                                if (receipts > 1 || recorded) && matches!(outcome, Outcome::Done) {
+                                if self.refusal_may_stand(receipts) && matches!(outcome, Outcome::Done) {
                                     self.forget_refusals(&msg.key).await;
                                 }
                                 if let Some(sources) = &self.sources
@@ -201,8 +200,7 @@ impl Worker {
                         Err(outcome) => {
                             // Decided for another reason (its source gone, a conflict): a
                             // refusal recorded by an earlier delivery no longer stands.
-                            let recorded = self.refusal_records.load(std::sync::atomic::Ordering::Relaxed);
-                            if (receipts > 1 || recorded) && matches!(outcome, Outcome::SetAside { .. }) {
+                            if self.refusal_may_stand(receipts) && matches!(outcome, Outcome::SetAside { .. }) {
                                 self.forget_refusals(&msg.key).instrument(span.clone()).await;
                             }
                             self.note_exhausted(&outcome, &msg.key, receipts).instrument(span.clone()).await;
@@ -282,6 +280,12 @@ impl Worker {
     /// The object moved (on a later delivery, or while refusal records stand): an access
     /// denied or KMS record an earlier delivery left (a run stopped by refusals in a row) no
     /// longer stands.
+    /// Whether an object of a message received `receipts` times may have a refusal record
+    /// standing: an earlier delivery made one, or the fleet has some.
+    fn refusal_may_stand(&self, receipts: u32) -> bool {
+        receipts > 1 || self.refusal_records.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn forget_refusals(&self, key: &str) {
         if let Err(err) = common::db::failures::clear_refusals(&self.db, key).await {
             tracing::warn!(error = %err, "cannot remove an earlier refusal's record of a moved object");

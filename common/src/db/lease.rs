@@ -68,8 +68,7 @@ pub enum TakeError {
 
 /// This process's name among holders: what it runs, its host and process id.
 pub fn holder_name(what: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    let host = if host.is_empty() { "an unknown host".to_owned() } else { host };
+    let host = crate::host::name().unwrap_or_else(|| "an unknown host".to_owned());
     format!("{what} on {host}, process {}", std::process::id())
 }
 
