@@ -27,7 +27,7 @@ use anyhow::Context;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use sqlx::PgPool;
 
-use crate::aws::{S3, describe};
+use crate::aws::{Call, S3};
 use crate::db::fence::{self, Tombstone};
 use crate::db::lease::Lease;
 
@@ -144,7 +144,7 @@ impl Deleter {
             .delete(Delete::builder().set_objects(Some(ids)).quiet(true).build()?)
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("deleting legacy objects in s3://{}: {}", self.bucket, describe(&e)))?;
+            .call(|| format!("deleting legacy objects in s3://{}", self.bucket))?;
         let refused: HashSet<&str> = answer.errors().iter().filter_map(|e| e.key()).collect();
         for error in answer.errors() {
             let key = error.key().unwrap_or_default();
@@ -160,14 +160,13 @@ impl Deleter {
         if !one.etag.is_empty() {
             delete = delete.if_match(&one.etag);
         }
-        match delete.send().await {
+        match delete.send().await.call(|| format!("deleting s3://{}/{}", self.bucket, one.legacy)) {
             Ok(_) => out.deleted.push(one.legacy.clone()),
-            Err(err) if err.raw_response().is_some_and(|r| r.status().as_u16() < 500) => {
-                let why = describe(&err);
-                tracing::warn!(key = one.legacy, error = why, "legacy object not deleted: kept");
-                out.failed.push((one.legacy.clone(), why));
+            Err(err) if err.status().is_some_and(|s| s < 500) => {
+                tracing::warn!(key = one.legacy, error = %err, "legacy object not deleted: kept");
+                out.failed.push((one.legacy.clone(), err.to_string()));
             }
-            Err(err) => anyhow::bail!("deleting s3://{}/{}: {}", self.bucket, one.legacy, describe(&err)),
+            Err(err) => return Err(err.into()),
         }
         Ok(())
     }

@@ -13,16 +13,12 @@
 //!
 //! Nothing here writes.
 
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::SdkError;
-use aws_sdk_s3::operation::get_object::GetObjectError;
-use aws_sdk_s3::operation::head_object::HeadObjectError;
 use aws_sdk_s3::primitives::{ByteStream, ByteStreamError};
 use aws_sdk_s3::types::{ChecksumMode, ChecksumType};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use crate::aws::{S3, status};
+use crate::aws::{AwsError, Call, S3};
 
 /// What a HEAD tells about an object's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,14 +31,11 @@ pub struct ObjectHead {
 }
 
 /// HEADs an object (with checksum mode); `None` when there is no object at that key.
-pub async fn head_object(
-    s3: &S3,
-    bucket: &str,
-    key: &str,
-) -> Result<Option<ObjectHead>, SdkError<HeadObjectError, HttpResponse>> {
-    let out = match s3.head_object().bucket(bucket).key(key).checksum_mode(ChecksumMode::Enabled).send().await {
+pub async fn head_object(s3: &S3, bucket: &str, key: &str) -> Result<Option<ObjectHead>, AwsError> {
+    let head = s3.head_object().bucket(bucket).key(key).checksum_mode(ChecksumMode::Enabled).send().await;
+    let out = match head.call(|| format!("HEAD s3://{bucket}/{key}")) {
         Ok(out) => out,
-        Err(err) if status(&err) == Some(404) => return Ok(None),
+        Err(err) if err.status() == Some(404) => return Ok(None),
         Err(err) => return Err(err),
     };
     let composite = out.checksum_type() == Some(&ChecksumType::Composite);
@@ -70,11 +63,8 @@ pub async fn head_object(
 
 /// The ETag of an object, `None` when there is no object at that key (404); any other failure
 /// is an error naming the object.
-pub async fn head_etag(s3: &S3, bucket: &str, key: &str) -> Result<Option<String>, String> {
-    head_object(s3, bucket, key)
-        .await
-        .map(|head| head.map(|h| h.etag))
-        .map_err(|err| format!("HEAD s3://{bucket}/{key}: {}", crate::aws::describe(&err)))
+pub async fn head_etag(s3: &S3, bucket: &str, key: &str) -> Result<Option<String>, AwsError> {
+    Ok(head_object(s3, bucket, key).await?.map(|head| head.etag))
 }
 
 /// What the metadata alone says.
@@ -124,7 +114,7 @@ pub async fn same_content(
     (a_bucket, a_key, a): (&str, &str, &ObjectHead),
     (b_bucket, b_key, b): (&str, &str, &ObjectHead),
     compare_max_bytes: u64,
-) -> Result<Identity, SdkError<GetObjectError, HttpResponse>> {
+) -> Result<Identity, AwsError> {
     match compare_heads(a, b) {
         Verdict::Same(how) => return Ok(Identity::Same(how)),
         Verdict::Different(why) => return Ok(Identity::Different(why)),
@@ -137,13 +127,29 @@ pub async fn same_content(
             a.size
         )));
     }
-    let get = |bucket: &str, key: &str, etag: &str| s3.get_object().bucket(bucket).key(key).if_match(etag).send();
-    let (a_body, b_body) = futures::try_join!(get(a_bucket, a_key, &a.etag), get(b_bucket, b_key, &b.etag))?;
+    let (a_body, b_body) =
+        futures::try_join!(get_if_match(s3, a_bucket, a_key, &a.etag), get_if_match(s3, b_bucket, b_key, &b.etag))?;
     match same_bytes(chunks(a_body.body), chunks(b_body.body)).await {
         Ok(true) => Ok(Identity::Same("byte comparison")),
         Ok(false) => Ok(Identity::Different("same size, different bytes".into())),
-        Err(err) => Err(SdkError::construction_failure(err)),
+        // The bodies broke off: no answer to judge by, so asked again later.
+        Err(err) => Err(AwsError::answered(
+            format!("comparing s3://{a_bucket}/{a_key} with s3://{b_bucket}/{b_key}"),
+            None,
+            "",
+            err.to_string(),
+        )),
     }
+}
+
+/// GETs an object, only while its ETag is still `etag`.
+async fn get_if_match(
+    s3: &S3,
+    bucket: &str,
+    key: &str,
+    etag: &str,
+) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, AwsError> {
+    s3.get_object().bucket(bucket).key(key).if_match(etag).send().await.call(|| format!("GET s3://{bucket}/{key}"))
 }
 
 /// The chunks of an object's body, as a stream.

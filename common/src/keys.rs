@@ -53,6 +53,18 @@ pub struct KeyMapping {
     pub destination_prefix: Prefix,
 }
 
+/// A mapping whose destination lies inside its own source, or the other way round.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "SOURCE_PREFIX {source_prefix:?} and DESTINATION_PREFIX {destination_prefix:?} overlap in the same bucket \
+     {bucket:?}: choose prefixes where neither starts with the other"
+)]
+pub struct PrefixesOverlap {
+    bucket: String,
+    source_prefix: Prefix,
+    destination_prefix: Prefix,
+}
+
 impl KeyMapping {
     /// Builds a mapping, refusing one whose destination lies inside its own source (the moved
     /// objects would be listed and moved again, forever).
@@ -61,16 +73,12 @@ impl KeyMapping {
         source_prefix: Prefix,
         destination_bucket: String,
         destination_prefix: Prefix,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PrefixesOverlap> {
         if source_bucket == destination_bucket
             && (destination_prefix.0.starts_with(&source_prefix.0)
                 || source_prefix.0.starts_with(&destination_prefix.0))
         {
-            return Err(format!(
-                "SOURCE_PREFIX {source_prefix:?} and DESTINATION_PREFIX {destination_prefix:?} \
-                 overlap in the same bucket {source_bucket:?}: choose prefixes where neither \
-                 starts with the other"
-            ));
+            return Err(PrefixesOverlap { bucket: source_bucket, source_prefix, destination_prefix });
         }
         Ok(Self { source_bucket, source_prefix, destination_bucket, destination_prefix })
     }

@@ -9,7 +9,7 @@
 use anyhow::{Context, anyhow, bail};
 use aws_sdk_s3::types::EncodingType;
 
-use crate::aws::{S3, describe};
+use crate::aws::{Call, S3};
 use crate::message::ObjectMessage;
 
 /// One page of at most `max_keys` objects under `prefix`, in S3's (UTF-8 binary) order, and
@@ -32,11 +32,7 @@ pub async fn page(
         (None, Some(after)) => request.start_after(after),
         (None, None) => request,
     };
-    let out = request
-        .send()
-        .await
-        .map_err(|e| anyhow!("{}", describe(&e)))
-        .with_context(|| format!("listing s3://{bucket}/{prefix}{position}"))?;
+    let out = request.send().await.call(|| format!("listing s3://{bucket}/{prefix}{position}"))?;
     // A server that ignores `encoding-type` says so by leaving the element out.
     let encoded = out.encoding_type() == Some(&EncodingType::Url);
     let mut objects = Vec::with_capacity(out.contents().len());

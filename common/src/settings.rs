@@ -73,7 +73,7 @@ impl StorageArgs {
             self.destination_bucket_name.clone(),
             self.destination_prefix.clone(),
         )
-        .map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::from)
     }
 }
 
@@ -96,12 +96,12 @@ pub struct QueueArgs {
     pub queue_url: String,
 }
 
-fn parse_queue_url(s: &str) -> Result<String, String> {
-    if (s.starts_with("https://") || s.starts_with("http://")) && s.len() > 8 {
-        Ok(s.to_owned())
-    } else {
-        Err("QUEUE_URL must be the queue's http(s) URL, as `aws sqs get-queue-url` prints it".into())
-    }
+fn parse_queue_url(s: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        (s.starts_with("https://") || s.starts_with("http://")) && s.len() > 8,
+        "QUEUE_URL must be the queue's http(s) URL, as `aws sqs get-queue-url` prints it"
+    );
+    Ok(s.to_owned())
 }
 
 /// The PostgreSQL database holding `avatars`.
@@ -126,7 +126,7 @@ pub struct DatabaseArgs {
     pub db_statement_timeout: Duration,
 }
 
-fn parse_secret(s: &str) -> Result<SecretString, String> {
+fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(s.to_owned()))
 }
 

@@ -13,8 +13,8 @@
 //! ```
 
 use anyhow::Context;
-use consumer::copy::conditional_copy;
-use consumer::direct::{Answer, DirectCopy, DirectCounters};
+use consumer::copy::conditional::conditional_copy;
+use consumer::copy::direct::{Answer, DirectCopy, DirectCounters};
 use futures::StreamExt;
 
 fn main() -> anyhow::Result<()> {
@@ -29,8 +29,7 @@ async fn run(n: usize, at_once: usize) -> anyhow::Result<()> {
     let s3 = common::aws::s3_client(&config, true, std::time::Duration::from_secs(30));
     let (bucket, keys, etags) = testkit::bench::seed_copy_sources(&s3, "direct-copy-cpu", n, at_once).await?;
     let timeout = std::time::Duration::from_secs(30);
-    let direct =
-        DirectCopy::new(&config, &bucket, true, timeout, DirectCounters::default()).map_err(anyhow::Error::msg)?;
+    let direct = DirectCopy::new(&config, &bucket, true, timeout, DirectCounters::default())?;
     for (round, how) in ["sdk", "direct", "sdk", "direct"].into_iter().enumerate() {
         let copies = futures::stream::iter(keys.iter().zip(&etags))
             .map(|(key, etag)| {

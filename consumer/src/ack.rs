@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
-use common::aws::{Sqs, describe};
+use common::aws::Sqs;
+use common::aws::queue::{BATCH_ENTRIES, delete_batch};
 
 use crate::batch::Batcher;
 use crate::metrics::Stats;
@@ -31,18 +31,25 @@ pub struct Acker {
 impl Acker {
     pub fn spawn(sqs: Sqs, queue_url: String, stats: Arc<Stats>) -> (Self, tokio::task::JoinHandle<()>) {
         // Ten is the most SQS takes per batch.
-        let (batcher, handle) = Batcher::spawn(10, LINGER, 4, move |items: Vec<(String, u64)>| {
+        let (batcher, handle) = Batcher::spawn(BATCH_ENTRIES, LINGER, 4, move |items: Vec<(String, u64)>| {
             let (sqs, queue_url, stats) = (sqs.clone(), queue_url.clone(), stats.clone());
             async move {
                 let n = items.len();
-                let (handles, objects): (Vec<String>, Vec<u64>) = items.into_iter().unzip();
-                for (result, objects) in delete_batch(&sqs, &queue_url, handles).await.into_iter().zip(objects) {
-                    match result {
+                let handles: Vec<&str> = items.iter().map(|(handle, _)| handle.as_str()).collect();
+                let entries = match delete_batch(&sqs, &queue_url, &handles).await {
+                    Ok(entries) => entries,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "messages not deleted: they come back, harmlessly");
+                        return vec![(); n];
+                    }
+                };
+                for (entry, (_, objects)) in entries.into_iter().zip(&items) {
+                    match entry {
                         Ok(()) => {
                             stats.deleted.inc();
-                            stats.acked.inc_by(objects);
+                            stats.acked.inc_by(*objects);
                         }
-                        Err(why) => tracing::warn!(error = why, "message not deleted: it comes back, harmlessly"),
+                        Err(why) => tracing::warn!(error = %why, "message not deleted: it comes back, harmlessly"),
                     }
                 }
                 vec![(); n]
@@ -58,32 +65,4 @@ impl Acker {
             tracing::warn!("the acknowledger has stopped: the message comes back, harmlessly");
         }
     }
-}
-
-async fn delete_batch(sqs: &Sqs, queue_url: &str, handles: Vec<String>) -> Vec<Result<(), String>> {
-    let entries = handles
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            DeleteMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(h)
-                .build()
-                .expect("id and receipt handle are set")
-        })
-        .collect::<Vec<_>>();
-    let out = match sqs.delete_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await {
-        Ok(out) => out,
-        Err(err) => {
-            let why = format!("DeleteMessageBatch: {}", describe(&err));
-            return handles.iter().map(|_| Err(why.clone())).collect();
-        }
-    };
-    let mut results: Vec<Result<(), String>> = handles.iter().map(|_| Ok(())).collect();
-    for failed in out.failed() {
-        if let Some(slot) = failed.id().parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
-            *slot = Err(format!("delete failed: {}: {}", failed.code(), failed.message().unwrap_or_default()));
-        }
-    }
-    results
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use common::aws::{Sqs, describe};
+use common::aws::{Call, Sqs};
 use tokio::task::JoinHandle;
 
 /// Extends a message's visibility until dropped.
@@ -30,9 +30,10 @@ impl Lease {
                     .visibility_timeout(secs)
                     .send()
                     .await
+                    .call(|| "ChangeMessageVisibility".to_owned())
                 {
                     Ok(_) => tracing::debug!(secs, "visibility extended"),
-                    Err(err) => tracing::warn!(error = describe(&err), "cannot extend visibility"),
+                    Err(err) => tracing::warn!(error = %err, "cannot extend visibility"),
                 }
             }
         });

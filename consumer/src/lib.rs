@@ -7,11 +7,8 @@ pub mod ack;
 pub mod batch;
 pub mod control;
 pub mod copy;
-pub mod direct;
 pub mod lease;
 pub mod metrics;
-pub mod multipart;
-pub mod outcome;
 pub mod pace;
 pub mod process;
 pub mod receive;
@@ -95,14 +92,14 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         copier.destination_check = copier.resolve_destination_check().await.setup()?;
     }
     if settings.direct_copy && !settings.dry_run {
-        let counters = direct::DirectCounters {
+        let counters = copy::direct::DirectCounters {
             answered: stats.direct_copies.clone(),
             handed_over: stats.direct_handed_over.clone(),
             off: stats.direct_copy_off.clone(),
         };
         let bucket = &copier.mapping.destination_bucket;
         let force_path_style = settings.storage.s3_force_path_style;
-        match direct::DirectCopy::new(
+        match copy::direct::DirectCopy::new(
             &clients.s3_config,
             bucket,
             force_path_style,
@@ -110,7 +107,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
             counters,
         ) {
             Ok(direct) => copier.direct = Some(direct),
-            Err(why) => tracing::warn!("DIRECT_COPY: every copy goes through the SDK: {why}"),
+            Err(why) => tracing::warn!("DIRECT_COPY: every copy goes through the SDK: {why:#}"),
         }
         copier.check_direct_copy().await;
     }

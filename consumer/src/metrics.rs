@@ -12,8 +12,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
-use common::aws::{S3, Sqs, describe};
+use common::aws::{Call, S3, Sqs};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
@@ -233,10 +234,11 @@ pub struct Health {
 }
 
 impl Health {
-    /// `Ok` when every dependency answered; otherwise what failed, one per line.
-    pub async fn check(&self) -> Result<(), String> {
+    /// `Ok` when every dependency answered; otherwise what failed.
+    pub async fn check(&self) -> Result<(), Unhealthy> {
         let s3 = within("S3", async {
-            self.s3.head_bucket().bucket(&self.bucket).send().await.map(|_| ()).map_err(|e| describe(&e))
+            let head = self.s3.head_bucket().bucket(&self.bucket).send().await;
+            head.call(|| format!("HeadBucket {}", self.bucket)).map(|_| ()).map_err(anyhow::Error::from)
         });
         let sqs = within("SQS", async {
             self.sqs
@@ -245,27 +247,38 @@ impl Health {
                 .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
                 .send()
                 .await
+                .call(|| "GetQueueAttributes".to_owned())
                 .map(|_| ())
-                .map_err(|e| describe(&e))
+                .map_err(anyhow::Error::from)
         });
         let db = within("PostgreSQL", async {
             sqlx::query("SELECT 1").execute(&self.db).await.map(|_| ()).map_err(|e| match e {
-                sqlx::Error::Database(e) => e.message().to_owned(),
-                other => other.to_string(),
+                sqlx::Error::Database(e) => anyhow::anyhow!("{}", e.message()),
+                other => anyhow::Error::from(other),
             })
         });
         let (s3, sqs, db) = tokio::join!(s3, sqs, db);
-        let failed: Vec<String> = [s3, sqs, db].into_iter().filter_map(Result::err).collect();
-        if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
+        let failed: Vec<anyhow::Error> = [s3, sqs, db].into_iter().filter_map(Result::err).collect();
+        if failed.is_empty() { Ok(()) } else { Err(Unhealthy(failed)) }
+    }
+}
+
+/// The dependencies that did not answer a health check, one per line.
+#[derive(Debug)]
+pub struct Unhealthy(Vec<anyhow::Error>);
+
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(|e| format!("{e:#}")).collect();
+        f.write_str(&lines.join("\n"))
     }
 }
 
 /// Runs one check within [`CHECK_TIMEOUT`], naming `what` when it fails.
-async fn within(what: &str, check: impl Future<Output = Result<(), String>>) -> Result<(), String> {
+async fn within(what: &'static str, check: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     match tokio::time::timeout(CHECK_TIMEOUT, check).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(why)) => Err(format!("{what}: {why}")),
-        Err(_) => Err(format!("{what}: no answer within {CHECK_TIMEOUT:?}")),
+        Ok(answered) => answered.context(what),
+        Err(_) => Err(anyhow::anyhow!("{what}: no answer within {CHECK_TIMEOUT:?}")),
     }
 }
 
@@ -317,7 +330,7 @@ async fn answer(path: &str, stats: &Stats, health: &Health) -> Response<Full<Byt
             match health.check().await {
                 Ok(()) => (StatusCode::OK, "text/plain", format!("ok ({:.0?})\n", started.elapsed())),
                 Err(why) => {
-                    tracing::warn!(failed = why, "health check failed");
+                    tracing::warn!(failed = %why, "health check failed");
                     (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n"))
                 }
             }

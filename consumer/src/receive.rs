@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::Message;
-use common::aws::{ErrorClass, Sqs, classify_queue_error, describe, queue_depth};
+use common::aws::{AwsError, Call, ErrorClass, Sqs, queue_depth};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -202,19 +202,17 @@ impl Receiver {
                     backoff = Duration::from_secs(1);
                     messages
                 }
-                Err(err) => match classify_queue_error(&err) {
+                Err(err) => match err.for_queue() {
                     ErrorClass::Fatal => {
-                        self.worker.halt.halt(anyhow::anyhow!(
-                            "receiving from {}: {}: no retry can fix this (check QUEUE_URL, the queue and the \
-                             credentials)",
-                            self.config.queue_url,
-                            describe(&err)
-                        ));
+                        self.worker.halt.halt(
+                            anyhow::Error::new(err)
+                                .context("no retry can fix this (check QUEUE_URL, the queue and the credentials)"),
+                        );
                         break;
                     }
                     _ => {
                         // The queue is unreachable or throttling: nothing is lost, messages wait.
-                        tracing::warn!(error = describe(&err), retry_in = ?backoff, "receive failed");
+                        tracing::warn!(error = %err, retry_in = ?backoff, "receive failed");
                         drop(held);
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
@@ -248,11 +246,7 @@ impl Receiver {
         }
     }
 
-    async fn receive(
-        &self,
-        max: usize,
-    ) -> Result<Vec<Message>, aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::receive_message::ReceiveMessageError>>
-    {
+    async fn receive(&self, max: usize) -> Result<Vec<Message>, AwsError> {
         let out = self
             .worker
             .sqs
@@ -263,7 +257,8 @@ impl Receiver {
             .visibility_timeout(self.config.visibility.as_secs().min(43_200) as i32)
             .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
-            .await?;
+            .await
+            .call(|| format!("receiving from {}", self.config.queue_url))?;
         Ok(out.messages.unwrap_or_default())
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
 
+use crate::copy::multipart::{MIN_PART, Multipart};
 use crate::copy::{DestinationCheck, MAX_SINGLE_COPY};
-use crate::multipart::{MIN_PART, Multipart};
 use crate::receive::ReceiveConfig;
 
 /// Moves legacy avatars: receives one message per object from SQS, copies the object

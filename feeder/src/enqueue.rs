@@ -8,14 +8,13 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use common::aws::{Sqs, describe};
+use anyhow::bail;
+use common::aws::{Sqs, queue};
 use common::message::{ObjectMessage, encode};
 use futures::{StreamExt, TryStreamExt};
 
-/// SQS takes at most ten entries per batch.
-const BATCH: usize = 10;
+/// SQS takes at most ten entries per batch...
+const BATCH: usize = queue::BATCH_ENTRIES;
 /// ... and at most 256 KiB in all.
 const BATCH_BYTES: usize = 256 * 1024;
 /// A message stays within one 64 KiB chunk, which SQS bills as one request.
@@ -100,34 +99,23 @@ pub async fn enqueue(
 }
 
 async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Outgoing<'_>]) -> anyhow::Result<u64> {
-    // Entry ids are indexes into the chunk; `pending` shrinks as entries are accepted.
+    // `pending` holds indexes into the chunk, and shrinks as entries are accepted.
     let mut pending: Vec<usize> = (0..chunk.len()).collect();
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=ATTEMPTS {
-        let entries = pending
-            .iter()
-            .map(|&i| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(&chunk[i].body)
-                    .build()
-                    .expect("id and body are set")
-            })
-            .collect::<Vec<_>>();
-        match sqs.send_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await {
-            Ok(out) => {
+        let bodies: Vec<&str> = pending.iter().map(|&i| chunk[i].body.as_str()).collect();
+        match queue::send_batch(sqs, queue_url, &bodies).await {
+            Ok(entries) => {
                 let mut still = Vec::new();
-                for failed in out.failed() {
-                    let i: usize = failed.id().parse().context("SQS answered with an unknown entry id")?;
-                    let key = chunk.get(i).context("SQS answered with an unknown entry id")?.first_key;
-                    if failed.sender_fault() {
-                        bail!(
-                            "SQS refused the message for key {key:?} (and the objects sent with it): {}: {}",
-                            failed.code(),
-                            failed.message().unwrap_or_default()
-                        );
+                for (&i, entry) in pending.iter().zip(entries) {
+                    match entry {
+                        Ok(()) => {}
+                        Err(refused) if refused.sender_fault => bail!(
+                            "SQS refused the message for key {:?} (and the objects sent with it): {refused}",
+                            chunk[i].first_key
+                        ),
+                        Err(_) => still.push(i),
                     }
-                    still.push(i);
                 }
                 if still.is_empty() {
                     return Ok(chunk.iter().map(|m| m.objects as u64).sum());
@@ -136,9 +124,9 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Outgoing<'_>]) -> anyho
                 pending = still;
             }
             Err(err) => {
-                tracing::warn!(error = describe(&err), attempt, "SendMessageBatch failed; sending again");
+                tracing::warn!(error = %err, attempt, "SendMessageBatch failed; sending again");
                 if attempt == ATTEMPTS {
-                    bail!("SendMessageBatch failed {ATTEMPTS} times: {}", describe(&err));
+                    bail!("SendMessageBatch failed {ATTEMPTS} times: {err}");
                 }
             }
         }

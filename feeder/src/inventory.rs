@@ -19,7 +19,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail, ensure};
-use common::aws::{S3, describe};
+use common::aws::{Call, S3};
 use common::message::ObjectMessage;
 use md5::Digest;
 use serde::Deserialize;
@@ -78,7 +78,7 @@ pub async fn read_manifest(s3: &S3, location: &str, source_bucket: &str) -> anyh
         .key(key)
         .send()
         .await
-        .map_err(|e| anyhow!("reading the inventory manifest {location}: {}", describe(&e)))?
+        .call(|| format!("reading the inventory manifest {location}"))?
         .body
         .collect()
         .await
@@ -137,10 +137,11 @@ pub fn spawn(
     tokio::spawn(async move {
         let data = &manifest.files[file];
         let location = format!("s3://{}/{}", manifest.report_bucket, data.key);
-        let body = match s3.get_object().bucket(&manifest.report_bucket).key(&data.key).send().await {
+        let got = s3.get_object().bucket(&manifest.report_bucket).key(&data.key).send().await;
+        let body = match got.call(|| format!("reading the inventory file {location}")) {
             Ok(out) => out.body.into_async_read(),
             Err(e) => {
-                let _ = tx.send((file, Err(anyhow!("reading the inventory file {location}: {}", describe(&e))))).await;
+                let _ = tx.send((file, Err(e.into()))).await;
                 return;
             }
         };

@@ -107,10 +107,10 @@ pub struct ThrottleArgs {
     pub clear: bool,
 }
 
-fn parse_rate(s: &str) -> Result<f64, String> {
+fn parse_rate(s: &str) -> anyhow::Result<f64> {
     match s.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err(format!("{s:?} is not a number of copies per second above 0")),
+        _ => anyhow::bail!("{s:?} is not a number of copies per second above 0"),
     }
 }
 

@@ -298,10 +298,11 @@ impl Env {
     }
 
     pub async fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
-        match self.s3.get_object().bucket(bucket).key(key).send().await {
+        use common::aws::Call;
+        match self.s3.get_object().bucket(bucket).key(key).send().await.call(|| format!("GET s3://{bucket}/{key}")) {
             Ok(out) => Some(out.body.collect().await.unwrap().into_bytes().to_vec()),
-            Err(e) if common::aws::status(&e) == Some(404) => None,
-            Err(e) => panic!("get s3://{bucket}/{key}: {e:?}"),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => panic!("{e}"),
         }
     }
 

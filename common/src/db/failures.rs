@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
+
+use super::keyset::Keyset;
 
 use crate::reason::Reason;
 
@@ -23,7 +25,8 @@ pub async fn record_failure(pool: &PgPool, subject: &str, reason: Reason, detail
     Ok(())
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One failure record.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct FailureRecord {
     pub subject: String,
     pub reason: String,
@@ -31,28 +34,32 @@ pub struct FailureRecord {
     pub occurrences: i32,
 }
 
-pub async fn list_failures(pool: &PgPool) -> sqlx::Result<Vec<FailureRecord>> {
-    let mut all = Vec::new();
-    let mut after = None;
-    loop {
-        let page = failures_page(pool, None, after.as_ref(), 1000).await?;
-        let Some(last) = page.last() else { return Ok(all) };
-        after = Some((last.reason.clone(), last.subject.clone()));
-        all.extend(page);
+impl FailureRecord {
+    /// Its position in the order records are read in: (reason, subject).
+    pub fn position(&self) -> Option<(String, String)> {
+        Some((self.reason.clone(), self.subject.clone()))
     }
 }
 
-/// Failure records after `after` (reason, subject) in that order, at most `limit`; only of
-/// `reason` when given. Pages through the records without loading them all.
-pub async fn failures_page(
+pub async fn list_failures(pool: &PgPool) -> sqlx::Result<Vec<FailureRecord>> {
+    let mut all = Vec::new();
+    let mut pages = Keyset::after(None);
+    while let Some(page) = pages.next(|after| failures_after(pool, None, after, 1000), FailureRecord::position).await? {
+        all.extend(page);
+    }
+    Ok(all)
+}
+
+/// Failure records after `after` ([`FailureRecord::position`]), at most `limit`; only of
+/// `reason` when given. Read with [`Keyset`] to page through them all.
+pub async fn failures_after(
     pool: &PgPool,
     reason: Option<&str>,
-    after: Option<&(String, String)>,
+    after: Option<(String, String)>,
     limit: i64,
 ) -> sqlx::Result<Vec<FailureRecord>> {
-    let (after_reason, after_subject) =
-        after.map(|(r, s)| (Some(r.as_str()), Some(s.as_str()))).unwrap_or((None, None));
-    let rows = sqlx::query(
+    let (after_reason, after_subject) = after.unzip();
+    sqlx::query_as(
         "SELECT subject, reason, detail, occurrences FROM avatar_migration_failures
          WHERE ($1::text IS NULL OR reason = $1)
            AND ($2::text IS NULL OR (reason, subject) > ($2, $3))
@@ -63,11 +70,7 @@ pub async fn failures_page(
     .bind(after_subject)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| FailureRecord { subject: r.get(0), reason: r.get(1), detail: r.get(2), occurrences: r.get(3) })
-        .collect())
+    .await
 }
 
 /// Forgets the records of these subjects with this reason (they are being retried).

@@ -2,7 +2,8 @@
 //! one file per table or protocol below it: [`rewrite`] (the compare-and-set rewrite of
 //! `avatars.path`), [`failures`] (the records operators list), [`listing`] (the feeder's
 //! position and lease, read by consumers), [`lease`] (the lease on the legacy objects),
-//! [`fence`] (the fence and the tombstones). The feeder's own bookkeeping is in
+//! [`fence`] (the fence and the tombstones), and [`keyset`], how every table is read in pages.
+//! The feeder's own bookkeeping is in
 //! `feeder::store`; the tables' DDL in `tables.sql` and with each module.
 //!
 //! Promises:
@@ -17,13 +18,14 @@
 
 pub mod failures;
 pub mod fence;
+pub mod keyset;
 pub mod lease;
 pub mod listing;
 pub mod rewrite;
 
 pub use crate::reason::Reason;
 pub use failures::{
-    FailureRecord, clear_failures, failure_counts, failures_page, list_failures, record_failure, recorded_reasons,
+    FailureRecord, clear_failures, failure_counts, failures_after, list_failures, record_failure, recorded_reasons,
 };
 pub use listing::{
     Checkpoint, FEEDER_LEASE, FeederLease, ListingState, listing_state, load_checkpoint, save_checkpoint,

@@ -153,7 +153,7 @@ async fn a_direct_path_turned_off_by_a_burst_of_resets_comes_back() {
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
     // The run's own copies (their source is under image/), not the start-up probe's.
     let mut burst = Rule::always(When { contains: Some("image".into()), ..direct_only() }, Fault::Reset);
-    burst.remaining = Some(consumer::direct::BREAKER.into());
+    burst.remaining = Some(consumer::copy::direct::BREAKER.into());
     s3.add(burst);
     // Copies through the SDK take a while, so that the cool-down ends before the work does.
     let sdk = When { contains: Some("image".into()), header: Some(("user-agent", "aws-sdk-rust")), ..When::default() };
@@ -169,7 +169,11 @@ async fn a_direct_path_turned_off_by_a_burst_of_resets_comes_back() {
     let (off, on) = (log.find("DIRECT_COPY turned off for 10s"), log.find("DIRECT_COPY back on"));
     assert!(off.is_some() && on > off, "{log}");
     let (decided, handed_over) = direct_counts(&out);
-    assert_eq!(handed_over, u64::from(consumer::direct::BREAKER), "the burst; copies while off are not sent this way");
+    assert_eq!(
+        handed_over,
+        u64::from(consumer::copy::direct::BREAKER),
+        "the burst; copies while off are not sent this way"
+    );
     assert!(decided > 1, "copies decided directly again, besides the start-up probe: {decided}");
     assert!(stdout(&out).contains(&format!("copied {}, already present 1", keys.len())), "{}", stdout(&out));
     assert_end_state(&env, &keys, &conflict_etag).await;

@@ -4,6 +4,9 @@
 
 use std::io::Write;
 
+use common::db::keyset::Keyset;
+use common::db::{FailureRecord, failures_after};
+
 use crate::Clients;
 use crate::settings::FailuresArgs;
 
@@ -14,13 +17,10 @@ pub async fn failures(args: &FailuresArgs, clients: &Clients) -> anyhow::Result<
         out.write_record(["reason", "subject", "occurrences", "detail"])?;
     }
     let mut count = 0;
-    let mut after = None;
-    loop {
-        let page =
-            common::db::failures_page(&clients.db, args.reason.map(common::db::Reason::as_str), after.as_ref(), 1000)
-                .await?;
-        let Some(last) = page.last() else { break };
-        after = Some((last.reason.clone(), last.subject.clone()));
+    let mut pages = Keyset::after(None);
+    let reason = args.reason.map(common::db::Reason::as_str);
+    let failures = |after| failures_after(&clients.db, reason, after, 1000);
+    while let Some(page) = pages.next(failures, FailureRecord::position).await? {
         count += page.len() as u64;
         for f in &page {
             let occurrences = f.occurrences.to_string();

@@ -195,25 +195,15 @@ pub(crate) async fn verdict(
     source: (&str, &str),
     destination: (&str, &str),
 ) -> anyhow::Result<Verdict> {
-    let describe = |e: &dyn std::fmt::Display, (b, k): (&str, &str)| format!("HEAD s3://{b}/{k}: {e}");
-    let Some(dst) = head_object(&clients.s3, destination.0, destination.1)
-        .await
-        .map_err(|e| anyhow::anyhow!(describe(&common::aws::describe(&e), destination)))?
-    else {
+    let Some(dst) = head_object(&clients.s3, destination.0, destination.1).await? else {
         return Ok(Verdict::MissingCopy);
     };
-    let Some(src) = head_object(&clients.s3, source.0, source.1)
-        .await
-        .map_err(|e| anyhow::anyhow!(describe(&common::aws::describe(&e), source)))?
-    else {
+    let Some(src) = head_object(&clients.s3, source.0, source.1).await? else {
         return Ok(Verdict::Same); // gone since it was listed: nothing left to compare
     };
     let identity =
         same_content(&clients.s3, (source.0, source.1, &src), (destination.0, destination.1, &dst), COMPARE_MAX_BYTES)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("comparing s3://{}/{}: {}", destination.0, destination.1, common::aws::describe(&e))
-            })?;
+            .await?;
     Ok(match identity {
         Identity::Same(_) => Verdict::Same,
         Identity::Different(_) => Verdict::Conflict,

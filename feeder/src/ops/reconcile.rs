@@ -14,8 +14,8 @@
 use std::collections::BTreeSet;
 
 use anyhow::Context;
-use common::aws::describe;
 use common::db::Reason;
+use common::db::keyset::Keyset;
 use common::identity::head_object;
 use common::message::ObjectMessage;
 use futures::{StreamExt, TryStreamExt};
@@ -47,11 +47,11 @@ pub async fn reconcile(
     let mapping = settings.storage.mapping()?;
     let queue_url = &settings.queue.queue_url;
     let mut result = Reconciliation::default();
-    let mut after_id = i64::MIN;
-    while !shutdown.is_cancelled() {
-        let rows = crate::store::rows::rows_after(&clients.db, after_id, ROWS_PAGE).await?;
-        let Some(&(last, _)) = rows.last() else { break };
-        after_id = last;
+    let mut pages = Keyset::after(i64::MIN);
+    let table = |after| crate::store::rows::rows_after(&clients.db, after, ROWS_PAGE);
+    while !shutdown.is_cancelled()
+        && let Some(rows) = pages.next(table, |&(id, _)| id).await?
+    {
         result.rows += rows.len() as u64;
         let legacy: Vec<String> = rows
             .into_iter()
@@ -69,9 +69,7 @@ pub async fn reconcile(
         let heads = futures::stream::iter(distinct.into_iter().filter(|p| !recorded.contains(*p)).map(|path| {
             let bucket = &mapping.source_bucket;
             async move {
-                let head = head_object(&clients.s3, bucket, path)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("HEAD s3://{bucket}/{path}: {}", describe(&e)))?;
+                let head = head_object(&clients.s3, bucket, path).await?;
                 Ok::<_, anyhow::Error>((path, head))
             }
         }))

@@ -7,8 +7,7 @@
 //! are recorded again if they fail again). `--dry-run` shows the depth and a sample of keys,
 //! and moves nothing. Works on any SQS (AWS also offers `StartMessageMoveTask`).
 
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use common::aws::{describe, queue_depth, redrive_policy};
+use common::aws::{Call, queue, queue_depth, redrive_policy};
 use common::db::Reason;
 
 use crate::settings::RedriveArgs;
@@ -44,33 +43,15 @@ pub async fn redrive(settings: &Settings, args: &RedriveArgs, clients: &Clients)
             continue;
         }
         empty = 0;
-        let entries = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(m.body().unwrap_or_default())
-                    .build()
-                    .expect("id and body are set")
-            })
-            .collect::<Vec<_>>();
-        let sent = clients
-            .sqs
-            .send_message_batch()
-            .queue_url(queue)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("sending dead letters back to {queue}: {}", describe(&e)))?;
-        for failed in sent.failed() {
-            tracing::warn!(id = failed.id(), code = failed.code(), "not moved: it stays in the dead-letter queue");
+        let bodies: Vec<&str> = messages.iter().map(|m| m.body().unwrap_or_default()).collect();
+        let sent = queue::send_batch(&clients.sqs, queue, &bodies).await?;
+        let mut moved_now = Vec::new();
+        for (message, entry) in messages.iter().zip(sent) {
+            match entry {
+                Ok(()) => moved_now.push(message),
+                Err(why) => tracing::warn!(error = %why, "not moved: it stays in the dead-letter queue"),
+            }
         }
-        let moved_now: Vec<&aws_sdk_sqs::types::Message> = sent
-            .successful()
-            .iter()
-            .filter_map(|ok| ok.id().parse::<usize>().ok().and_then(|i| messages.get(i)))
-            .collect();
         let keys: Vec<String> = moved_now
             .iter()
             .filter_map(|m| common::message::decode(m.body().unwrap_or_default()).ok())
@@ -78,18 +59,14 @@ pub async fn redrive(settings: &Settings, args: &RedriveArgs, clients: &Clients)
             .map(|o| o.key)
             .collect();
         common::db::clear_failures(&clients.db, &keys, Reason::RetriesExhausted).await?;
-        for m in &moved_now {
-            let handle = m.receipt_handle().unwrap_or_default();
-            clients
-                .sqs
-                .delete_message()
-                .queue_url(&dlq)
-                .receipt_handle(handle)
-                .send()
-                .await
-                .map_err(|e| anyhow::anyhow!("deleting a moved dead letter from {dlq}: {}", describe(&e)))?;
-            moved += 1;
+        let handles: Vec<&str> = moved_now.iter().map(|m| m.receipt_handle().unwrap_or_default()).collect();
+        for deleted in queue::delete_batch(&clients.sqs, &dlq, &handles).await? {
+            // Not deleted: it is sent again after its visibility timeout, its object found done.
+            if let Err(why) = deleted {
+                tracing::warn!(error = %why, "a moved dead letter not deleted: it comes back, harmlessly");
+            }
         }
+        moved += handles.len() as u64;
     }
     println!("redrive: moved {moved} messages from {dlq} back to {queue}");
     Ok(moved)
@@ -105,6 +82,6 @@ async fn receive(clients: &Clients, dlq: &str, visibility: i32) -> anyhow::Resul
         .visibility_timeout(visibility)
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("receiving from the dead-letter queue {dlq}: {}", describe(&e)))?;
+        .call(|| format!("receiving from the dead-letter queue {dlq}"))?;
     Ok(out.messages.unwrap_or_default())
 }

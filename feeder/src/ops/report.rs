@@ -4,8 +4,12 @@
 
 use std::io::Write;
 
+use common::db::keyset::Keyset;
+use common::db::{FailureRecord, failures_after};
+
 use crate::Clients;
 use crate::settings::ReportArgs;
+use crate::store::journal::journal_page;
 
 use super::ROWS_PAGE;
 
@@ -70,21 +74,17 @@ async fn csv(clients: &Clients) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = csv::Writer::from_writer(stdout.lock());
     out.write_record(["kind", "row_id", "old_path", "new_path", "at", "reason", "detail"])?;
-    let mut after = 0;
-    loop {
-        let page = crate::store::journal::journal_page(&clients.db, after, ROWS_PAGE, false).await?;
-        let Some(last) = page.last() else { break };
-        after = last.journal_id;
+    let mut pages = Keyset::after(0);
+    let journal = |after| journal_page(&clients.db, after, ROWS_PAGE, false);
+    while let Some(page) = pages.next(journal, |e| e.journal_id).await? {
         for e in &page {
             let kind = if e.rolled_back { "rolled_back" } else { "moved" };
             out.write_record([kind, &e.row_id, &e.old_path, &e.new_path, &e.rewritten_at, "", ""])?;
         }
     }
-    let mut after = None;
-    loop {
-        let page = common::db::failures_page(&clients.db, None, after.as_ref(), ROWS_PAGE).await?;
-        let Some(last) = page.last() else { break };
-        after = Some((last.reason.clone(), last.subject.clone()));
+    let mut pages = Keyset::after(None);
+    let failures = |after| failures_after(&clients.db, None, after, ROWS_PAGE);
+    while let Some(page) = pages.next(failures, FailureRecord::position).await? {
         for f in &page {
             out.write_record(["set_aside", "", &f.subject, "", "", &f.reason, &f.detail])?;
         }

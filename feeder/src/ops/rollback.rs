@@ -22,6 +22,7 @@
 use futures::StreamExt;
 
 use anyhow::Context;
+use common::db::keyset::Keyset;
 use common::db::lease::{Lease, Mode};
 
 use super::ROWS_PAGE;
@@ -86,17 +87,15 @@ pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Client
     let lease =
         if args.dry_run { None } else { Some(Lease::take(&clients.db, "feeder rollback", Mode::Exclusive).await?) };
     let mut result = Rollback { dry_run: args.dry_run, ..Rollback::default() };
-    let mut after = 0;
-    loop {
-        let page = crate::store::journal::journal_page(&clients.db, after, ROWS_PAGE, true).await?;
-        let Some(last) = page.last() else { break };
-        after = last.journal_id;
+    let mut pages = Keyset::after(0);
+    let journal = |after| crate::store::journal::journal_page(&clients.db, after, ROWS_PAGE, true);
+    while let Some(page) = pages.next(journal, |e| e.journal_id).await? {
         result.entries += page.len() as u64;
         let paths: Vec<&str> = page.iter().map(|e| e.old_path.as_str()).collect();
         let deleted = common::db::fence::tombstoned(&clients.db, &paths).await.context("reading the tombstones")?;
         let checks =
             futures::stream::iter(page.iter().filter(|e| !deleted.contains(&e.old_path)).map(|e| async move {
-                let exists = head_etag(&clients.s3, source_bucket, &e.old_path).await.map_err(anyhow::Error::msg)?;
+                let exists = head_etag(&clients.s3, source_bucket, &e.old_path).await?;
                 if exists.is_none() {
                     return anyhow::Ok((e.journal_id, Check::LegacyMissing));
                 }

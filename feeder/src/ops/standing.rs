@@ -34,7 +34,7 @@ pub async fn standing(
             let reason = Reason::parse(&name);
             let holds = match reason {
                 Some(Reason::SourceMissing | Reason::RowObjectMissing) => {
-                    head_etag(&clients.s3, &mapping.source_bucket, &path).await.map_err(anyhow::Error::msg)?.is_none()
+                    head_etag(&clients.s3, &mapping.source_bucket, &path).await?.is_none()
                 }
                 Some(Reason::DestinationConflict | Reason::DestinationUnproven) => match mapping.destination_key(&path)
                 {

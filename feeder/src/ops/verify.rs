@@ -13,6 +13,7 @@ use super::{ROWS_PAGE, Side, classify};
 use crate::settings::VerifyArgs;
 use crate::{Clients, Settings};
 use common::db::Reason;
+use common::db::keyset::Keyset;
 use common::identity::head_etag;
 
 /// Pending rows printed at most.
@@ -89,11 +90,9 @@ pub async fn verify(
 ) -> anyhow::Result<Verification> {
     let mapping = settings.storage.mapping()?;
     let mut result = Verification::default();
-    let mut after_id = i64::MIN;
-    loop {
-        let rows = crate::store::rows::rows_after(&clients.db, after_id, ROWS_PAGE).await?;
-        let Some(&(last, _)) = rows.last() else { break };
-        after_id = last;
+    let mut pages = Keyset::after(i64::MIN);
+    let table = |after| crate::store::rows::rows_after(&clients.db, after, ROWS_PAGE);
+    while let Some(rows) = pages.next(table, |&(id, _)| id).await? {
         let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| {
             let mapping = &mapping;
             async move {
@@ -104,7 +103,7 @@ pub async fn verify(
                     Side::Other => return Ok::<_, anyhow::Error>((id, path.unwrap_or_default(), side, false)),
                 };
                 let path = path.unwrap_or_default();
-                let exists = head_etag(&clients.s3, bucket, &path).await.map_err(anyhow::Error::msg)?.is_some();
+                let exists = head_etag(&clients.s3, bucket, &path).await?.is_some();
                 Ok((id, path, side, exists))
             }
         }))

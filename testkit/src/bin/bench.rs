@@ -62,15 +62,13 @@ struct Args {
     s5cmd: String,
 }
 
-fn parse_server(s: &str) -> Result<Server, String> {
+fn parse_server(s: &str) -> anyhow::Result<Server> {
     let parts: Vec<&str> = s.split(',').collect();
-    if parts.len() < 3 {
-        return Err(format!("--server {s:?}: expected name,s3-url,sqs-url[,pgid...]"));
-    }
+    anyhow::ensure!(parts.len() >= 3, "--server {s:?}: expected name,s3-url,sqs-url[,pgid...]");
     let groups = parts[3..]
         .iter()
-        .map(|g| g.parse::<i32>().map_err(|_| format!("--server {s:?}: {g:?} is not a process group id")))
-        .collect::<Result<_, _>>()?;
+        .map(|g| g.parse::<i32>().map_err(|_| anyhow::anyhow!("--server {s:?}: {g:?} is not a process group id")))
+        .collect::<anyhow::Result<_>>()?;
     Ok(Server { name: parts[0].into(), s3: parts[1].into(), sqs: parts[2].into(), groups })
 }
 

@@ -20,42 +20,12 @@
 //!   start at the consumer's pace (`crate::pace`), as its single copies do, and one S3 asks to
 //!   slow down is sent again when the pace allows: throttling never fails a copy in parts.
 
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use common::aws::{S3, describe, is_slow_down, status};
-use common::db::Reason;
+use common::aws::{Call, S3};
 use futures::{StreamExt, TryStreamExt};
 
-use crate::outcome::{CopyError, MAX_SINGLE_COPY};
-use crate::pace::Pace;
-
-/// The S3 client whose slow-downs come back at once (`common::aws::s3_paced_client`) and the
-/// consumer's pace: how the upload's writes are sent.
-#[derive(Clone, Copy)]
-pub struct Paced<'a> {
-    pub s3: &'a S3,
-    pub pace: &'a Pace,
-    /// Each attempt's bound (`S3_REQUEST_TIMEOUT`), grown by a part's or object's size.
-    pub request_timeout: std::time::Duration,
-}
-
-impl Paced<'_> {
-    /// Sends a request when the pace allows, again (at the pace) each time S3 asks to slow down.
-    async fn send<T, E, F>(&self, request: impl Fn() -> F) -> Result<T, SdkError<E, HttpResponse>>
-    where
-        F: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
-        E: ProvideErrorMetadata,
-    {
-        loop {
-            let start = self.pace.start().await;
-            match request().await {
-                Err(err) if is_slow_down(&err) => self.pace.slowed_down(start),
-                sent => return sent,
-            }
-        }
-    }
-}
+use super::outcome::{CopyError, MAX_SINGLE_COPY, source_missing};
+use super::paced::Paced;
 
 /// The smallest part S3 accepts (except the last one).
 pub const MIN_PART: i64 = 5 * 1024 * 1024;
@@ -127,10 +97,7 @@ pub async fn copy(
         .set_content_language(h.content_language().map(str::to_owned))
         .set_metadata(h.metadata().cloned())
         .set_tagging(tagging);
-    let created = paced
-        .send(|| create.clone().send())
-        .await
-        .map_err(|e| CopyError::from_s3(&step("starting a multipart copy"), &e))?;
+    let created = paced.send(|| step("starting a multipart copy"), || create.clone().send()).await?;
     let upload_id = created
         .upload_id()
         .ok_or_else(|| CopyError::Transient(step("starting a multipart copy: no upload id in the answer")))?
@@ -176,13 +143,14 @@ async fn copy_parts(
             let step = &step;
             async move {
                 let bound = || common::aws::copy_attempt(paced.request_timeout, (last - first + 1) as u64);
-                let sent = paced.send(|| request.clone().customize().config_override(bound()).send()).await;
-                let out = sent.map_err(|e| match status(&e) {
-                    Some(412) => CopyError::Transient(format!(
+                let call = || step(&format!("copying part {n}"));
+                let sent = paced.send(call, || request.clone().customize().config_override(bound()).send()).await;
+                let out = sent.map_err(|e| match e.is_precondition_failed() {
+                    true => CopyError::Transient(format!(
                         "{}: the source changed during the copy; it is copied again later",
                         step("multipart copy")
                     )),
-                    _ => CopyError::from_s3(&step(&format!("copying part {n}")), &e),
+                    false => CopyError::from(e),
                 })?;
                 let etag = out.copy_part_result().and_then(|r| r.e_tag()).map(str::to_owned);
                 Ok::<_, CopyError>(CompletedPart::builder().part_number(n as i32).set_e_tag(etag).build())
@@ -202,26 +170,24 @@ async fn copy_parts(
         .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
     // S3 may take minutes to complete a large upload.
     let bound = || common::aws::copy_attempt(paced.request_timeout, source.size as u64);
-    let completed = paced.send(|| complete.clone().customize().config_override(bound()).send()).await;
+    let call = || step("completing a multipart copy");
+    let completed = paced.send(call, || complete.clone().customize().config_override(bound()).send()).await;
     match completed {
         Ok(_) => Ok(InParts::Copied),
-        Err(e) if status(&e) == Some(412) => Ok(InParts::DestinationExists),
-        Err(e) => Err(CopyError::from_s3(&step("completing a multipart copy"), &e)),
+        Err(e) if e.is_precondition_failed() => Ok(InParts::DestinationExists),
+        Err(e) => Err(e.into()),
     }
 }
 
 async fn head_source(s3: &S3, bucket: &str, key: &str) -> Result<Source, CopyError> {
-    match s3.head_object().bucket(bucket).key(key).send().await {
+    match s3.head_object().bucket(bucket).key(key).send().await.call(|| format!("HEAD s3://{bucket}/{key}")) {
         Ok(head) => Ok(Source {
             etag: head.e_tag().unwrap_or_default().to_owned(),
             size: head.content_length().unwrap_or(0),
             head,
         }),
-        Err(e) if status(&e) == Some(404) => Err(CopyError::SetAside {
-            reason: Reason::SourceMissing,
-            detail: format!("source object s3://{bucket}/{key} does not exist"),
-        }),
-        Err(e) => Err(CopyError::from_s3(&format!("HEAD s3://{bucket}/{key}"), &e)),
+        Err(e) if e.status() == Some(404) => Err(source_missing(bucket, key)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -233,10 +199,11 @@ async fn part_size(s3: &S3, config: &Multipart, bucket: &str, key: &str, source:
     let smallest = (source.size + MAX_PARTS - 1) / MAX_PARTS;
     let clamp = |size: i64| size.max(smallest).clamp(MIN_PART, MAX_SINGLE_COPY);
     let Some(parts) = source_parts(&source.etag) else { return clamp(config.part_size) };
-    let first = match s3.head_object().bucket(bucket).key(key).part_number(1).send().await {
+    let head = s3.head_object().bucket(bucket).key(key).part_number(1).send().await;
+    let first = match head.call(|| format!("HEAD part 1 of s3://{bucket}/{key}")) {
         Ok(head) => head.content_length().unwrap_or(0),
         Err(e) => {
-            tracing::debug!("HEAD part 1 of s3://{bucket}/{key}: {}", describe(&e));
+            tracing::debug!("{e}");
             0
         }
     };
@@ -262,7 +229,7 @@ async fn tagging(s3: &S3, bucket: &str, key: &str) -> Result<Option<String>, Cop
         .key(key)
         .send()
         .await
-        .map_err(|e| CopyError::from_s3(&format!("reading the tags of s3://{bucket}/{key}"), &e))?;
+        .call(|| format!("reading the tags of s3://{bucket}/{key}"))?;
     if out.tag_set().is_empty() {
         return Ok(None);
     }
@@ -304,12 +271,9 @@ impl Drop for AbortOnDrop {
 }
 
 async fn abort((s3, bucket, key, id): (S3, String, String, String)) {
-    if let Err(e) = s3.abort_multipart_upload().bucket(&bucket).key(&key).upload_id(&id).send().await {
-        tracing::warn!(
-            "could not abort the multipart copy {id} of s3://{bucket}/{key} ({}); a lifecycle rule \
-             AbortIncompleteMultipartUpload removes its parts",
-            describe(&e)
-        );
+    let aborted = s3.abort_multipart_upload().bucket(&bucket).key(&key).upload_id(&id).send().await;
+    if let Err(e) = aborted.call(|| format!("aborting the multipart copy {id} of s3://{bucket}/{key}")) {
+        tracing::warn!("{e}; a lifecycle rule AbortIncompleteMultipartUpload removes its parts");
     }
 }
 

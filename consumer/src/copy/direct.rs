@@ -41,6 +41,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context;
 use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
 use aws_sdk_s3::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_s3::primitives::ByteStream;
@@ -230,8 +231,8 @@ impl DirectCopy {
         force_path_style: bool,
         request_timeout: Duration,
         counters: DirectCounters,
-    ) -> Result<Self, String> {
-        let region = config.region().ok_or("no region")?.to_string();
+    ) -> anyhow::Result<Self> {
+        let region = config.region().context("no region")?.to_string();
         let params = Params::builder()
             .bucket(bucket)
             .region(&region)
@@ -240,13 +241,13 @@ impl DirectCopy {
             .set_endpoint(s3_endpoint_url(config))
             .force_path_style(force_path_style)
             .build()
-            .map_err(|e| format!("endpoint parameters: {e}"))?;
+            .context("endpoint parameters")?;
         let endpoint = resolve_now(&DefaultResolver::new(), &params)?;
         let (signing_name, signing_region) = sigv4_scheme(endpoint.properties().get("authSchemes"), &region)?;
         let base = endpoint.url().trim_end_matches('/').to_owned();
-        let uri: http::Uri = base.parse().map_err(|e| format!("endpoint {base}: {e}"))?;
-        let host = uri.authority().ok_or_else(|| format!("endpoint {base}: no host"))?.as_str().to_owned();
-        let provider = config.credentials_provider().ok_or("no credentials provider")?;
+        let uri: http::Uri = base.parse().with_context(|| format!("endpoint {base}"))?;
+        let host = uri.authority().with_context(|| format!("endpoint {base}: no host"))?.as_str().to_owned();
+        let provider = config.credentials_provider().context("no credentials provider")?;
         let connect_timeout = config.timeout_config().and_then(|t| t.connect_timeout()).unwrap_or(CONNECT_TIMEOUT);
         let settings = HttpConnectorSettings::builder().connect_timeout(connect_timeout).build();
         let connector = aws_smithy_http_client::Connector::builder()
@@ -393,11 +394,12 @@ impl DirectCopy {
     }
 
     async fn send(&self, key: &str, copy_source: &str, etag: &str, size: u64) -> Result<Answer, Miss> {
-        let identity = self.credentials.get().await.map_err(|why| Miss::Other(why, RequestIds::default()))?;
+        let identity =
+            self.credentials.get().await.map_err(|why| Miss::Other(format!("{why:#}"), RequestIds::default()))?;
         let sent = self.clock.now();
         let request = self
             .signed_request(key, copy_source, etag, &identity, self.signing_time(sent))
-            .map_err(|why| Miss::Other(why, RequestIds::default()))?;
+            .map_err(|why| Miss::Other(format!("{why:#}"), RequestIds::default()))?;
         let bound = self.bound(size);
         let exchange = async {
             let response =
@@ -447,7 +449,7 @@ impl DirectCopy {
         etag: &str,
         identity: &Identity,
         time: SystemTime,
-    ) -> Result<aws_smithy_runtime_api::http::Request, String> {
+    ) -> anyhow::Result<aws_smithy_runtime_api::http::Request> {
         // `x-id` as the SDK sends it: S3's name for the operation.
         let uri = format!("{}/{}?x-id=CopyObject", self.base, common::keys::encode_path(key));
         // The headers the SDK signs for this copy, in its order.
@@ -471,7 +473,7 @@ impl DirectCopy {
             .time(time)
             .settings(settings)
             .build()
-            .map_err(|e| format!("signing: {e}"))?
+            .context("signing")?
             .into();
         let signable = SignableRequest::new(
             "PUT",
@@ -479,8 +481,8 @@ impl DirectCopy {
             signed.iter().copied(),
             SignableBody::Precomputed(EMPTY_SHA256.to_owned()),
         )
-        .map_err(|e| format!("signing: {e}"))?;
-        let (instructions, _) = sign(signable, &params).map_err(|e| format!("signing: {e}"))?.into_parts();
+        .context("signing")?;
+        let (instructions, _) = sign(signable, &params).context("signing")?.into_parts();
         let mut builder = http::Request::builder().method("PUT").uri(&uri);
         for (name, value) in signed {
             builder = builder.header(name, value);
@@ -489,9 +491,9 @@ impl DirectCopy {
             .header("content-length", "0")
             .header("user-agent", &self.user_agent)
             .body(SdkBody::empty())
-            .map_err(|e| format!("request: {e}"))?;
+            .context("request")?;
         instructions.apply_to_request_http1x(&mut request);
-        aws_smithy_runtime_api::http::Request::try_from(request).map_err(|e| format!("request: {e}"))
+        aws_smithy_runtime_api::http::Request::try_from(request).context("request")
     }
 }
 
@@ -550,17 +552,17 @@ fn s3_endpoint_url(config: &SdkConfig) -> Option<String> {
     }
 }
 
-fn resolve_now(resolver: &DefaultResolver, params: &Params) -> Result<aws_smithy_types::endpoint::Endpoint, String> {
+fn resolve_now(resolver: &DefaultResolver, params: &Params) -> anyhow::Result<aws_smithy_types::endpoint::Endpoint> {
     use futures::FutureExt;
     resolver
         .resolve_endpoint(params)
         .now_or_never()
-        .ok_or("the endpoint rules did not answer at once")?
-        .map_err(|e| format!("endpoint: {e}"))
+        .context("the endpoint rules did not answer at once")?
+        .map_err(|e| anyhow::anyhow!("endpoint: {e}"))
 }
 
 /// The signing name and region of the endpoint's first auth scheme, when it is plain SigV4.
-fn sigv4_scheme(schemes: Option<&Document>, region: &str) -> Result<(String, String), String> {
+fn sigv4_scheme(schemes: Option<&Document>, region: &str) -> anyhow::Result<(String, String)> {
     let Some(Document::Array(schemes)) = schemes else {
         return Ok(("s3".to_owned(), region.to_owned()));
     };
@@ -573,7 +575,7 @@ fn sigv4_scheme(schemes: Option<&Document>, region: &str) -> Result<(String, Str
     };
     match text("name").as_deref() {
         Some("sigv4") => {}
-        other => return Err(format!("the endpoint asks for the auth scheme {other:?}, not sigv4")),
+        other => anyhow::bail!("the endpoint asks for the auth scheme {other:?}, not sigv4"),
     }
     Ok((
         text("signingName").unwrap_or_else(|| "s3".to_owned()),
@@ -596,7 +598,7 @@ impl KeptCredentials {
         KeptCredentials { provider, kept: Mutex::new(None), asking: tokio::sync::Mutex::new(()) }
     }
 
-    async fn get(&self) -> Result<Identity, String> {
+    async fn get(&self) -> anyhow::Result<Identity> {
         if let Some(identity) = self.usable() {
             return Ok(identity);
         }
@@ -604,7 +606,7 @@ impl KeptCredentials {
         if let Some(identity) = self.usable() {
             return Ok(identity);
         }
-        let credentials = self.provider.provide_credentials().await.map_err(|e| format!("credentials: {e}"))?;
+        let credentials = self.provider.provide_credentials().await.context("credentials")?;
         let identity = Identity::from(credentials);
         *self.kept.lock().expect("not poisoned") = Some((identity.clone(), Instant::now()));
         Ok(identity)
@@ -693,7 +695,7 @@ mod tests {
         let sigv4a = Document::Array(vec![Document::Object(
             [("name".to_owned(), Document::String("sigv4a".into()))].into_iter().collect(),
         )]);
-        assert!(sigv4_scheme(Some(&sigv4a), "us-east-1").unwrap_err().contains("sigv4a"));
+        assert!(sigv4_scheme(Some(&sigv4a), "us-east-1").unwrap_err().to_string().contains("sigv4a"));
         let sigv4 = Document::Array(vec![Document::Object(
             [
                 ("name".to_owned(), Document::String("sigv4".into())),
@@ -880,7 +882,8 @@ mod tests {
                     .interceptor(capture.clone())
                     .build(),
             );
-            let sent = crate::copy::conditional_copy(&s3, "production-s3", key, source, etag).send().await;
+            let sent =
+                super::super::conditional::conditional_copy(&s3, "production-s3", key, source, etag).send().await;
             assert!(sent.is_err(), "{case}: captured, not sent");
             let (method, uri, sdk_headers) = capture.0.lock().unwrap().take().expect("captured");
             let mut path =
