@@ -75,18 +75,18 @@ pub async fn set_cap(pool: &PgPool, per_second: Option<f64>) -> sqlx::Result<()>
 }
 
 /// What a consumer says of itself.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Report {
     pub consumer: String,
     pub paused: bool,
     /// Copies per second its pace allows; `None` while not paced.
     pub copy_rate: Option<f64>,
     /// Copies made so far.
-    pub copies: u64,
+    pub copies: i64,
     /// Copies S3 asked to slow down so far.
-    pub slowed_down: u64,
+    pub slowed_down: i64,
     /// Messages being worked on now.
-    pub in_flight: u64,
+    pub in_flight: i64,
 }
 
 /// Writes this consumer's report; returns how many consumers share the cap: those that
@@ -106,10 +106,10 @@ pub async fn report(pool: &PgPool, r: &Report) -> sqlx::Result<u32> {
     .bind(&r.consumer)
     .bind(r.paused)
     .bind(r.copy_rate)
-    .bind(r.copies as i64)
-    .bind(r.slowed_down as i64)
+    .bind(r.copies)
+    .bind(r.slowed_down)
     .bind(LIVE.as_secs_f64())
-    .bind(r.in_flight as i64)
+    .bind(r.in_flight)
     .fetch_one(pool)
     .await?;
     Ok(live.max(1) as u32)
@@ -123,22 +123,11 @@ pub async fn forget(pool: &PgPool, consumer: &str) -> sqlx::Result<()> {
 
 /// The consumers that reported within [`LIVE`].
 pub async fn fleet(pool: &PgPool) -> sqlx::Result<Vec<Report>> {
-    let rows: Vec<(String, bool, Option<f64>, i64, i64, i64)> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT consumer, paused, copy_rate, copies, slowed_down, in_flight FROM avatar_migration_consumers
          WHERE reported_at > now() - make_interval(secs => $1) ORDER BY consumer",
     )
     .bind(LIVE.as_secs_f64())
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(consumer, paused, copy_rate, copies, slowed_down, in_flight)| Report {
-            consumer,
-            paused,
-            copy_rate,
-            copies: copies as u64,
-            slowed_down: slowed_down as u64,
-            in_flight: in_flight as u64,
-        })
-        .collect())
+    .await
 }

@@ -98,9 +98,9 @@ impl Controller {
             consumer: self.name.clone(),
             paused: control.paused,
             copy_rate: pace.rate(),
-            copies: stats.copied.get(),
-            slowed_down: stats.copies_slowed_down.get(),
-            in_flight: stats.in_flight.get().max(0) as u64,
+            copies: stats.copied.get() as i64,
+            slowed_down: stats.copies_slowed_down.get() as i64,
+            in_flight: stats.in_flight.get().max(0),
         };
         match common::control::report(db, &report).await {
             Ok(live) => pace.set_cap(control.max_copies_per_second.map(|cap| cap / f64::from(live))),

@@ -11,6 +11,7 @@ pub mod list;
 pub mod ops;
 pub mod progress;
 pub mod ranges;
+pub mod scan;
 pub mod settings;
 pub mod store;
 

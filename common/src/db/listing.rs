@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 
 /// The feeder's position in the listing of one bucket and prefix.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Checkpoint {
     /// The last key of the last fully enqueued page; listing resumes after it.
     pub last_key: Option<String>,
@@ -17,7 +17,7 @@ pub struct Checkpoint {
 }
 
 pub async fn load_checkpoint(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Checkpoint> {
-    let row = sqlx::query(
+    let saved: Option<Checkpoint> = sqlx::query_as(
         "SELECT last_key, listed, pages, finished FROM avatar_migration_checkpoint
          WHERE source_bucket = $1 AND source_prefix = $2",
     )
@@ -25,9 +25,7 @@ pub async fn load_checkpoint(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx:
     .bind(prefix)
     .fetch_optional(pool)
     .await?;
-    Ok(row
-        .map(|r| Checkpoint { last_key: r.get(0), listed: r.get(1), pages: r.get(2), finished: r.get(3) })
-        .unwrap_or_default())
+    Ok(saved.unwrap_or_default())
 }
 
 pub async fn save_checkpoint(pool: &PgPool, bucket: &str, prefix: &str, cp: &Checkpoint) -> sqlx::Result<()> {
@@ -67,7 +65,7 @@ pub const FEEDER_LEASE: Duration = Duration::from_secs(15);
 const FEEDER_LEASE_RENEW: Duration = Duration::from_secs(3);
 
 /// The state of one bucket and prefix's listing, as a consumer deciding its idle exit needs it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct ListingState {
     /// A feeder has ever saved anything for this listing.
     pub started: bool,
@@ -79,19 +77,16 @@ pub struct ListingState {
 }
 
 pub async fn listing_state(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<ListingState> {
-    let row = sqlx::query(
-        "SELECT finished, coalesce(feeder_alive_until > now(), false) FROM avatar_migration_checkpoint
+    let saved: Option<ListingState> = sqlx::query_as(
+        "SELECT true AS started, finished, coalesce(feeder_alive_until > now(), false) AS feeder_running
+         FROM avatar_migration_checkpoint
          WHERE source_bucket = $1 AND source_prefix = $2",
     )
     .bind(bucket)
     .bind(prefix)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map_or_else(ListingState::default, |r| ListingState {
-        started: true,
-        finished: r.get(0),
-        feeder_running: r.get(1),
-    }))
+    Ok(saved.unwrap_or_default())
 }
 
 /// Sets (`Some`) or ends (`None`) the lease of the feeder sending messages for a listing.

@@ -34,29 +34,43 @@ CREATE TABLE IF NOT EXISTS avatar_migration_journal (
 );
 CREATE INDEX IF NOT EXISTS avatar_migration_journal_at
     ON avatar_migration_journal USING brin (rewritten_at);
-CREATE TABLE IF NOT EXISTS avatar_migration_verify (
+-- Where the feeder's resumable scans of the source prefix stand (`verify --objects`, `cleanup`).
+CREATE TABLE IF NOT EXISTS avatar_migration_scans (
+    kind          text NOT NULL,
     source_bucket text NOT NULL,
     source_prefix text NOT NULL,
     last_key      text,
-    objects       bigint NOT NULL DEFAULT 0,
-    missing_copy  bigint NOT NULL DEFAULT 0,
-    conflicts     bigint NOT NULL DEFAULT 0,
-    unproven      bigint NOT NULL DEFAULT 0,
+    counts        jsonb NOT NULL DEFAULT '{}',
     finished      boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (source_bucket, source_prefix)
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, source_bucket, source_prefix)
 );
-CREATE TABLE IF NOT EXISTS avatar_migration_cleanup (
-    source_bucket text NOT NULL,
-    source_prefix text NOT NULL,
-    last_key      text,
-    objects       bigint NOT NULL DEFAULT 0,
-    deleted       bigint NOT NULL DEFAULT 0,
-    referenced    bigint NOT NULL DEFAULT 0,
-    not_copied    bigint NOT NULL DEFAULT 0,
-    failed        bigint NOT NULL DEFAULT 0,
-    finished      boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (source_bucket, source_prefix)
-);
+-- An earlier version kept them in a table each: their positions are carried over once, so an
+-- unfinished scan resumes where it stood, and the tables dropped.
+DO $$
+BEGIN
+    IF to_regclass('avatar_migration_verify') IS NOT NULL THEN
+        INSERT INTO avatar_migration_scans (kind, source_bucket, source_prefix, last_key, counts, finished)
+        SELECT 'verify_objects', source_bucket, source_prefix, last_key,
+               jsonb_build_object('objects', objects, 'missing_copy', missing_copy, 'conflicts', conflicts,
+                                  'unproven', unproven),
+               finished
+        FROM avatar_migration_verify
+        ON CONFLICT DO NOTHING;
+        DROP TABLE avatar_migration_verify;
+    END IF;
+    IF to_regclass('avatar_migration_cleanup') IS NOT NULL THEN
+        INSERT INTO avatar_migration_scans (kind, source_bucket, source_prefix, last_key, counts, finished)
+        SELECT 'cleanup', source_bucket, source_prefix, last_key,
+               jsonb_build_object('objects', objects, 'deleted', deleted, 'referenced', referenced,
+                                  'not_copied', not_copied, 'failed', failed),
+               finished
+        FROM avatar_migration_cleanup
+        ON CONFLICT DO NOTHING;
+        DROP TABLE avatar_migration_cleanup;
+    END IF;
+END
+$$;
 CREATE TABLE IF NOT EXISTS avatar_migration_failures (
     subject     text NOT NULL,
     reason      text NOT NULL,

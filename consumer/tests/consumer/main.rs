@@ -167,14 +167,13 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     let mut sorted = env.keys(&env.source_bucket).await;
     sorted.retain(|k| k.starts_with("image/"));
     sorted.sort();
-    feeder::store::scans::save_object_check_row(
-        &env.db,
-        &env.source_bucket,
-        "image/",
-        &(Some(sorted[9].clone()), 10, 0, 0, 0, false),
-    )
-    .await
-    .unwrap();
+    let saved = feeder::store::scans::ScanPosition {
+        last_key: Some(sorted[9].clone()),
+        counts: feeder::ops::objects::Counts { objects: 10, ..Default::default() },
+        finished: false,
+    };
+    let kind = feeder::store::scans::ScanKind::VerifyObjects;
+    feeder::store::scans::save(&env.db, kind, &env.source_bucket, "image/", &saved).await.unwrap();
     let resumed = verify(args.clone()).await.objects.unwrap();
     let (missing_after, conflicts_after) = (
         sorted[10..].iter().filter(|k| **k == legacy[2]).count() as i64,

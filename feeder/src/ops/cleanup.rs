@@ -15,9 +15,10 @@
 //! - deletes go in `DeleteObjects` batches of at most 1,000 (one `DeleteObject` each for keys
 //!   XML cannot carry), at most `--rate` objects per second; each key the answer reports as
 //!   failed is counted and kept;
-//! - its position and counts are saved after each page (`avatar_migration_cleanup`), so an
+//! - its position and counts are saved after each page (`avatar_migration_scans`), so an
 //!   interrupted cleanup resumes; a finished one starts over next time.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,18 +26,19 @@ use common::db::fence::Tombstone;
 use common::db::lease::{Lease, Mode};
 use common::deletion::Deleter;
 use futures::{StreamExt, TryStreamExt};
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{Verdict, verdict};
-use crate::list::{Lister, Listing};
+use crate::list::Lister;
+use crate::scan::{self, Ended};
 use crate::settings::CleanupArgs;
+use crate::store::scans::{self, ScanKind, ScanPosition};
 use crate::{Clients, Settings};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Cleanup {
-    pub dry_run: bool,
-    pub last_key: Option<String>,
+/// What cleanup decided, over the whole scan (resumed runs included).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
     pub objects: i64,
     /// Deleted (dry: that would be).
     pub deleted: i64,
@@ -46,33 +48,27 @@ pub struct Cleanup {
     pub not_copied: i64,
     /// Kept: the delete failed (replaced since it was listed, or refused).
     pub failed: i64,
-    pub finished: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    pub dry_run: bool,
+    pub scan: ScanPosition<Counts>,
 }
 
 impl Cleanup {
     pub fn json(&self) -> String {
+        let c = &self.scan.counts;
         serde_json::json!({
             "dry_run": self.dry_run,
-            "legacy_objects": self.objects,
-            "deleted": self.deleted,
-            "kept_referenced": self.referenced,
-            "kept_not_copied": self.not_copied,
-            "kept_delete_failed": self.failed,
-            "complete": self.finished,
+            "legacy_objects": c.objects,
+            "deleted": c.deleted,
+            "kept_referenced": c.referenced,
+            "kept_not_copied": c.not_copied,
+            "kept_delete_failed": c.failed,
+            "complete": self.scan.finished,
         })
         .to_string()
-    }
-
-    fn row(&self) -> crate::store::scans::CleanupRow {
-        (
-            self.last_key.clone(),
-            self.objects,
-            self.deleted,
-            self.referenced,
-            self.not_copied,
-            self.failed,
-            self.finished,
-        )
     }
 }
 
@@ -89,11 +85,11 @@ pub async fn cleanup(
     let deleter =
         Deleter { db: clients.db.clone(), s3: clients.s3.clone(), bucket: bucket.to_owned(), wait: args.delete_wait };
     let mut state = Cleanup { dry_run, ..Cleanup::default() };
-    if !dry_run && let Some(row) = crate::store::scans::load_cleanup_row(&clients.db, bucket, prefix).await? {
-        let (last_key, objects, deleted, referenced, not_copied, failed, finished) = row;
-        if !finished {
-            state = Cleanup { dry_run, last_key, objects, deleted, referenced, not_copied, failed, finished };
-        }
+    if !dry_run
+        && let Some(saved) = scans::load(&clients.db, ScanKind::Cleanup, bucket, prefix).await?
+        && !saved.finished
+    {
+        state.scan = saved;
     }
     let lister = Arc::new(Lister {
         s3: clients.s3.clone(),
@@ -101,17 +97,9 @@ pub async fn cleanup(
         prefix: prefix.to_owned(),
         page_size: 1000,
     });
-    let (tx, mut pages) = tokio::sync::mpsc::channel(2);
-    let task = lister.spawn(0, (state.last_key.clone(), None), tx, shutdown.clone());
     let started = Instant::now();
-    while let Some((_, item)) = pages.recv().await {
-        let page = match item? {
-            Listing::Page { objects, .. } => objects,
-            Listing::Complete => {
-                state.finished = true;
-                break;
-            }
-        };
+    let segment = (state.scan.last_key.clone(), None);
+    let ended = scan::each_page(lister, segment, &shutdown, async |page| {
         let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| {
             let mapping = &mapping;
             async move {
@@ -126,32 +114,33 @@ pub async fn cleanup(
         .buffered(args.concurrency.get())
         .try_collect()
         .await?;
+        let counts = &mut state.scan.counts;
         let mut doomed = Vec::new();
         for (object, (referenced, copy, destination)) in page.iter().zip(checks) {
-            state.objects += 1;
+            counts.objects += 1;
             match (referenced, copy) {
-                (true, _) => state.referenced += 1,
+                (true, _) => counts.referenced += 1,
                 (false, Verdict::Same) => {
                     doomed.push(Tombstone { legacy: object.key.clone(), new: destination, etag: object.etag.clone() })
                 }
-                (false, _) => state.not_copied += 1,
+                (false, _) => counts.not_copied += 1,
             }
         }
         if dry_run {
             for object in &doomed {
                 println!("cleanup: would delete {}", object.legacy);
             }
-            state.deleted += doomed.len() as i64;
+            counts.deleted += doomed.len() as i64;
         } else if let Some(lease) = &lease
             && !doomed.is_empty()
         {
             let out = deleter.delete(lease, &doomed).await?;
-            state.referenced += out.referenced.len() as i64;
-            state.failed += (out.failed.len() + out.elsewhere.len()) as i64;
-            state.deleted += out.deleted.len() as i64;
+            counts.referenced += out.referenced.len() as i64;
+            counts.failed += (out.failed.len() + out.elsewhere.len()) as i64;
+            counts.deleted += out.deleted.len() as i64;
             // At most `rate` deletes per second, over the whole run.
             if let Some(rate) = args.rate {
-                let due = Duration::from_secs_f64(state.deleted as f64 / rate.get() as f64);
+                let due = Duration::from_secs_f64(counts.deleted as f64 / rate.get() as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -160,28 +149,27 @@ pub async fn cleanup(
                 }
             }
         }
-        state.last_key = page.last().map(|o| o.key.clone()).or(state.last_key.take());
+        state.scan.last_key = page.last().map(|o| o.key.clone()).or(state.scan.last_key.take());
         if !dry_run {
-            crate::store::scans::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
+            scans::save(&clients.db, ScanKind::Cleanup, bucket, prefix, &state.scan).await?;
         }
-        if shutdown.is_cancelled() {
-            break;
-        }
-    }
-    drop(pages);
-    task.await.context("the listing task failed")?;
+        Ok(true)
+    })
+    .await?;
+    state.scan.finished = ended == Ended::Complete;
     if !dry_run {
-        crate::store::scans::save_cleanup_row(&clients.db, bucket, prefix, &state.row()).await?;
+        scans::save(&clients.db, ScanKind::Cleanup, bucket, prefix, &state.scan).await?;
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
+    let c = &state.scan.counts;
     println!(
         "cleanup: {} legacy objects: {verb} {}; kept {} a row still references, {} without a copy of the same bytes, \
          {} whose delete failed{}",
-        state.objects,
-        state.deleted,
-        state.referenced,
-        state.not_copied,
-        state.failed,
+        c.objects,
+        c.deleted,
+        c.referenced,
+        c.not_copied,
+        c.failed,
         if dry_run { " (dry run: pass --yes to delete)" } else { "" }
     );
     if args.json {

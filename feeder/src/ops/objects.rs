@@ -4,7 +4,7 @@
 //!
 //! Promises: memory stays flat (one listing page and `VERIFY_CONCURRENCY` checks at a time);
 //! objects are only HEADed (and read for the bounded comparison); the position and counts are
-//! saved after each page (`avatar_migration_verify`), so an interrupted check resumes where it
+//! saved after each page (`avatar_migration_scans`), so an interrupted check resumes where it
 //! stopped, and a finished one starts over next time. `--sample N` checks N consecutive
 //! objects from a random point of the key space instead, saving nothing.
 
@@ -15,8 +15,12 @@ use common::identity::{Identity, head_object, same_content};
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::list::{Lister, Listing};
+use serde::{Deserialize, Serialize};
+
+use crate::list::Lister;
+use crate::scan::{self, Ended};
 use crate::settings::VerifyArgs;
+use crate::store::scans::{self, ScanKind, ScanPosition};
 use crate::{Clients, Settings};
 
 /// Largest object compared byte by byte when metadata cannot tell (the consumer's default).
@@ -34,15 +38,37 @@ pub struct ObjectCheck {
     pub sample: bool,
 }
 
+/// The counts saved with the check's position.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub objects: i64,
+    pub missing_copy: i64,
+    pub conflicts: i64,
+    pub unproven: i64,
+}
+
 impl ObjectCheck {
-    fn from_row(
-        (last_key, objects, missing_copy, conflicts, unproven, finished): crate::store::scans::ObjectCheckRow,
-    ) -> Self {
-        Self { last_key, objects, missing_copy, conflicts, unproven, finished, sample: false }
+    fn resumed(saved: ScanPosition<Counts>) -> Self {
+        let Counts { objects, missing_copy, conflicts, unproven } = saved.counts;
+        Self {
+            last_key: saved.last_key,
+            objects,
+            missing_copy,
+            conflicts,
+            unproven,
+            finished: saved.finished,
+            sample: false,
+        }
     }
 
-    fn row(&self) -> crate::store::scans::ObjectCheckRow {
-        (self.last_key.clone(), self.objects, self.missing_copy, self.conflicts, self.unproven, self.finished)
+    fn position(&self) -> ScanPosition<Counts> {
+        let counts = Counts {
+            objects: self.objects,
+            missing_copy: self.missing_copy,
+            conflicts: self.conflicts,
+            unproven: self.unproven,
+        };
+        ScanPosition { last_key: self.last_key.clone(), counts, finished: self.finished }
     }
 
     pub fn all_copied(&self) -> bool {
@@ -74,15 +100,10 @@ pub async fn check(
     });
     let mut state = match args.sample {
         Some(_) => ObjectCheck { sample: true, ..ObjectCheck::default() },
-        None => {
-            match crate::store::scans::load_object_check_row(&clients.db, bucket, prefix)
-                .await?
-                .map(ObjectCheck::from_row)
-            {
-                Some(saved) if !saved.finished => saved,
-                _ => ObjectCheck::default(),
-            }
-        }
+        None => match scans::load(&clients.db, ScanKind::VerifyObjects, bucket, prefix).await? {
+            Some(saved) if !saved.finished => ObjectCheck::resumed(saved),
+            _ => ObjectCheck::default(),
+        },
     };
     let start = match args.sample {
         // A random range of the split points: N consecutive keys from a random place.
@@ -103,12 +124,16 @@ pub async fn check(
         if left == 0 || shutdown.is_cancelled() {
             break;
         }
-        let (tx, pages) = tokio::sync::mpsc::channel(2);
-        let task = lister.clone().spawn(0, segment, tx, shutdown.clone());
-        check_segment(clients, args, &mapping, pages, &mut state, &mut left, &shutdown).await?;
-        task.await.context("the listing task failed")?;
+        let ended = scan::each_page(lister.clone(), segment, &shutdown, async |page| {
+            check_page(clients, args, &mapping, page, &mut state, &mut left).await?;
+            Ok(left > 0)
+        })
+        .await?;
+        if ended == Ended::Complete {
+            state.finished = true;
+        }
         if !state.sample {
-            crate::store::scans::save_object_check_row(&clients.db, bucket, prefix, &state.row()).await?;
+            scans::save(&clients.db, ScanKind::VerifyObjects, bucket, prefix, &state.position()).await?;
         }
     }
     let scope = if state.sample {
@@ -130,62 +155,48 @@ pub async fn check(
     Ok(state)
 }
 
-/// Checks the objects of one listing until it ends, `left` reaches 0 or `shutdown` fires;
-/// saves the position after each page (unless sampling).
-#[allow(clippy::too_many_arguments)]
-async fn check_segment(
+/// Checks the objects of one page (at most `left` of them, which it counts down); saves the
+/// position after it (unless sampling).
+async fn check_page(
     clients: &Clients,
     args: &VerifyArgs,
     mapping: &common::keys::KeyMapping,
-    mut pages: tokio::sync::mpsc::Receiver<crate::list::Item>,
+    mut page: Vec<common::message::ObjectMessage>,
     state: &mut ObjectCheck,
     left: &mut u64,
-    shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
-    while let Some((_, item)) = pages.recv().await {
-        let mut page = match item? {
-            Listing::Page { objects, .. } => objects,
-            Listing::Complete => {
-                state.finished = true;
-                return Ok(());
+    page.truncate((*left).min(page.len() as u64) as usize);
+    *left -= page.len() as u64;
+    let verdicts: Vec<Verdict> = futures::stream::iter(page.iter().map(|o| async move {
+        let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
+        verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination)).await
+    }))
+    .buffered(args.concurrency.get())
+    .try_collect()
+    .await?;
+    for (object, verdict) in page.iter().zip(&verdicts) {
+        state.objects += 1;
+        let what = match verdict {
+            Verdict::Same => continue,
+            Verdict::MissingCopy => {
+                state.missing_copy += 1;
+                "has no copy"
+            }
+            Verdict::Conflict => {
+                state.conflicts += 1;
+                "has a copy with other bytes"
+            }
+            Verdict::Unproven => {
+                state.unproven += 1;
+                "has a copy that cannot be proven the same within 64 MiB"
             }
         };
-        page.truncate((*left).min(page.len() as u64) as usize);
-        *left -= page.len() as u64;
-        let verdicts: Vec<Verdict> = futures::stream::iter(page.iter().map(|o| async move {
-            let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
-            verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination)).await
-        }))
-        .buffered(args.concurrency.get())
-        .try_collect()
-        .await?;
-        for (object, verdict) in page.iter().zip(&verdicts) {
-            state.objects += 1;
-            let what = match verdict {
-                Verdict::Same => continue,
-                Verdict::MissingCopy => {
-                    state.missing_copy += 1;
-                    "has no copy"
-                }
-                Verdict::Conflict => {
-                    state.conflicts += 1;
-                    "has a copy with other bytes"
-                }
-                Verdict::Unproven => {
-                    state.unproven += 1;
-                    "has a copy that cannot be proven the same within 64 MiB"
-                }
-            };
-            tracing::warn!(key = object.key, "legacy object {what}");
-        }
-        state.last_key = page.last().map(|o| o.key.clone()).or(state.last_key.take());
-        if !state.sample {
-            crate::store::scans::save_object_check_row(&clients.db, bucket, prefix, &state.row()).await?;
-        }
-        if *left == 0 || shutdown.is_cancelled() {
-            return Ok(());
-        }
+        tracing::warn!(key = object.key, "legacy object {what}");
+    }
+    state.last_key = page.last().map(|o| o.key.clone()).or(state.last_key.take());
+    if !state.sample {
+        let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
+        scans::save(&clients.db, ScanKind::VerifyObjects, bucket, prefix, &state.position()).await?;
     }
     Ok(())
 }

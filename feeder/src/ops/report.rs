@@ -42,13 +42,12 @@ pub async fn report(args: &ReportArgs, clients: &Clients) -> anyhow::Result<Repo
     if args.csv {
         csv(clients).await?;
     }
-    let (rows_rewritten, rows_rolled_back, first_rewrite, last_rewrite) =
-        crate::store::journal::journal_totals(&clients.db).await?;
+    let totals = crate::store::journal::journal_totals(&clients.db).await?;
     let report = Report {
-        rows_rewritten,
-        rows_rolled_back,
-        first_rewrite,
-        last_rewrite,
+        rows_rewritten: totals.rewrites,
+        rows_rolled_back: totals.rolled_back,
+        first_rewrite: totals.first,
+        last_rewrite: totals.last,
         set_aside: common::db::failure_counts(&clients.db).await?,
     };
     if !args.csv {

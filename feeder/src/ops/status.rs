@@ -89,7 +89,7 @@ impl Status {
             "max_copies_per_second": self.control.max_copies_per_second,
             "consumers_reporting": self.fleet.len(),
             "copy_rate_limits": self.fleet.iter().map(|c| c.copy_rate.map(|r| r.round())).collect::<Vec<_>>(),
-            "copies_slowed_down": self.fleet.iter().map(|c| c.slowed_down).sum::<u64>(),
+            "copies_slowed_down": self.fleet.iter().map(|c| c.slowed_down).sum::<i64>(),
         })
         .to_string()
     }
@@ -144,7 +144,7 @@ impl Status {
             (false, None) => "no cap".to_owned(),
         };
         let paced: Vec<String> = self.fleet.iter().filter_map(|c| c.copy_rate).map(|r| format!("{r:.0}")).collect();
-        let slowed: u64 = self.fleet.iter().map(|c| c.slowed_down).sum();
+        let slowed: i64 = self.fleet.iter().map(|c| c.slowed_down).sum();
         let paces =
             if paced.is_empty() { "none paced".to_owned() } else { format!("paced at {} copies/s", paced.join(", ")) };
         format!("{control}; {} consumers reporting, {paces}; {slowed} copies S3 asked to slow down", self.fleet.len())

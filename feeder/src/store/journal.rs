@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 /// One rewrite the journal recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct JournalEntry {
     pub journal_id: i64,
     pub row_id: String,
@@ -25,10 +25,10 @@ pub async fn journal_page(
     limit: i64,
     pending_only: bool,
 ) -> sqlx::Result<Vec<JournalEntry>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT journal_id, row_id, old_path, new_path,
-                to_char(rewritten_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                rolled_back_at IS NOT NULL
+                to_char(rewritten_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS rewritten_at,
+                rolled_back_at IS NOT NULL AS rolled_back
          FROM avatar_migration_journal
          WHERE journal_id > $1 AND (NOT $3 OR rolled_back_at IS NULL)
          ORDER BY journal_id LIMIT $2",
@@ -37,18 +37,7 @@ pub async fn journal_page(
     .bind(limit)
     .bind(pending_only)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| JournalEntry {
-            journal_id: r.get(0),
-            row_id: r.get(1),
-            old_path: r.get(2),
-            new_path: r.get(3),
-            rewritten_at: r.get(4),
-            rolled_back: r.get(5),
-        })
-        .collect())
+    .await
 }
 
 /// What the journal says of the run so far.
@@ -75,12 +64,21 @@ pub async fn journal_summary(pool: &PgPool, window: Duration) -> sqlx::Result<Jo
     Ok(JournalSummary { last_id, recent, window_s: window.as_secs_f64() })
 }
 
-/// Counts of the whole journal, for the report: (rewrites, rolled back, first, last).
-pub async fn journal_totals(pool: &PgPool) -> sqlx::Result<(i64, i64, Option<String>, Option<String>)> {
+/// What the whole journal holds, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct JournalTotals {
+    pub rewrites: i64,
+    pub rolled_back: i64,
+    /// When the first and the last rewrite were made (RFC 3339, UTC); `None` without any.
+    pub first: Option<String>,
+    pub last: Option<String>,
+}
+
+pub async fn journal_totals(pool: &PgPool) -> sqlx::Result<JournalTotals> {
     sqlx::query_as(
-        "SELECT count(*), count(rolled_back_at),
-                to_char(min(rewritten_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                to_char(max(rewritten_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+        "SELECT count(*) AS rewrites, count(rolled_back_at) AS rolled_back,
+                to_char(min(rewritten_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS first,
+                to_char(max(rewritten_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS last
          FROM avatar_migration_journal",
     )
     .fetch_one(pool)

@@ -2,15 +2,18 @@
 //! (`avatar_migration_ranges`), saved with the listing's row in one transaction.
 
 use common::db::listing::{Checkpoint, save_checkpoint_on};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 
 /// One key range of a listing split into ranges listed at once (`LIST_RANGES`): the keys `k`
 /// with `after < k <= until` (no bound where `None`). The ranges of a listing cover its key
 /// space exactly; each keeps its own position.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct KeyRange {
+    #[sqlx(rename = "range_no")]
     pub no: i32,
+    #[sqlx(rename = "after_key")]
     pub after: Option<String>,
+    #[sqlx(rename = "until_key")]
     pub until: Option<String>,
     /// Set when this part of the input is a data file of an S3 Inventory report (then
     /// `after` and `until` are unset): its key in the report's bucket.
@@ -32,7 +35,7 @@ impl KeyRange {
 
 /// The saved ranges of a listing, in order (none when it is listed as one range).
 pub async fn load_ranges(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Vec<KeyRange>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT range_no, after_key, until_key, last_key, listed, finished, inventory_file, rows_done
          FROM avatar_migration_ranges
          WHERE source_bucket = $1 AND source_prefix = $2 ORDER BY range_no",
@@ -40,20 +43,7 @@ pub async fn load_ranges(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Res
     .bind(bucket)
     .bind(prefix)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| KeyRange {
-            no: r.get(0),
-            after: r.get(1),
-            until: r.get(2),
-            last_key: r.get(3),
-            listed: r.get(4),
-            finished: r.get(5),
-            inventory_file: r.get(6),
-            rows_done: r.get(7),
-        })
-        .collect())
+    .await
 }
 
 /// Replaces the saved ranges of a listing (none: listed as one range again).

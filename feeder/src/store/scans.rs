@@ -1,84 +1,76 @@
-//! Where the resumable scans of the source prefix stand: `verify --objects`
-//! (`avatar_migration_verify`) and `cleanup` (`avatar_migration_cleanup`).
+//! Where the resumable scans of the source prefix stand (`avatar_migration_scans`), one row per
+//! scan kind (`verify --objects`, `cleanup`), bucket and prefix: the last key decided, the
+//! scan's counts (JSON, each kind its own) and whether it finished.
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sqlx::PgPool;
+use sqlx::types::Json;
 
-/// Where `feeder verify --objects` stands: (last key, objects, missing copies, conflicts,
-/// unproven, finished).
-pub type ObjectCheckRow = (Option<String>, i64, i64, i64, i64, bool);
+/// Which scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanKind {
+    /// `feeder verify --objects`.
+    VerifyObjects,
+    /// `feeder cleanup`.
+    Cleanup,
+}
 
-pub async fn load_object_check_row(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Option<ObjectCheckRow>> {
+impl ScanKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ScanKind::VerifyObjects => "verify_objects",
+            ScanKind::Cleanup => "cleanup",
+        }
+    }
+}
+
+/// Where a scan stands, with its counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct ScanPosition<C> {
+    /// The last key of the last page decided; the scan resumes after it.
+    pub last_key: Option<String>,
+    #[sqlx(json)]
+    pub counts: C,
+    pub finished: bool,
+}
+
+/// The saved position of a scan; `None` when none was saved.
+pub async fn load<C>(pool: &PgPool, kind: ScanKind, bucket: &str, prefix: &str) -> sqlx::Result<Option<ScanPosition<C>>>
+where
+    C: DeserializeOwned + Send + Unpin + 'static,
+{
     sqlx::query_as(
-        "SELECT last_key, objects, missing_copy, conflicts, unproven, finished FROM avatar_migration_verify
-         WHERE source_bucket = $1 AND source_prefix = $2",
+        "SELECT last_key, counts, finished FROM avatar_migration_scans
+         WHERE kind = $1 AND source_bucket = $2 AND source_prefix = $3",
     )
+    .bind(kind.as_str())
     .bind(bucket)
     .bind(prefix)
     .fetch_optional(pool)
     .await
 }
 
-pub async fn save_object_check_row(
+pub async fn save<C: Serialize>(
     pool: &PgPool,
+    kind: ScanKind,
     bucket: &str,
     prefix: &str,
-    row: &ObjectCheckRow,
+    position: &ScanPosition<C>,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO avatar_migration_verify
-             (source_bucket, source_prefix, last_key, objects, missing_copy, conflicts, unproven, finished)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (source_bucket, source_prefix) DO UPDATE
-         SET last_key = EXCLUDED.last_key, objects = EXCLUDED.objects, missing_copy = EXCLUDED.missing_copy,
-             conflicts = EXCLUDED.conflicts, unproven = EXCLUDED.unproven, finished = EXCLUDED.finished",
+        "INSERT INTO avatar_migration_scans (kind, source_bucket, source_prefix, last_key, counts, finished)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (kind, source_bucket, source_prefix) DO UPDATE
+         SET last_key = EXCLUDED.last_key, counts = EXCLUDED.counts, finished = EXCLUDED.finished,
+             updated_at = now()",
     )
+    .bind(kind.as_str())
     .bind(bucket)
     .bind(prefix)
-    .bind(&row.0)
-    .bind(row.1)
-    .bind(row.2)
-    .bind(row.3)
-    .bind(row.4)
-    .bind(row.5)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Where `feeder cleanup` stands: (last key, objects, deleted, referenced, not copied,
-/// failed, finished).
-pub type CleanupRow = (Option<String>, i64, i64, i64, i64, i64, bool);
-
-pub async fn load_cleanup_row(pool: &PgPool, bucket: &str, prefix: &str) -> sqlx::Result<Option<CleanupRow>> {
-    sqlx::query_as(
-        "SELECT last_key, objects, deleted, referenced, not_copied, failed, finished FROM avatar_migration_cleanup
-         WHERE source_bucket = $1 AND source_prefix = $2",
-    )
-    .bind(bucket)
-    .bind(prefix)
-    .fetch_optional(pool)
-    .await
-}
-
-pub async fn save_cleanup_row(pool: &PgPool, bucket: &str, prefix: &str, row: &CleanupRow) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO avatar_migration_cleanup
-             (source_bucket, source_prefix, last_key, objects, deleted, referenced, not_copied, failed, finished)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (source_bucket, source_prefix) DO UPDATE
-         SET last_key = EXCLUDED.last_key, objects = EXCLUDED.objects, deleted = EXCLUDED.deleted,
-             referenced = EXCLUDED.referenced, not_copied = EXCLUDED.not_copied, failed = EXCLUDED.failed,
-             finished = EXCLUDED.finished",
-    )
-    .bind(bucket)
-    .bind(prefix)
-    .bind(&row.0)
-    .bind(row.1)
-    .bind(row.2)
-    .bind(row.3)
-    .bind(row.4)
-    .bind(row.5)
-    .bind(row.6)
+    .bind(&position.last_key)
+    .bind(Json(&position.counts))
+    .bind(position.finished)
     .execute(pool)
     .await?;
     Ok(())
