@@ -151,6 +151,40 @@ impl DatabaseArgs {
     }
 }
 
+/// A duration setting: humantime's forms (`30s`, `5m`, `250ms`, `1h 30m`), or a bare number of
+/// seconds (as settings whose name says `_SECONDS`, and earlier versions, take them).
+pub fn duration_secs(s: &str) -> anyhow::Result<Duration> {
+    duration(s, Duration::from_secs)
+}
+
+/// A duration setting: humantime's forms, or a bare number of milliseconds (settings whose
+/// name says `_MS`).
+pub fn duration_millis(s: &str) -> anyhow::Result<Duration> {
+    duration(s, Duration::from_millis)
+}
+
+fn duration(s: &str, bare: fn(u64) -> Duration) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(bare(n));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| anyhow::anyhow!("{s:?} is not a duration ({e}): write it as e.g. 30s, 5m, 250ms or 1h"))
+}
+
+/// A duration in whole seconds within `min..=max`, as SQS takes them.
+pub fn whole_seconds(d: Duration, min: u64, max: u64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(d.subsec_nanos() == 0, "{} is not a whole number of seconds", humantime::format_duration(d));
+    anyhow::ensure!(
+        (min..=max).contains(&d.as_secs()),
+        "{} is outside {}..={}",
+        humantime::format_duration(d),
+        humantime::format_duration(Duration::from_secs(min)),
+        humantime::format_duration(Duration::from_secs(max))
+    );
+    Ok(d)
+}
+
 /// A duration as PostgreSQL reads it, in milliseconds (0 would mean no limit: at least 1 ms).
 fn millis(d: Duration) -> String {
     format!("{}ms", d.as_millis().max(1))
@@ -188,6 +222,24 @@ mod tests {
         let args = database_args("postgres://u:hunter2@h:5432/db");
         assert!(args.connect_options().is_ok());
         assert!(format!("{args:?}").contains("REDACTED") || !format!("{args:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn durations_read_humantime_or_a_bare_number_in_the_settings_unit() {
+        assert_eq!(duration_secs("25").unwrap(), Duration::from_secs(25));
+        assert_eq!(duration_secs("25s").unwrap(), Duration::from_secs(25));
+        assert_eq!(duration_secs(" 5m ").unwrap(), Duration::from_secs(300));
+        assert_eq!(duration_secs("1500ms").unwrap(), Duration::from_millis(1500));
+        assert_eq!(duration_millis("250").unwrap(), Duration::from_millis(250));
+        assert_eq!(duration_millis("1s").unwrap(), Duration::from_secs(1));
+        for bad in ["", "-1", "ten", "5 parsecs", "1.5"] {
+            let err = duration_secs(bad).unwrap_err().to_string();
+            assert!(err.contains("is not a duration") && err.contains("30s"), "{bad:?}: {err}");
+        }
+        assert!(whole_seconds(Duration::from_secs(60), 1, 43_200).is_ok());
+        assert!(whole_seconds(Duration::from_millis(1500), 1, 43_200).unwrap_err().to_string().contains("whole"));
+        assert!(whole_seconds(Duration::ZERO, 1, 43_200).unwrap_err().to_string().contains("outside"));
+        assert!(whole_seconds(Duration::from_secs(21), 0, 20).is_err());
     }
 
     #[test]

@@ -37,20 +37,21 @@ pub struct Settings {
     #[arg(long, env = "CONCURRENCY")]
     pub concurrency: Option<NonZeroUsize>,
 
-    /// Seconds a received message stays invisible to other consumers. Extended every half of
-    /// it while an object is still being worked on; after a crash, the message comes back this
-    /// long after it was received.
-    #[arg(long, env = "VISIBILITY_TIMEOUT", default_value = "60", value_parser = clap::value_parser!(u64).range(1..=43_200))]
-    pub visibility_timeout: u64,
+    /// How long a received message stays invisible to other consumers (whole seconds, 1s to
+    /// 12h; a bare number is seconds), e.g. `60s`. Extended every half of it while an object
+    /// is still being worked on; after a crash, the message comes back this long after it was
+    /// received.
+    #[arg(long, env = "VISIBILITY_TIMEOUT", default_value = "60s", value_parser = parse_visibility)]
+    pub visibility_timeout: Duration,
 
-    /// Long-poll wait of each receive, in seconds (0-20). 20 keeps empty receives (and their
-    /// cost) low.
-    #[arg(long, env = "WAIT_TIME_SECONDS", default_value = "20", value_parser = clap::value_parser!(u64).range(0..=20))]
-    pub wait_time_seconds: u64,
+    /// Long-poll wait of each receive (whole seconds, 0s to 20s; a bare number is seconds).
+    /// 20s keeps empty receives (and their cost) low.
+    #[arg(long, env = "WAIT_TIME_SECONDS", default_value = "20s", value_parser = parse_wait)]
+    pub wait_time_seconds: Duration,
 
-    /// Drain and exit once the queue is empty: nothing received for this many seconds,
-    /// nothing in flight here, and the queue's own counts (visible, in flight with any
-    /// consumer, delayed) read 0 on every check for this many seconds more. A crashed
+    /// Drain and exit once the queue is empty (e.g. `30s`; a bare number is seconds): nothing
+    /// received for this long, nothing in flight here, and the queue's own counts (visible, in
+    /// flight with any consumer, delayed) read 0 on every check for this long more. A crashed
     /// consumer's messages count as in flight until their visibility timeout brings them
     /// back, so they are waited for; so is a feeder that is sending for the listing (`feeder`,
     /// `reconcile`, `redrive` hold a lease in the database while they run, which outlives a
@@ -58,8 +59,8 @@ pub struct Settings {
     /// takes. When the listing is unfinished and no feeder runs, the exit code is 3 (work
     /// left: run the feeder to resume it), never 0. Unset (the default): run until SIGTERM,
     /// as an ECS service does.
-    #[arg(long, env = "EXIT_WHEN_IDLE")]
-    pub exit_when_idle: Option<u64>,
+    #[arg(long, env = "EXIT_WHEN_IDLE", value_parser = common::settings::duration_secs)]
+    pub exit_when_idle: Option<Duration>,
 
     /// How long start-up waits, in all, for a service that is not available yet (PostgreSQL
     /// refusing connections, restarting or failing over; S3 or SQS not answering or answering
@@ -69,22 +70,23 @@ pub struct Settings {
     #[arg(long, env = "STARTUP_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub startup_wait: std::time::Duration,
 
-    /// Seconds in-flight objects get to finish after SIGTERM; what is still unfinished then is
-    /// abandoned safely (its message comes back after its visibility timeout) and the process
-    /// exits. A second SIGTERM or Ctrl-C exits at once. Keep it below ECS's stopTimeout (30 s
-    /// by default).
-    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value = "25")]
-    pub shutdown_grace_seconds: u64,
+    /// How long in-flight objects get to finish after SIGTERM (e.g. `25s`; a bare number is
+    /// seconds); what is still unfinished then is abandoned safely (its message comes back
+    /// after its visibility timeout) and the process exits. A second SIGTERM or Ctrl-C exits
+    /// at once. Keep it below ECS's stopTimeout (30 s by default).
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value = "25s", value_parser = common::settings::duration_secs)]
+    pub shutdown_grace_seconds: Duration,
 
     /// Rows rewrites gathered into one UPDATE.
     #[arg(long, env = "DB_BATCH_SIZE", default_value = "100")]
     pub db_batch_size: NonZeroUsize,
 
-    /// Milliseconds a rewrite lingers for others to share its UPDATE. 0 (the default): no
-    /// lingering; batches still grow with the load, since rewrites gather while every
-    /// connection is busy. Raise it for fewer, larger UPDATEs at the cost of latency.
-    #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "0")]
-    pub db_batch_max_wait_ms: u64,
+    /// How long a rewrite lingers for others to share its UPDATE (e.g. `20ms`; a bare number
+    /// is milliseconds). 0 (the default): no lingering; batches still grow with the load, since
+    /// rewrites gather while every connection is busy. Raise it for fewer, larger UPDATEs at
+    /// the cost of latency.
+    #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "0ms", value_parser = common::settings::duration_millis)]
+    pub db_batch_max_wait_ms: Duration,
 
     /// Largest object, in bytes, read and compared byte by byte when a destination already
     /// exists and neither a common full-object checksum nor equal ETags prove it holds the
@@ -205,13 +207,21 @@ pub struct Settings {
     pub database_max_connections: u32,
 }
 
+fn parse_visibility(s: &str) -> anyhow::Result<Duration> {
+    common::settings::whole_seconds(common::settings::duration_secs(s)?, 1, 43_200)
+}
+
+fn parse_wait(s: &str) -> anyhow::Result<Duration> {
+    common::settings::whole_seconds(common::settings::duration_secs(s)?, 0, 20)
+}
+
 impl Settings {
     pub fn visibility_timeout(&self) -> Duration {
-        Duration::from_secs(self.visibility_timeout)
+        self.visibility_timeout
     }
 
     pub fn db_batch_max_wait(&self) -> Duration {
-        Duration::from_millis(self.db_batch_max_wait_ms)
+        self.db_batch_max_wait_ms
     }
 
     pub fn multipart(&self) -> Multipart {
@@ -229,10 +239,11 @@ impl Settings {
         ReceiveConfig {
             queue_url: self.queue.queue_url.clone(),
             concurrency,
-            wait: Duration::from_secs(wait),
+            // SQS takes whole seconds: an idle limit under one second polls without waiting.
+            wait: Duration::from_secs(wait.as_secs()),
             visibility: self.visibility_timeout(),
-            exit_when_idle: self.exit_when_idle.map(Duration::from_secs),
-            grace: Duration::from_secs(self.shutdown_grace_seconds),
+            exit_when_idle: self.exit_when_idle,
+            grace: self.shutdown_grace_seconds,
         }
     }
 }

@@ -237,9 +237,9 @@ pub struct StatusArgs {
     #[arg(long)]
     pub watch: bool,
 
-    /// Seconds between readings with --watch.
-    #[arg(long, default_value = "5")]
-    pub interval: u64,
+    /// Time between readings with --watch (at least 1s; a bare number is seconds).
+    #[arg(long, default_value = "5s", value_parser = common::settings::duration_secs)]
+    pub interval: std::time::Duration,
 
     /// Count the rows exactly whatever the table's size: one scan of avatars, bounded by
     /// --exact-timeout. A DDL on avatars queues behind the scan, and the live service's

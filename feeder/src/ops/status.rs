@@ -228,7 +228,7 @@ pub async fn status(
         }
         return Ok(());
     }
-    let every = Duration::from_secs(args.interval.max(1));
+    let every = args.interval.max(Duration::from_secs(1));
     let bar = std::io::stderr().is_terminal().then(|| progress_bar(&status));
     let mut last_plain: Option<Instant> = None;
     loop {
