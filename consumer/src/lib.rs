@@ -3,19 +3,19 @@
 //!
 //! Stages, one module each: [`receive`] -> [`process`] ([`copy`] -> [`record`]) -> [`ack`].
 
-pub mod ack;
-pub mod batch;
-pub mod control;
+mod ack;
+mod batch;
+mod control;
 pub mod copy;
-pub mod lease;
+mod lease;
 pub mod metrics;
-pub mod pace;
-pub mod process;
-pub mod receive;
-pub mod record;
+mod pace;
+mod process;
+mod receive;
+mod record;
 pub mod refusals;
 pub mod settings;
-pub mod sources;
+mod sources;
 
 use std::sync::Arc;
 use std::time::Instant;

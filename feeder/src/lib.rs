@@ -5,13 +5,13 @@
 //! Stages, one module each: [`list`] -> [`enqueue`] (-> checkpoint, in `common::db`);
 //! [`ops`] for the operator's commands, one file each.
 
-pub mod enqueue;
-pub mod inventory;
-pub mod list;
+mod enqueue;
+mod inventory;
+mod list;
 pub mod ops;
-pub mod progress;
-pub mod ranges;
-pub mod scan;
+mod progress;
+mod ranges;
+mod scan;
 pub mod settings;
 pub mod store;
 
