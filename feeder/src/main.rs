@@ -40,20 +40,21 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
     } else {
         None
     };
+    let cx = ops::Ops::new(&settings, &clients, shutdown.clone()).setup()?;
     let done = match command {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
-        Command::Status(args) => ops::status::status(&settings, &args, &clients, shutdown).await.map(|_| true),
-        Command::Verify(args) => ops::verify::verify(&settings, &args, &clients, shutdown).await.map(|v| v.is_done()),
-        Command::Reconcile(args) => ops::reconcile::reconcile(&settings, &args, &clients, shutdown).await.map(|_| true),
-        Command::Failures(args) => ops::failures::failures(&args, &clients).await.map(|_| true),
-        Command::Report(args) => ops::report::report(&args, &clients).await.map(|_| true),
-        Command::Cleanup(args) => ops::cleanup::cleanup(&settings, &args, &clients, shutdown).await.map(|_| true),
-        Command::Redrive(args) => ops::redrive::redrive(&settings, &args, &clients).await.map(|_| true),
-        Command::Rollback(args) => ops::rollback::rollback(&settings, &args, &clients).await.map(|_| true),
-        Command::Fence(command) => ops::fence::fence(&command, &clients).await.map(|_| true),
-        Command::Pause => ops::control::pause(&clients, true).await.map(|_| true),
-        Command::Resume => ops::control::pause(&clients, false).await.map(|_| true),
-        Command::Throttle(args) => ops::control::throttle(&args, &clients).await.map(|_| true),
+        Command::Status(args) => ops::status::status(&cx, &args).await.map(|_| true),
+        Command::Verify(args) => ops::verify::verify(&cx, &args).await.map(|v| v.is_done()),
+        Command::Reconcile(args) => ops::reconcile::reconcile(&cx, &args).await.map(|_| true),
+        Command::Failures(args) => ops::failures::failures(&cx, &args).await.map(|_| true),
+        Command::Report(args) => ops::report::report(&cx, &args).await.map(|_| true),
+        Command::Cleanup(args) => ops::cleanup::cleanup(&cx, &args).await.map(|_| true),
+        Command::Redrive(args) => ops::redrive::redrive(&cx, &args).await.map(|_| true),
+        Command::Rollback(args) => ops::rollback::rollback(&cx, &args).await.map(|_| true),
+        Command::Fence(command) => ops::fence::fence(&cx, &command).await.map(|_| true),
+        Command::Pause => ops::control::pause(&cx, true).await.map(|_| true),
+        Command::Resume => ops::control::pause(&cx, false).await.map(|_| true),
+        Command::Throttle(args) => ops::control::throttle(&cx, &args).await.map(|_| true),
     };
     if let Some(lease) = lease {
         lease.end().await;

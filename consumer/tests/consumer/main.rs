@@ -3,6 +3,7 @@
 
 mod batches;
 mod deletes;
+mod docs;
 mod done;
 mod end;
 mod errors;
@@ -146,7 +147,10 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     let verify = |args: feeder::settings::VerifyArgs| {
         let settings = settings.clone();
         let clients = env.clients();
-        async move { feeder::ops::verify::verify(&settings, &args, &clients, CancellationToken::new()).await.unwrap() }
+        async move {
+            let cx = feeder::ops::Ops::new(&settings, &clients, CancellationToken::new()).unwrap();
+            feeder::ops::verify::verify(&cx, &args).await.unwrap()
+        }
     };
     let verification = verify(args.clone()).await;
     assert_eq!(

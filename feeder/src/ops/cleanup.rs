@@ -27,14 +27,14 @@ use common::db::lease::{Lease, Mode};
 use common::deletion::Deleter;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
+use super::Ops;
 use super::objects::{Verdict, verdict};
+use crate::Clients;
 use crate::list::Lister;
 use crate::scan::{self, Ended};
 use crate::settings::CleanupArgs;
 use crate::store::scans::{self, ScanKind, ScanPosition};
-use crate::{Clients, Settings};
 
 /// What cleanup decided, over the whole scan (resumed runs included).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,13 +72,8 @@ impl Cleanup {
     }
 }
 
-pub async fn cleanup(
-    settings: &Settings,
-    args: &CleanupArgs,
-    clients: &Clients,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Cleanup> {
-    let mapping = settings.storage.mapping()?;
+pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup> {
+    let Ops { clients, mapping, shutdown, .. } = cx;
     let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
     let dry_run = !args.yes;
     let lease = if dry_run { None } else { Some(take_lease(args, clients).await?) };
@@ -99,17 +94,13 @@ pub async fn cleanup(
     });
     let started = Instant::now();
     let segment = (state.scan.last_key.clone(), None);
-    let ended = scan::each_page(lister, segment, &shutdown, async |page| {
-        let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| {
-            let mapping = &mapping;
-            async move {
-                let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
-                let copy =
-                    verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination))
-                        .await?;
-                let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
-                anyhow::Ok((referenced, copy, destination))
-            }
+    let ended = scan::each_page(lister, segment, shutdown, async |page| {
+        let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| async move {
+            let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
+            let copy =
+                verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination)).await?;
+            let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
+            anyhow::Ok((referenced, copy, destination))
         }))
         .buffered(args.concurrency.get())
         .try_collect()

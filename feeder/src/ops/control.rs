@@ -4,11 +4,12 @@
 //! Promises: each command writes only the control row, says what it set and what the fleet
 //! reports (consumers reporting, paused or not), and is idempotent.
 
-use crate::Clients;
+use super::Ops;
 use crate::settings::ThrottleArgs;
 
 /// Pauses (or resumes) the fleet.
-pub async fn pause(clients: &Clients, paused: bool) -> anyhow::Result<()> {
+pub async fn pause(cx: &Ops<'_>, paused: bool) -> anyhow::Result<()> {
+    let clients = cx.clients;
     common::control::set_paused(&clients.db, paused).await?;
     let fleet = common::control::fleet(&clients.db).await?;
     println!(
@@ -25,7 +26,8 @@ pub async fn pause(clients: &Clients, paused: bool) -> anyhow::Result<()> {
 }
 
 /// Sets or lifts the fleet's cap.
-pub async fn throttle(args: &ThrottleArgs, clients: &Clients) -> anyhow::Result<()> {
+pub async fn throttle(cx: &Ops<'_>, args: &ThrottleArgs) -> anyhow::Result<()> {
+    let clients = cx.clients;
     let cap = if args.clear { None } else { args.rate };
     common::control::set_cap(&clients.db, cap).await?;
     let fleet = common::control::fleet(&clients.db).await?;

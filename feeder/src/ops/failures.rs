@@ -7,10 +7,11 @@ use std::io::Write;
 use common::db::keyset::Keyset;
 use common::db::{FailureRecord, failures_after};
 
-use crate::Clients;
+use super::Ops;
 use crate::settings::FailuresArgs;
 
-pub async fn failures(args: &FailuresArgs, clients: &Clients) -> anyhow::Result<u64> {
+pub async fn failures(cx: &Ops<'_>, args: &FailuresArgs) -> anyhow::Result<u64> {
+    let clients = cx.clients;
     let stdout = std::io::stdout();
     let mut csv = args.csv.then(|| csv::Writer::from_writer(stdout.lock()));
     if let Some(out) = &mut csv {

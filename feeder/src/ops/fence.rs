@@ -8,10 +8,11 @@
 use anyhow::Context;
 use common::db::fence::{self, Mode, Removed};
 
-use crate::Clients;
+use super::Ops;
 use crate::settings::FenceCommand;
 
-pub async fn fence(command: &FenceCommand, clients: &Clients) -> anyhow::Result<()> {
+pub async fn fence(cx: &Ops<'_>, command: &FenceCommand) -> anyhow::Result<()> {
+    let clients = cx.clients;
     match command {
         FenceCommand::Install { mode } => {
             let changed = fence::install(&clients.db, *mode).await?;

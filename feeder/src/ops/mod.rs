@@ -29,6 +29,25 @@ pub mod status;
 pub mod verify;
 
 use common::keys::KeyMapping;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Clients, Settings};
+
+/// What every operator command runs with, built once by `main`.
+pub struct Ops<'a> {
+    pub settings: &'a Settings,
+    pub clients: &'a Clients,
+    /// The settings' key mapping, checked.
+    pub mapping: KeyMapping,
+    /// Fires on SIGTERM or Ctrl-C: a long command stops between pages, its position saved.
+    pub shutdown: CancellationToken,
+}
+
+impl<'a> Ops<'a> {
+    pub fn new(settings: &'a Settings, clients: &'a Clients, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        Ok(Self { settings, clients, mapping: settings.storage.mapping()?, shutdown })
+    }
+}
 
 /// Rows read per page by the commands that stream the table.
 pub const ROWS_PAGE: i64 = 1000;

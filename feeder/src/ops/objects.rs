@@ -13,15 +13,15 @@ use std::sync::Arc;
 use anyhow::Context;
 use common::identity::{Identity, head_object, same_content};
 use futures::{StreamExt, TryStreamExt};
-use tokio_util::sync::CancellationToken;
 
 use serde::{Deserialize, Serialize};
 
+use super::Ops;
+use crate::Clients;
 use crate::list::Lister;
 use crate::scan::{self, Ended};
 use crate::settings::VerifyArgs;
 use crate::store::scans::{self, ScanKind, ScanPosition};
-use crate::{Clients, Settings};
 
 /// Largest object compared byte by byte when metadata cannot tell (the consumer's default).
 const COMPARE_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -84,13 +84,8 @@ pub(crate) enum Verdict {
     Unproven,
 }
 
-pub async fn check(
-    settings: &Settings,
-    args: &VerifyArgs,
-    clients: &Clients,
-    shutdown: CancellationToken,
-) -> anyhow::Result<ObjectCheck> {
-    let mapping = settings.storage.mapping()?;
+pub async fn check(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<ObjectCheck> {
+    let Ops { clients, mapping, shutdown, .. } = cx;
     let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
     let lister = Arc::new(Lister {
         s3: clients.s3.clone(),
@@ -124,8 +119,8 @@ pub async fn check(
         if left == 0 || shutdown.is_cancelled() {
             break;
         }
-        let ended = scan::each_page(lister.clone(), segment, &shutdown, async |page| {
-            check_page(clients, args, &mapping, page, &mut state, &mut left).await?;
+        let ended = scan::each_page(lister.clone(), segment, shutdown, async |page| {
+            check_page(clients, args, mapping, page, &mut state, &mut left).await?;
             Ok(left > 0)
         })
         .await?;

@@ -19,11 +19,9 @@ use common::db::keyset::Keyset;
 use common::identity::head_object;
 use common::message::ObjectMessage;
 use futures::{StreamExt, TryStreamExt};
-use tokio_util::sync::CancellationToken;
 
-use super::{ROWS_PAGE, Side, classify};
+use super::{Ops, ROWS_PAGE, Side, classify};
 use crate::settings::ReconcileArgs;
-use crate::{Clients, Settings};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reconciliation {
@@ -38,13 +36,8 @@ pub struct Reconciliation {
     pub object_missing: u64,
 }
 
-pub async fn reconcile(
-    settings: &Settings,
-    args: &ReconcileArgs,
-    clients: &Clients,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Reconciliation> {
-    let mapping = settings.storage.mapping()?;
+pub async fn reconcile(cx: &Ops<'_>, args: &ReconcileArgs) -> anyhow::Result<Reconciliation> {
+    let Ops { settings, clients, mapping, shutdown } = cx;
     let queue_url = &settings.queue.queue_url;
     let mut result = Reconciliation::default();
     let mut pages = Keyset::after(i64::MIN);
@@ -55,7 +48,7 @@ pub async fn reconcile(
         result.rows += rows.len() as u64;
         let legacy: Vec<String> = rows
             .into_iter()
-            .filter_map(|(_, path)| (classify(path.as_deref(), &mapping) == Side::Legacy).then_some(path?))
+            .filter_map(|(_, path)| (classify(path.as_deref(), mapping) == Side::Legacy).then_some(path?))
             .collect();
         result.legacy_rows += legacy.len() as u64;
         let distinct: BTreeSet<&str> = legacy.iter().map(String::as_str).collect();
@@ -63,7 +56,7 @@ pub async fn reconcile(
             Default::default()
         } else {
             let paths: Vec<&str> = distinct.iter().copied().collect();
-            super::standing::standing(clients, &mapping, &paths, args.concurrency.get()).await?
+            super::standing::standing(clients, mapping, &paths, args.concurrency.get()).await?
         };
         result.set_aside += legacy.iter().filter(|p| recorded.contains(*p)).count() as u64;
         let heads = futures::stream::iter(distinct.into_iter().filter(|p| !recorded.contains(*p)).map(|path| {
@@ -90,7 +83,7 @@ pub async fn reconcile(
         if messages.is_empty() {
             continue;
         }
-        crate::wait_for_room(clients, queue_url, settings.run.max_backlog, &shutdown).await?;
+        crate::wait_for_room(clients, queue_url, settings.run.max_backlog, shutdown).await?;
         result.enqueued += crate::enqueue::enqueue(
             &clients.sqs,
             queue_url,

@@ -10,13 +10,15 @@
 use common::aws::{Call, queue, queue_depth, redrive_policy};
 use common::db::Reason;
 
+use super::Ops;
+use crate::Clients;
 use crate::settings::RedriveArgs;
-use crate::{Clients, Settings};
 
 /// How long a received dead letter stays invisible while it is moved.
 const VISIBILITY: i32 = 60;
 
-pub async fn redrive(settings: &Settings, args: &RedriveArgs, clients: &Clients) -> anyhow::Result<u64> {
+pub async fn redrive(cx: &Ops<'_>, args: &RedriveArgs) -> anyhow::Result<u64> {
+    let Ops { settings, clients, .. } = cx;
     let queue = &settings.queue.queue_url;
     let Some((dlq, _)) = redrive_policy(&clients.sqs, queue).await? else {
         anyhow::bail!("{queue} has no dead-letter queue (no RedrivePolicy): nothing to redrive");

@@ -7,6 +7,7 @@ use std::io::Write;
 use common::db::keyset::Keyset;
 use common::db::{FailureRecord, failures_after};
 
+use super::Ops;
 use crate::Clients;
 use crate::settings::ReportArgs;
 use crate::store::journal::journal_page;
@@ -38,7 +39,8 @@ impl Report {
     }
 }
 
-pub async fn report(args: &ReportArgs, clients: &Clients) -> anyhow::Result<Report> {
+pub async fn report(cx: &Ops<'_>, args: &ReportArgs) -> anyhow::Result<Report> {
+    let clients = cx.clients;
     if args.csv {
         csv(clients).await?;
     }

@@ -25,10 +25,10 @@ use anyhow::Context;
 use common::db::keyset::Keyset;
 use common::db::lease::{Lease, Mode};
 
+use super::Ops;
 use super::ROWS_PAGE;
 use super::objects::{Verdict, verdict};
 use crate::settings::RollbackArgs;
-use crate::{Clients, Settings};
 use common::aws::queue_depth;
 use common::identity::head_etag;
 
@@ -73,8 +73,8 @@ impl Rollback {
     }
 }
 
-pub async fn rollback(settings: &Settings, args: &RollbackArgs, clients: &Clients) -> anyhow::Result<Rollback> {
-    let mapping = settings.storage.mapping()?;
+pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollback> {
+    let Ops { settings, clients, mapping, .. } = cx;
     let (source_bucket, destination_bucket) = (mapping.source_bucket.as_str(), mapping.destination_bucket.as_str());
     let depth = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
     if depth.total() > 0 && !args.force && !args.dry_run {

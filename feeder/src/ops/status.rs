@@ -17,10 +17,9 @@ use crate::store::journal::JournalSummary;
 use crate::store::rows::RowCounts;
 use common::aws::{QueueDepth, queue_depth, redrive_policy};
 use common::db::Checkpoint;
-use tokio_util::sync::CancellationToken;
 
+use super::Ops;
 use crate::settings::StatusArgs;
-use crate::{Clients, Settings};
 
 /// The window over which the rate is measured.
 pub const RATE_WINDOW: Duration = Duration::from_secs(300);
@@ -160,11 +159,11 @@ impl Status {
 }
 
 /// Reads everything once.
-pub async fn read(settings: &Settings, args: &StatusArgs, clients: &Clients) -> anyhow::Result<Status> {
-    let mapping = settings.storage.mapping()?;
+pub async fn read(cx: &Ops<'_>, args: &StatusArgs) -> anyhow::Result<Status> {
+    let Ops { settings, clients, mapping, .. } = cx;
     let (legacy, modern) = (mapping.source_prefix.as_str(), mapping.destination_prefix.as_str());
     let mut status = Status::default();
-    refresh(settings, clients, &mut status).await?;
+    refresh(cx, &mut status).await?;
     let estimate = crate::store::rows::estimated_rows(&clients.db).await?;
     status.rows = match estimate {
         Some(n) if n > args.exact_max_rows as i64 && !args.exact => {
@@ -187,8 +186,8 @@ pub async fn read(settings: &Settings, args: &StatusArgs, clients: &Clients) -> 
 }
 
 /// Everything but the row counts, which follow the journal's counter instead.
-async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) -> anyhow::Result<()> {
-    let mapping = settings.storage.mapping()?;
+async fn refresh(cx: &Ops<'_>, status: &mut Status) -> anyhow::Result<()> {
+    let Ops { settings, clients, mapping, .. } = cx;
     let (bucket, prefix) = (&mapping.source_bucket, mapping.source_prefix.as_str());
     status.listing = common::db::load_checkpoint(&clients.db, bucket, prefix).await?;
     status.feeder_running = common::db::listing_state(&clients.db, bucket, prefix).await?.feeder_running;
@@ -214,13 +213,8 @@ async fn refresh(settings: &Settings, clients: &Clients, status: &mut Status) ->
 }
 
 /// `feeder status [--json] [--watch]`.
-pub async fn status(
-    settings: &Settings,
-    args: &StatusArgs,
-    clients: &Clients,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut status = read(settings, args, clients).await?;
+pub async fn status(cx: &Ops<'_>, args: &StatusArgs) -> anyhow::Result<()> {
+    let mut status = read(cx, args).await?;
     if !args.watch {
         status.print();
         if args.json {
@@ -257,9 +251,9 @@ pub async fn status(
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => break,
+            _ = cx.shutdown.cancelled() => break,
         }
-        refresh(settings, clients, &mut status).await?;
+        refresh(cx, &mut status).await?;
     }
     if let Some(bar) = bar {
         bar.finish();

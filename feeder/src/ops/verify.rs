@@ -9,9 +9,9 @@
 
 use futures::{StreamExt, TryStreamExt};
 
+use super::Ops;
 use super::{ROWS_PAGE, Side, classify};
 use crate::settings::VerifyArgs;
-use crate::{Clients, Settings};
 use common::db::Reason;
 use common::db::keyset::Keyset;
 use common::identity::head_etag;
@@ -82,30 +82,22 @@ impl Verification {
 }
 
 /// Checks every row; see the module documentation.
-pub async fn verify(
-    settings: &Settings,
-    args: &VerifyArgs,
-    clients: &Clients,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<Verification> {
-    let mapping = settings.storage.mapping()?;
+pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verification> {
+    let Ops { clients, mapping, .. } = cx;
     let mut result = Verification::default();
     let mut pages = Keyset::after(i64::MIN);
     let table = |after| crate::store::rows::rows_after(&clients.db, after, ROWS_PAGE);
     while let Some(rows) = pages.next(table, |&(id, _)| id).await? {
-        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| {
-            let mapping = &mapping;
-            async move {
-                let side = classify(path.as_deref(), mapping);
-                let bucket = match side {
-                    Side::Modern => &mapping.destination_bucket,
-                    Side::Legacy => &mapping.source_bucket,
-                    Side::Other => return Ok::<_, anyhow::Error>((id, path.unwrap_or_default(), side, false)),
-                };
-                let path = path.unwrap_or_default();
-                let exists = head_etag(&clients.s3, bucket, &path).await?.is_some();
-                Ok((id, path, side, exists))
-            }
+        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| async move {
+            let side = classify(path.as_deref(), mapping);
+            let bucket = match side {
+                Side::Modern => &mapping.destination_bucket,
+                Side::Legacy => &mapping.source_bucket,
+                Side::Other => return Ok::<_, anyhow::Error>((id, path.unwrap_or_default(), side, false)),
+            };
+            let path = path.unwrap_or_default();
+            let exists = head_etag(&clients.s3, bucket, &path).await?.is_some();
+            Ok((id, path, side, exists))
         }))
         .buffer_unordered(args.concurrency.get())
         .try_collect::<Vec<_>>()
@@ -115,7 +107,7 @@ pub async fn verify(
             .filter(|(_, _, side, exists)| *side == Side::Legacy && *exists)
             .map(|c| c.1.as_str())
             .collect();
-        let recorded = super::standing::standing(clients, &mapping, &legacy_paths, args.concurrency.get()).await?;
+        let recorded = super::standing::standing(clients, mapping, &legacy_paths, args.concurrency.get()).await?;
         for (id, path, side, exists) in &checks {
             result.rows += 1;
             match side {
@@ -153,7 +145,7 @@ pub async fn verify(
         }
     }
     if args.objects {
-        result.objects = Some(super::objects::check(settings, args, clients, shutdown).await?);
+        result.objects = Some(super::objects::check(cx, args).await?);
     }
     print_report(&result);
     if args.json {
