@@ -325,6 +325,22 @@ impl Env {
         keys
     }
 
+    /// Seeds legacy avatars `image/avatar-<i>.png` for i in `range`, each with one row;
+    /// returns their keys and the rows' ids.
+    pub async fn seed_legacy(&self, range: std::ops::Range<usize>) -> (Vec<String>, Vec<i32>) {
+        let keys = legacy_keys(range);
+        self.put_many(&self.source_bucket, &keys, b"png").await;
+        let ids = self.insert_rows(&keys).await;
+        (keys, ids)
+    }
+
+    /// One of the binaries (`feeder`, `consumer`), with this environment's settings.
+    pub fn command(&self, program: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(binary(program));
+        command.envs(self.vars());
+        command
+    }
+
     /// Inserts rows with these paths; returns their ids in order.
     pub async fn insert_rows(&self, paths: &[String]) -> Vec<i32> {
         sqlx::query_scalar("INSERT INTO avatars (path) SELECT * FROM UNNEST($1::text[]) RETURNING id")
@@ -405,6 +421,16 @@ impl Env {
 }
 
 /// Keys of the objects the messages among `bodies` carry (one or several each).
+/// The keys `image/avatar-<i>.png` for i in `range`, as [`Env::seed_legacy`] seeds them.
+pub fn legacy_keys(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("image/avatar-{i}.png")).collect()
+}
+
+/// A legacy key's destination key (`image/` -> `avatar/`, the tests' prefixes).
+pub fn modern(key: &str) -> String {
+    key.replacen("image/", "avatar/", 1)
+}
+
 pub fn keys_of(bodies: &[String]) -> Vec<String> {
     bodies.iter().flat_map(|b| common::message::decode(b).unwrap()).map(|o| o.key).collect()
 }

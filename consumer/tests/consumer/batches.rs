@@ -8,12 +8,12 @@ use clap::Parser;
 use testkit::{Env, wait_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{consumer, seed_legacy, stdout, wait_exit};
+use crate::helpers::{consumer, stdout, wait_exit};
 
 #[tokio::test]
 async fn a_message_of_several_objects_is_deleted_only_when_every_one_is_done() {
     let env = Env::new().await;
-    let (keys, ids) = seed_legacy(&env, 0..40).await;
+    let (keys, ids) = env.seed_legacy(0..40).await;
     common::db::prepare(&env.db).await.unwrap();
     let mut args = env.args("feeder");
     args.push("--objects-per-message=7".into());

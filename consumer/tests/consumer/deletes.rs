@@ -10,11 +10,11 @@ use std::time::Duration;
 use common::db::lease::{Lease, Mode};
 use testkit::{Env, binary, wait_until};
 
-use crate::helpers::{drain, feed, feeder, last_json, modern, seed_legacy};
+use crate::helpers::{drain, feed, feeder, last_json, modern};
 
 /// Runs `feeder <args>`; returns (exit code, stdout, stderr).
 fn feeder_all(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(binary("feeder")).envs(env.vars()).args(args).output().unwrap();
+    let out = env.command("feeder").args(args).output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -24,7 +24,7 @@ fn feeder_all(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// `n` legacy objects with a row each, migrated: (keys, row ids).
 async fn migrated(env: &Env, n: usize) -> (Vec<String>, Vec<i32>) {
-    let seeded = seed_legacy(env, 0..n).await;
+    let seeded = env.seed_legacy(0..n).await;
     feed(env).await;
     drain(env, &[]).await;
     seeded
@@ -156,8 +156,8 @@ async fn cleanup_waits_for_a_transaction_open_before_its_tombstones() {
         .await
         .unwrap();
 
-    let mut cleanup = Command::new(binary("feeder"));
-    cleanup.envs(env.vars()).args(["cleanup", "--yes", "--json"]).stdout(std::process::Stdio::piped());
+    let mut cleanup = env.command("feeder");
+    cleanup.args(["cleanup", "--yes", "--json"]).stdout(std::process::Stdio::piped());
     let cleanup = tokio::process::Command::from(cleanup).spawn().unwrap();
     // The tombstones are committed and cleanup waits for this transaction.
     wait_until("cleanup's tombstones", Duration::from_secs(30), || tombstone_exists(&env, &keys[1])).await;
@@ -367,8 +367,7 @@ async fn cleanup_deletes_keys_xml_cannot_carry_one_by_one() {
     feeder(&env, &["fence", "install"]);
     // Through a proxy that counts the requests by kind (and forwards every one).
     let s3 = testkit::proxy::FaultProxy::start(&env.s3_endpoint).await.unwrap();
-    let out = tokio::process::Command::new(binary("feeder"))
-        .envs(env.vars())
+    let out = tokio::process::Command::from(env.command("feeder"))
         .env("AWS_ENDPOINT_URL_S3", &s3.url)
         .args(["cleanup", "--yes", "--json"])
         .output()

@@ -5,12 +5,9 @@
 //! runs, and it runs `scripts/demo`.)
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use clap::CommandFactory;
-use testkit::{Env, binary};
-
-use crate::helpers::seed_legacy;
+use testkit::Env;
 
 /// A command as a page shows it.
 #[derive(Debug, Clone)]
@@ -160,7 +157,7 @@ fn the_scan_reads_placeholders_and_skips_what_is_not_a_command() {
 #[tokio::test]
 async fn the_quick_start_runs_command_by_command() {
     let env = Env::new().await;
-    let (keys, _) = seed_legacy(&env, 0..30).await;
+    let (keys, _) = env.seed_legacy(0..30).await;
     let quick_start: Vec<Shown> = shown()
         .into_iter()
         .filter(|s| s.place.starts_with("docs/running-on-aws.md:") && ours(&s.words).is_some())
@@ -169,8 +166,8 @@ async fn the_quick_start_runs_command_by_command() {
     assert!(quick_start.len() >= 10, "{quick_start:?}");
     for Shown { place, words } in &quick_start {
         let program = ours(words).unwrap();
-        let mut command = Command::new(binary(program));
-        command.envs(env.vars()).env("RUST_LOG", "warn").args(&words[1..]);
+        let mut command = env.command(program);
+        command.env("RUST_LOG", "warn").args(&words[1..]);
         if program == "consumer" {
             // Drains and exits, where the page's runs until SIGTERM.
             command.env("EXIT_WHEN_IDLE", "2");

@@ -10,7 +10,7 @@ use testkit::{Env, wait_until};
 
 use crate::helpers::{
     consumer, count_each, count_lines, drain, feed, feed_with, hold_like_a_crashed_consumer, rewrite_waiting,
-    seed_legacy, stall_rewrites, wait_exit,
+    stall_rewrites, wait_exit,
 };
 
 /// A consumer that crashed holding messages (they are invisible, "in flight", until their
@@ -19,7 +19,7 @@ use crate::helpers::{
 #[tokio::test]
 async fn an_idle_exit_waits_for_messages_a_crashed_consumer_held() {
     let env = Env::new().await;
-    seed_legacy(&env, 0..60).await;
+    env.seed_legacy(0..60).await;
     feed_with(&env, &["--objects-per-message=1"]).await;
     // The crashed consumer: 30 messages received and never deleted, hidden for 6 s.
     assert_eq!(hold_like_a_crashed_consumer(&env, 30, 6).await, 30);
@@ -40,7 +40,7 @@ async fn an_idle_exit_waits_while_a_feeder_is_sending() {
     use std::sync::atomic::Ordering::SeqCst;
     let env = Env::new().await;
     common::db::prepare(&env.db).await.unwrap();
-    let (keys, _) = seed_legacy(&env, 0..3).await;
+    let (keys, _) = env.seed_legacy(0..3).await;
     // The lease `feeder` holds while it runs; the queue is empty.
     let lease = common::db::FeederLease::hold(&env.db, &env.source_bucket, "image/").await.unwrap();
     let mut child = consumer(&env, &[("EXIT_WHEN_IDLE", "1"), ("RUST_LOG", "info")]).spawn().unwrap();

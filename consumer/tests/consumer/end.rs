@@ -1,9 +1,9 @@
 //! A provable end: `feeder verify` finds rows the first pass missed and says the migration is
 //! not done; `feeder reconcile` enqueues them; after the consumers drain, verify says done.
 
-use testkit::{Env, binary};
+use testkit::Env;
 
-use crate::helpers::{drain, feed_with, feeder, legacy_keys, receive, seed_legacy};
+use crate::helpers::{drain, feed_with, feeder, legacy_keys, receive};
 
 /// Receives and deletes `n` messages, as if they had expired after the queue's retention.
 async fn lose_messages(env: &Env, n: usize) {
@@ -74,7 +74,7 @@ fn least_privilege_url(env: &Env, password: &str, extra: &[&str]) -> String {
 #[tokio::test]
 async fn the_pipeline_runs_as_the_least_privilege_database_role() {
     let env = Env::new().await;
-    seed_legacy(&env, 0..40).await;
+    env.seed_legacy(0..40).await;
     // The script is safe to run again, and repairs an index an interrupted build left invalid.
     let connection_limit = || async {
         sqlx::query_scalar::<_, i32>("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'avatar_migrator'")
@@ -98,8 +98,8 @@ async fn the_pipeline_runs_as_the_least_privilege_database_role() {
             .unwrap();
     assert!(valid, "the invalid index was dropped and built again");
     let run = |args: &[&str], extra: &[(&str, &str)]| {
-        let mut cmd = std::process::Command::new(binary("feeder"));
-        cmd.envs(env.vars()).env("DATABASE_URL", &url).envs(extra.iter().copied()).args(args);
+        let mut cmd = env.command("feeder");
+        cmd.env("DATABASE_URL", &url).envs(extra.iter().copied()).args(args);
         let out = cmd.output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
@@ -139,7 +139,7 @@ async fn the_pipeline_runs_as_the_least_privilege_database_role() {
 #[tokio::test]
 async fn a_failure_record_counts_only_while_it_still_holds() {
     let env = Env::new().await;
-    let (keys, _) = seed_legacy(&env, 0..3).await;
+    let (keys, _) = env.seed_legacy(0..3).await;
     common::db::prepare(&env.db).await.unwrap();
     let record = |key: String, reason| {
         let db = env.db.clone();

@@ -10,7 +10,7 @@ use testkit::proxy::{Fault, FaultProxy, Rule, When};
 use testkit::tcp::TcpForward;
 use testkit::{Env, wait_until};
 
-use crate::helpers::{capture_stderr, consumer, count_each, drain, feed, legacy_keys, seed_legacy, wait_exit};
+use crate::helpers::{capture_stderr, consumer, count_each, drain, feed, legacy_keys, wait_exit};
 
 fn error(status: u16, code: &'static str) -> Fault {
     Fault::Error { status, code }
@@ -54,7 +54,7 @@ async fn access_denied_and_archived_objects_are_recorded_and_the_rest_moves_on()
 #[tokio::test]
 async fn a_bucket_gone_mid_run_stops_the_consumer_and_loses_nothing() {
     let env = Env::new().await;
-    seed_legacy(&env, 0..400).await;
+    env.seed_legacy(0..400).await;
     feed(&env).await;
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
     let vars = [
@@ -108,7 +108,7 @@ async fn a_receive_refused_for_good_stops_the_consumer() {
 #[tokio::test]
 async fn a_consumer_started_while_its_services_restart_waits_for_them() {
     let env = Env::new().await;
-    let (keys, _) = seed_legacy(&env, 0..30).await;
+    let (keys, _) = env.seed_legacy(0..30).await;
     feed(&env).await;
     let (_, after_at) = env.database_url.split_once('@').unwrap();
     let (upstream, database) = after_at.split_once('/').unwrap();
@@ -157,7 +157,7 @@ async fn a_consumer_started_while_its_services_restart_waits_for_them() {
 #[tokio::test]
 async fn a_hung_server_holds_no_object_and_no_message_for_good() {
     let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 2).await;
-    let (keys, ids) = seed_legacy(&env, 0..6).await;
+    let (keys, ids) = env.seed_legacy(0..6).await;
     feed(&env).await;
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
     let mut hang = Rule::always(containing("avatar-3"), Fault::Hang);
@@ -191,7 +191,7 @@ async fn a_hung_server_holds_no_object_and_no_message_for_good() {
 #[tokio::test]
 async fn a_refusal_record_goes_when_its_object_moves_through_any_message() {
     let env = Env::new().await;
-    let (keys, _) = seed_legacy(&env, 0..3).await;
+    let (keys, _) = env.seed_legacy(0..3).await;
     common::db::prepare(&env.db).await.unwrap();
     common::db::record_failure(&env.db, &keys[1], common::db::Reason::AccessDenied, "refused before").await.unwrap();
     // An object refused once, whose source is gone by its next delivery: decided

@@ -5,7 +5,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use testkit::{Env, binary};
+use testkit::Env;
+pub use testkit::{legacy_keys, modern};
 use tokio_util::sync::CancellationToken;
 
 /// Lists the source bucket and enqueues every object, with the feeder's own code.
@@ -26,7 +27,7 @@ pub async fn feed_with(env: &Env, args: &[&str]) -> u64 {
 
 /// Runs `feeder <args>`; returns (exit code, stdout).
 pub fn feeder(env: &Env, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(binary("feeder")).envs(env.vars()).args(args).output().unwrap();
+    let out = env.command("feeder").args(args).output().unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -37,8 +38,8 @@ pub fn last_json(stdout: &str) -> serde_json::Value {
 
 /// The consumer binary, set up for this environment, draining and exiting when idle.
 pub fn consumer(env: &Env, extra: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(binary("consumer"));
-    cmd.envs(env.vars()).env("EXIT_WHEN_IDLE", "2").env("RUST_LOG", "warn");
+    let mut cmd = env.command("consumer");
+    cmd.env("EXIT_WHEN_IDLE", "2").env("RUST_LOG", "warn");
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -68,24 +69,6 @@ pub async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::Ex
 
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Legacy keys `image/avatar-<i>.png` for i in `range`.
-pub fn legacy_keys(range: std::ops::Range<usize>) -> Vec<String> {
-    range.map(|i| format!("image/avatar-{i}.png")).collect()
-}
-
-/// Seeds legacy avatars `image/avatar-<i>.png` for i in `range`, each with one row; returns
-/// their keys and the rows' ids.
-pub async fn seed_legacy(env: &Env, range: std::ops::Range<usize>) -> (Vec<String>, Vec<i32>) {
-    let keys = legacy_keys(range);
-    env.put_many(&env.source_bucket, &keys, b"png").await;
-    let ids = env.insert_rows(&keys).await;
-    (keys, ids)
-}
-
-pub fn modern(key: &str) -> String {
-    key.replacen("image/", "avatar/", 1)
 }
 
 /// Counts the lines of a child's stderr that contain `needle`, on a thread of its own (the

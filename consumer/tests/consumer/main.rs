@@ -21,7 +21,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use clap::Parser;
-use helpers::{consumer, count_lines, drain, feed, legacy_keys, modern, seed_legacy, stdout, wait_exit};
+use helpers::{consumer, count_lines, drain, feed, legacy_keys, modern, stdout, wait_exit};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sqlx::Row;
@@ -197,7 +197,7 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
 #[tokio::test]
 async fn every_row_resolves_at_every_instant_while_the_pipeline_runs() {
     let env = Env::new().await;
-    seed_legacy(&env, 0..1500).await;
+    env.seed_legacy(0..1500).await;
     feed(&env).await;
     let mut child = consumer(&env, &[("CONCURRENCY", "16"), ("DB_BATCH_SIZE", "20")]).spawn().unwrap();
 
@@ -299,7 +299,7 @@ async fn a_row_the_live_service_repoints_during_the_run_keeps_the_live_value() {
 #[tokio::test]
 async fn a_consumer_killed_mid_run_and_a_fresh_one_lose_nothing() {
     let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 3).await;
-    let (keys, _) = seed_legacy(&env, 0..2000).await;
+    let (keys, _) = env.seed_legacy(0..2000).await;
     feed(&env).await;
     let mut first = consumer(&env, &[("VISIBILITY_TIMEOUT", "3"), ("CONCURRENCY", "8")]).spawn().unwrap();
     wait_until("some rows rewritten", Duration::from_secs(60), || async {
@@ -350,7 +350,7 @@ async fn a_message_delivered_twice_is_harmless() {
 #[tokio::test]
 async fn a_malformed_message_is_set_aside_and_the_rest_moves_on() {
     let env = Env::new().await;
-    let (_, ids) = seed_legacy(&env, 0..5).await;
+    let (_, ids) = env.seed_legacy(0..5).await;
     env.send_raw("this is not json").await;
     env.send_raw(r#"{"v":9,"key":"image/x.png","size":1,"etag":"e"}"#).await;
     env.send_raw(r#"{"v":1,"key":"elsewhere/x.png","size":1,"etag":"e"}"#).await;
@@ -373,7 +373,7 @@ async fn a_malformed_message_is_set_aside_and_the_rest_moves_on() {
 #[tokio::test]
 async fn sigterm_lets_in_flight_objects_finish_and_exits_0() {
     let env = Env::new().await;
-    seed_legacy(&env, 0..1500).await;
+    env.seed_legacy(0..1500).await;
     feed(&env).await;
     let mut child = consumer(&env, &[("CONCURRENCY", "32"), ("EXIT_WHEN_IDLE", "30")]).spawn().unwrap();
     wait_until("work under way", Duration::from_secs(60), || async {

@@ -3,12 +3,11 @@
 //! with exact counts.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use serde_json::json;
-use testkit::{Env, binary, wait_until};
+use testkit::{Env, wait_until};
 
-use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, seed_legacy, stdout, wait_exit};
+use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, stdout, wait_exit};
 
 /// After a run with a conflict and a malformed message: every rewrite is in the journal, the
 /// report counts them and the set-aside by reason (and lists each one in CSV), `failures`
@@ -17,7 +16,7 @@ use crate::helpers::{consumer, drain, feed, feed_with, feeder, last_json, seed_l
 #[tokio::test]
 async fn status_and_report_tell_what_was_moved_and_set_aside() {
     let env = Env::new().await;
-    let (_, ids) = seed_legacy(&env, 0..12).await;
+    let (_, ids) = env.seed_legacy(0..12).await;
     env.put(&env.source_bucket, "image/conflict.png", b"legacy").await;
     env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
     env.insert_rows(&["image/conflict.png".into()]).await;
@@ -91,7 +90,7 @@ async fn status_and_report_tell_what_was_moved_and_set_aside() {
 #[tokio::test]
 async fn rollback_points_rows_back_only_where_it_is_safe() {
     let env = Env::new().await;
-    let (keys, ids) = seed_legacy(&env, 0..10).await;
+    let (keys, ids) = env.seed_legacy(0..10).await;
     feed(&env).await;
     drain(&env, &[]).await;
     // The live service uploads a new avatar for row 0; row 1's legacy object is cleaned up.
@@ -179,7 +178,7 @@ fn free_port() -> u16 {
 async fn metrics_and_health_are_served_during_a_run() {
     use testkit::proxy::{Fault, FaultProxy, Rule, When};
     let env = Env::new().await;
-    let (keys, _) = seed_legacy(&env, 0..30).await;
+    let (keys, _) = env.seed_legacy(0..30).await;
     env.put(&env.source_bucket, "image/conflict.png", b"legacy").await;
     env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
     env.insert_rows(&["image/conflict.png".into()]).await;
@@ -256,7 +255,7 @@ async fn metrics_and_health_are_served_during_a_run() {
 #[tokio::test]
 async fn a_consumer_dry_run_reports_and_changes_nothing() {
     let env = Env::new().await;
-    let (keys, ids) = seed_legacy(&env, 0..3).await;
+    let (keys, ids) = env.seed_legacy(0..3).await;
     env.put(&env.source_bucket, "image/conflict.png", b"legacy").await;
     env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
     env.put(&env.source_bucket, "image/same.png", b"same").await;
@@ -296,7 +295,7 @@ async fn a_consumer_dry_run_reports_and_changes_nothing() {
 #[tokio::test]
 async fn cleanup_deletes_only_what_is_safely_moved() {
     let env = Env::new().await;
-    let (keys, ids) = seed_legacy(&env, 0..6).await;
+    let (keys, ids) = env.seed_legacy(0..6).await;
     feed(&env).await;
     drain(&env, &[]).await;
     // The live service points row 0 back at its legacy path; the copy of key 1 is replaced by
@@ -341,7 +340,7 @@ async fn cleanup_deletes_only_what_is_safely_moved() {
 #[tokio::test]
 async fn delete_source_deletes_only_moved_sources() {
     let env = Env::new().await;
-    let (keys, ids) = seed_legacy(&env, 0..4).await;
+    let (keys, ids) = env.seed_legacy(0..4).await;
     common::db::prepare(&env.db).await.unwrap();
     sqlx::raw_sql(
         "CREATE FUNCTION readd() RETURNS trigger LANGUAGE plpgsql AS
@@ -379,7 +378,7 @@ async fn delete_source_deletes_only_moved_sources() {
 async fn status_watch_prints_readings_until_stopped() {
     use std::io::BufRead;
     let env = Env::new().await;
-    seed_legacy(&env, 0..3).await;
+    env.seed_legacy(0..3).await;
     feed(&env).await;
     let mut child = std::process::Command::new(testkit::binary("feeder"))
         .envs(env.vars())
@@ -404,7 +403,7 @@ async fn status_watch_prints_readings_until_stopped() {
 #[tokio::test]
 async fn unset_concurrency_follows_what_auto_finds() {
     for (env, expected) in [(Env::on_seaweedfs().await, 128.0), (Env::new().await, 32.0)] {
-        seed_legacy(&env, 0..200).await;
+        env.seed_legacy(0..200).await;
         feed_with(&env, &["--objects-per-message=1"]).await;
         let held = crate::helpers::stall_rewrites(&env).await;
         let addr = format!("127.0.0.1:{}", free_port());
@@ -441,7 +440,7 @@ async fn unset_concurrency_follows_what_auto_finds() {
 #[tokio::test]
 async fn a_message_delivered_again_after_its_sources_were_deleted_finds_its_objects_done() {
     for env in [Env::on_seaweedfs().await, Env::new().await] {
-        let (keys, ids) = seed_legacy(&env, 0..5).await;
+        let (keys, ids) = env.seed_legacy(0..5).await;
         let mut bodies = Vec::new();
         for key in &keys {
             let etag = crate::helpers::etag(&env, &env.source_bucket, key).await;
@@ -476,7 +475,7 @@ async fn a_message_delivered_again_after_its_sources_were_deleted_finds_its_obje
 #[tokio::test]
 async fn status_estimates_past_a_size_and_never_queues_behind_a_lock() {
     let env = Env::new().await;
-    let (keys, _) = seed_legacy(&env, 0..4).await;
+    let (keys, _) = env.seed_legacy(0..4).await;
     common::db::prepare(&env.db).await.unwrap();
     common::db::record_failure(&env.db, &keys[0], common::db::Reason::AccessDenied, "denied").await.unwrap();
     common::db::record_failure(&env.db, "message 1", common::db::Reason::MalformedMessage, "bad").await.unwrap();
@@ -494,17 +493,12 @@ async fn status_estimates_past_a_size_and_never_queues_behind_a_lock() {
     sqlx::raw_sql("ANALYZE avatars").execute(&env.db).await.unwrap();
     let mut ddl = env.db.begin().await.unwrap();
     sqlx::raw_sql("LOCK TABLE avatars IN ACCESS EXCLUSIVE MODE").execute(&mut *ddl).await.unwrap();
-    let out = Command::new(binary("feeder"))
-        .envs(env.vars())
-        .env("STATUS_EXACT_MAX_ROWS", "0")
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
+    let out = env.command("feeder").env("STATUS_EXACT_MAX_ROWS", "0").args(["status", "--json"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let estimated = last_json(&stdout);
     assert_eq!((estimated["rows_estimated"].clone(), estimated["rows_legacy"].clone()), (json!(true), json!(4)));
-    let out = Command::new(binary("feeder")).envs(env.vars()).args(["status", "--exact"]).output().unwrap();
+    let out = env.command("feeder").args(["status", "--exact"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("lock timeout"), "{stderr}");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use testkit::proxy::{Fault, FaultProxy, Rule, When};
 use testkit::{Env, wait_until};
 
-use crate::helpers::{consumer, feed, feeder, last_json, seed_legacy, wait_exit};
+use crate::helpers::{consumer, feed, feeder, last_json, wait_exit};
 
 /// Every copy request (the PUTs that carry a copy source), either path.
 fn copies(env: &Env) -> When {
@@ -19,7 +19,7 @@ fn copies(env: &Env) -> When {
 
 async fn sustained_throttling(direct_copy: &str) {
     let env = Env::new().await; // maxReceiveCount 5
-    let (keys, ids) = seed_legacy(&env, 0..60).await;
+    let (keys, ids) = env.seed_legacy(0..60).await;
     feed(&env).await;
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
     s3.add(Rule::always(copies(&env), Fault::Error { status: 503, code: "SlowDown" }));
@@ -74,7 +74,7 @@ async fn sustained_throttling_dead_letters_nothing_on_the_direct_path() {
 #[tokio::test]
 async fn a_paused_fleet_takes_no_message_until_resumed() {
     let env = Env::new().await;
-    let (keys, _) = seed_legacy(&env, 0..100).await;
+    let (keys, _) = env.seed_legacy(0..100).await;
     feed(&env).await;
     let (code, said) = feeder(&env, &["pause"]);
     assert_eq!(code, Some(0), "{said}");
@@ -107,7 +107,7 @@ async fn a_paused_fleet_takes_no_message_until_resumed() {
 #[tokio::test]
 async fn two_consumers_share_the_fleet_cap() {
     let env = Env::new().await;
-    seed_legacy(&env, 0..300).await;
+    env.seed_legacy(0..300).await;
     feed(&env).await;
     assert_eq!(feeder(&env, &["throttle", "--rate", "20"]).0, Some(0));
     let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use testkit::{Env, wait_until};
 
-use crate::helpers::{consumer, count_lines, feed, seed_legacy, wait_exit};
+use crate::helpers::{consumer, count_lines, feed, wait_exit};
 
 #[tokio::test]
 async fn a_row_held_by_the_live_service_does_not_stall_the_rest_of_its_batch() {
     let env = Env::new().await;
-    let (keys, ids) = seed_legacy(&env, 0..200).await;
+    let (keys, ids) = env.seed_legacy(0..200).await;
     feed(&env).await;
     // The live service holds one row in a long transaction.
     let mut live = env.db.begin().await.unwrap();
@@ -38,7 +38,7 @@ async fn a_row_held_by_the_live_service_does_not_stall_the_rest_of_its_batch() {
 #[tokio::test]
 async fn a_row_the_database_refuses_fails_only_its_own_object() {
     let env = Env::new().await;
-    let (keys, ids) = seed_legacy(&env, 0..50).await;
+    let (keys, ids) = env.seed_legacy(0..50).await;
     common::db::prepare(&env.db).await.unwrap();
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS

@@ -4,7 +4,7 @@
 use futures::future::join_all;
 use tokio::process::Command;
 
-use testkit::{Env, binary};
+use testkit::Env;
 
 use crate::helpers::{feed, legacy_keys};
 
@@ -13,8 +13,7 @@ const AWS_SECRET: &str = "s3cr3t-aws-key-4242";
 
 /// Runs a binary with both secrets set; returns everything it printed.
 async fn printed(program: &str, env: &Env, database_url: &str, args: &[&str], extra: &[(&str, &str)]) -> String {
-    let out = Command::new(binary(program))
-        .envs(env.vars())
+    let out = Command::from(env.command(program))
         .env("DATABASE_URL", database_url)
         .env("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
         .env("RUST_LOG", "debug")
