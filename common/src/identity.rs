@@ -20,6 +20,10 @@ use futures::{Stream, StreamExt};
 
 use crate::aws::{AwsError, Call, S3};
 
+/// The largest object read and compared byte by byte when metadata cannot tell (64 MiB): the
+/// consumer's `COMPARE_MAX_BYTES` by default, and what the feeder's checks read.
+pub const COMPARE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 /// What a HEAD tells about an object's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectHead {

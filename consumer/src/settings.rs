@@ -92,7 +92,7 @@ pub struct Settings {
     /// exists and neither a common full-object checksum nor equal ETags prove it holds the
     /// source's bytes (AWS gives a copy a fresh ETag). Larger ones are recorded as
     /// `destination_unproven` and left as they are.
-    #[arg(long, env = "COMPARE_MAX_BYTES", default_value = "67108864")]
+    #[arg(long, env = "COMPARE_MAX_BYTES", default_value_t = common::identity::COMPARE_MAX_BYTES)]
     pub compare_max_bytes: u64,
 
     /// When an existing destination is looked for. `before-copy`: a HEAD before every copy,

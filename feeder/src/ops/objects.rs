@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use common::identity::{Identity, head_object, same_content};
+use common::identity::{COMPARE_MAX_BYTES, Identity, head_object, same_content};
 use futures::{StreamExt, TryStreamExt};
 
 use serde::{Deserialize, Serialize};
@@ -22,9 +22,6 @@ use crate::list::Lister;
 use crate::scan::{self, Ended};
 use crate::settings::VerifyArgs;
 use crate::store::scans::{self, ScanKind, ScanPosition};
-
-/// Largest object compared byte by byte when metadata cannot tell (the consumer's default).
-const COMPARE_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What the object check found (totals across resumed runs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
