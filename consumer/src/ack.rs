@@ -23,13 +23,13 @@ use crate::metrics::Stats;
 const LINGER: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
-pub struct Acker {
+pub(crate) struct Acker {
     /// Receipt handles, with the number of objects each message carried (for the count).
     batcher: Batcher<(String, u64), ()>,
 }
 
 impl Acker {
-    pub fn spawn(sqs: Sqs, queue_url: String, stats: Arc<Stats>) -> (Self, tokio::task::JoinHandle<()>) {
+    pub(crate) fn spawn(sqs: Sqs, queue_url: String, stats: Arc<Stats>) -> (Self, tokio::task::JoinHandle<()>) {
         // Ten is the most SQS takes per batch.
         let (batcher, handle) = Batcher::spawn(BATCH_ENTRIES, LINGER, 4, move |items: Vec<(String, u64)>| {
             let (sqs, queue_url, stats) = (sqs.clone(), queue_url.clone(), stats.clone());
@@ -60,7 +60,7 @@ impl Acker {
 
     /// Hands the message with this receipt handle, which carried `objects` objects, over for
     /// deletion.
-    pub async fn ack(&self, receipt_handle: String, objects: u64) {
+    pub(crate) async fn ack(&self, receipt_handle: String, objects: u64) {
         if !self.batcher.hand_over((receipt_handle, objects)).await {
             tracing::warn!("the acknowledger has stopped: the message comes back, harmlessly");
         }

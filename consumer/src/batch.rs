@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 type Entry<I, O> = (I, oneshot::Sender<O>);
 
-pub struct Batcher<I, O> {
+pub(crate) struct Batcher<I, O> {
     tx: mpsc::Sender<Entry<I, O>>,
 }
 
@@ -27,7 +27,7 @@ impl<I, O> Clone for Batcher<I, O> {
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// `flush` gets a batch and returns one result per item, in order.
-    pub fn spawn<F, Fut>(max: usize, max_wait: Duration, parallel: usize, flush: F) -> (Self, JoinHandle<()>)
+    pub(crate) fn spawn<F, Fut>(max: usize, max_wait: Duration, parallel: usize, flush: F) -> (Self, JoinHandle<()>)
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
@@ -87,13 +87,13 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 
     /// Hands an item over without waiting for its result (waits only while the queue of
     /// items is full); `false` if the batcher is gone.
-    pub async fn hand_over(&self, item: I) -> bool {
+    pub(crate) async fn hand_over(&self, item: I) -> bool {
         let (reply, _) = oneshot::channel();
         self.tx.send((item, reply)).await.is_ok()
     }
 
     /// Submits an item and waits for its result; `None` if the batcher is gone.
-    pub async fn submit(&self, item: I) -> Option<O> {
+    pub(crate) async fn submit(&self, item: I) -> Option<O> {
         let (reply, result) = oneshot::channel();
         self.tx.send((item, reply)).await.ok()?;
         result.await.ok()

@@ -20,7 +20,7 @@ use crate::metrics::Stats;
 use crate::pace::Pace;
 
 /// This process's name in the reports: host, process id, and when it started.
-pub fn consumer_name() -> String {
+pub(crate) fn consumer_name() -> String {
     let host = common::host::name().unwrap_or_else(|| "consumer".to_owned());
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
     format!("{host}-{}-{started}", std::process::id())
@@ -28,7 +28,7 @@ pub fn consumer_name() -> String {
 
 /// Reads the control row and reports; the receivers watch `paused`. It holds no handle on the
 /// work (the batchers stop when the workers are done, whatever it does).
-pub struct Controller {
+pub(crate) struct Controller {
     name: String,
     db: sqlx::PgPool,
     stats: Arc<Stats>,
@@ -42,7 +42,7 @@ pub struct Controller {
 
 impl Controller {
     /// Reads the control row once (before any receive); the receivers' `paused` follows it.
-    pub async fn start(
+    pub(crate) async fn start(
         db: sqlx::PgPool,
         stats: Arc<Stats>,
         pace: Arc<Pace>,
@@ -57,7 +57,7 @@ impl Controller {
     }
 
     /// Every `EVERY` until `end`, then removes this consumer's report.
-    pub async fn run(mut self, end: CancellationToken) {
+    pub(crate) async fn run(mut self, end: CancellationToken) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(common::control::EVERY) => self.tick().await,

@@ -10,12 +10,12 @@ use common::aws::{Call, Sqs};
 use tokio::task::JoinHandle;
 
 /// Extends a message's visibility until dropped.
-pub struct Lease {
+pub(crate) struct Lease {
     keeper: JoinHandle<()>,
 }
 
 impl Lease {
-    pub fn start(sqs: Sqs, queue_url: String, receipt_handle: String, timeout: Duration) -> Self {
+    pub(crate) fn start(sqs: Sqs, queue_url: String, receipt_handle: String, timeout: Duration) -> Self {
         let keeper = tokio::spawn(async move {
             // SQS takes 0 to 43,200 s (12 h).
             let secs = i32::try_from(timeout.as_secs()).unwrap_or(43_200).clamp(1, 43_200);

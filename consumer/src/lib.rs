@@ -72,59 +72,11 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     // SIGTERM, or an error that stops everything.
     let stop = shutdown.child_token();
     let halt = Arc::new(process::Halt::new(stop.clone()));
-    let mut copier = copy::Copier {
-        s3: clients.s3.clone(),
-        mapping,
-        compare_max_bytes: settings.compare_max_bytes,
-        destination_check: settings.destination_check,
-        multipart: settings.multipart(),
-        direct: None,
-        paced_s3: common::aws::s3_paced_client(
-            &clients.s3_config,
-            settings.storage.s3_force_path_style,
-            settings.storage.s3_request_timeout,
-        ),
-        request_timeout: settings.storage.s3_request_timeout,
-        pace: Arc::new(pace::Pace::new(stats.copy_rate.clone(), stats.copies_slowed_down.clone())),
-    };
-    // A dry run writes nothing, not even the probe's objects; it looks at every destination.
-    if !settings.dry_run {
-        copier.destination_check = copier.resolve_destination_check().await.setup()?;
-    }
-    if settings.direct_copy && !settings.dry_run {
-        let counters = copy::direct::DirectCounters {
-            answered: stats.direct_copies.clone(),
-            handed_over: stats.direct_handed_over.clone(),
-            off: stats.direct_copy_off.clone(),
-        };
-        let bucket = &copier.mapping.destination_bucket;
-        let force_path_style = settings.storage.s3_force_path_style;
-        match copy::direct::DirectCopy::new(
-            &clients.s3_config,
-            bucket,
-            force_path_style,
-            settings.storage.s3_request_timeout,
-            counters,
-        ) {
-            Ok(direct) => copier.direct = Some(direct),
-            Err(why) => tracing::warn!("DIRECT_COPY: every copy goes through the SDK: {why:#}"),
-        }
-        copier.check_direct_copy().await;
-    }
+    let copier = copier(&settings, &clients, mapping, &stats).await?;
     let concurrency = settings
         .concurrency
         .map_or_else(|| copy::default_concurrency(copier.destination_check), std::num::NonZeroUsize::get);
     tracing::info!(concurrency, "objects worked on at once");
-    let max_receive_count = match common::aws::redrive_policy(&clients.sqs, &settings.queue.queue_url).await {
-        Ok(policy) => policy.map(|(_, max)| max),
-        Err(err) => {
-            tracing::warn!(
-                error = format!("{err:#}"),
-                "cannot read the queue's redrive policy: dead-lettered keys get no reason"
-            );
-            None
-        }
-    };
     let (sources, sources_task) = if settings.delete_source && !settings.dry_run {
         let deleter = common::deletion::Deleter {
             db: clients.db.clone(),
@@ -149,7 +101,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         visibility: settings.visibility_timeout(),
         stats: stats.clone(),
         halt: halt.clone(),
-        max_receive_count,
+        max_receive_count: max_receive_count(&settings, &clients).await,
         dry_run: settings.dry_run.then(process::DryRun::default),
         sources,
         refusals: refusals::Refusals::default(),
@@ -162,32 +114,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
             .await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
     let ended = receive::run(&settings.receive_config(concurrency), worker, stop, paused).await;
-    let mut left = None;
-    match ended {
-        receive::Ended::Finished | receive::Ended::ListingUnfinished(_) => {
-            if let receive::Ended::ListingUnfinished(what) = ended {
-                left = Some(what);
-            }
-            // Every worker is done and dropped its handles on the batchers: they flush and stop.
-            let _ = rewriter_task.await;
-            let _ = acker_task.await;
-            if let Some(task) = sources_task {
-                let _ = task.await;
-            }
-        }
-        receive::Ended::Abandoned(unfinished) => {
-            // A flush may be stuck (a statement, a slow call): the grace period is over.
-            rewriter_task.abort();
-            acker_task.abort();
-            if let Some(task) = sources_task {
-                task.abort(); // the sources not deleted stay for `feeder cleanup`
-            }
-            tracing::warn!(
-                unfinished,
-                "shutdown grace period over with objects still in flight: their messages come back later"
-            );
-        }
-    }
+    let left = wind_down(ended, [Some(rewriter_task), Some(acker_task), sources_task]).await;
     if settings.dry_run {
         println!(
             "consumer: dry run: nothing was copied, written or deleted; the counts below are what would have been \
@@ -201,5 +128,91 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         (Some(err), _) => Err(Failure::Run(err)),
         (None, Some(left)) => Err(Failure::Unfinished(anyhow::anyhow!(left))),
         (None, None) => Ok(stats),
+    }
+}
+
+/// The copier, its destination check resolved and its direct path tried at start-up (neither
+/// on a dry run, which writes nothing, not even the probes' objects).
+async fn copier(
+    settings: &Settings,
+    clients: &Clients,
+    mapping: common::keys::KeyMapping,
+    stats: &Stats,
+) -> Result<copy::Copier, Failure> {
+    let request_timeout = settings.storage.s3_request_timeout;
+    let force_path_style = settings.storage.s3_force_path_style;
+    let mut copier = copy::Copier {
+        s3: clients.s3.clone(),
+        mapping,
+        compare_max_bytes: settings.compare_max_bytes,
+        destination_check: settings.destination_check,
+        multipart: settings.multipart(),
+        direct: None,
+        paced_s3: common::aws::s3_paced_client(&clients.s3_config, force_path_style, request_timeout),
+        request_timeout,
+        pace: Arc::new(pace::Pace::new(stats.copy_rate.clone(), stats.copies_slowed_down.clone())),
+    };
+    if settings.dry_run {
+        return Ok(copier); // it looks at every destination
+    }
+    copier.destination_check = copier.resolve_destination_check().await.setup()?;
+    if settings.direct_copy {
+        let counters = copy::direct::DirectCounters {
+            answered: stats.direct_copies.clone(),
+            handed_over: stats.direct_handed_over.clone(),
+            off: stats.direct_copy_off.clone(),
+        };
+        let bucket = &copier.mapping.destination_bucket;
+        match copy::direct::DirectCopy::new(&clients.s3_config, bucket, force_path_style, request_timeout, counters) {
+            Ok(direct) => copier.direct = Some(direct),
+            Err(why) => tracing::warn!("DIRECT_COPY: every copy goes through the SDK: {why:#}"),
+        }
+        copier.check_direct_copy().await;
+    }
+    Ok(copier)
+}
+
+/// The queue's `maxReceiveCount` (`None` without a dead-letter queue, or when it cannot be
+/// read: dead-lettered keys then get no reason).
+async fn max_receive_count(settings: &Settings, clients: &Clients) -> Option<u32> {
+    match common::aws::redrive_policy(&clients.sqs, &settings.queue.queue_url).await {
+        Ok(policy) => policy.map(|(_, max)| max),
+        Err(err) => {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "cannot read the queue's redrive policy: dead-lettered keys get no reason"
+            );
+            None
+        }
+    }
+}
+
+/// Once receiving ended: the stages (rewrites, acknowledgements, source deletes) flush and stop
+/// when every object was finished, or are stopped when the grace period ran out. What the
+/// listing still lacks, on an idle exit with the listing unfinished.
+async fn wind_down(ended: receive::Ended, stages: [Option<tokio::task::JoinHandle<()>>; 3]) -> Option<String> {
+    match ended {
+        receive::Ended::Finished | receive::Ended::ListingUnfinished(_) => {
+            // Every worker is done and dropped its handles on the batchers: they flush and stop.
+            for task in stages.into_iter().flatten() {
+                let _ = task.await;
+            }
+            match ended {
+                receive::Ended::ListingUnfinished(what) => Some(what),
+                _ => None,
+            }
+        }
+        receive::Ended::Abandoned(unfinished) => {
+            // A flush may be stuck (a statement, a slow call): the grace period is over. The
+            // sources not deleted stay for `feeder cleanup`.
+            for task in stages.into_iter().flatten() {
+                task.abort();
+            }
+            tracing::warn!(
+                unfinished,
+                "shutdown grace period over with objects still in flight: their messages come back later"
+            );
+            None
+        }
     }
 }

@@ -41,24 +41,24 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
 /// A slow-down cuts the rate to this share.
-pub const BACK_OFF: f64 = 0.9;
+pub(crate) const BACK_OFF: f64 = 0.9;
 /// Growth of the rate per second while copies wait for it and none is refused, in the first
 /// [`DOUBLING`] after a cut; it doubles every [`DOUBLING`] since (up to 64 times), so that the
 /// pace stays gentle near a limit it keeps meeting and climbs back fast after a long
 /// throttle (from 1 to 1,000 copies a second in about 13 s), or when consumers leave and the
 /// others must grow into their share.
-pub const GROWTH: f64 = 0.05;
+pub(crate) const GROWTH: f64 = 0.05;
 /// See [`GROWTH`].
-pub const DOUBLING: Duration = Duration::from_secs(2);
+pub(crate) const DOUBLING: Duration = Duration::from_secs(2);
 /// The rate never falls below this (copies per second).
-pub const MIN_RATE: f64 = 1.0;
+pub(crate) const MIN_RATE: f64 = 1.0;
 /// Copies per second at a consumer's first copy; see [`RAMP_DOUBLING`].
-pub const SLOW_START: f64 = 200.0;
+pub(crate) const SLOW_START: f64 = 200.0;
 /// The ramp doubles its rate this often until [`RAMP_END`], or until S3 first asks to slow
 /// down.
-pub const RAMP_DOUBLING: Duration = Duration::from_millis(25);
+pub(crate) const RAMP_DOUBLING: Duration = Duration::from_millis(25);
 /// Past this rate the ramp ends: copies are not paced until S3 asks to slow down.
-pub const RAMP_END: f64 = 10_000.0;
+pub(crate) const RAMP_END: f64 = 10_000.0;
 /// How far behind its schedule a pace may run and catch up (starts a timer's coarse ticks
 /// bunched together); an idle pace banks nothing beyond it.
 const SLACK: Duration = Duration::from_millis(10);
@@ -88,7 +88,7 @@ struct State {
 
 /// The controller; one per consumer, shared by every copy.
 #[derive(Debug)]
-pub struct Pace {
+pub(crate) struct Pace {
     state: Mutex<State>,
     /// Held by the copy waiting for its start: the others queue behind it.
     turn: tokio::sync::Mutex<()>,
@@ -105,7 +105,7 @@ impl Default for Pace {
 
 impl Pace {
     /// A controller that shows its rate and counts slow-downs in these metrics.
-    pub fn new(rate_gauge: Gauge<f64, AtomicU64>, slowed: Counter) -> Self {
+    pub(crate) fn new(rate_gauge: Gauge<f64, AtomicU64>, slowed: Counter) -> Self {
         let now = Instant::now();
         Self {
             turn: tokio::sync::Mutex::new(()),
@@ -128,13 +128,13 @@ impl Pace {
 
 /// A copy's permission to start, with the round it started in.
 #[derive(Debug, Clone, Copy)]
-pub struct Start {
+pub(crate) struct Start {
     round: u64,
 }
 
 impl Pace {
     /// Waits until the pace lets one more copy start.
-    pub async fn start(&self) -> Start {
+    pub(crate) async fn start(&self) -> Start {
         // Copies wait their turn one at a time (first come, first served), so that only the
         // first waiter sleeps, and a new rate applies from the next start, not after the
         // starts already spaced at the old one.
@@ -175,7 +175,7 @@ impl Pace {
     }
 
     /// S3 asked to slow down a copy that started at `start`.
-    pub fn slowed_down(&self, start: Start) {
+    pub(crate) fn slowed_down(&self, start: Start) {
         self.slowed.inc();
         let mut s = self.state.lock().expect("never poisoned");
         if start.round != s.round {
@@ -198,19 +198,20 @@ impl Pace {
 
     /// The rate copies are paced at now (copies per second: the learned rate or the cap,
     /// whichever is lower); `None` while not paced.
-    pub fn rate(&self) -> Option<f64> {
+    pub(crate) fn rate(&self) -> Option<f64> {
         self.state.lock().expect("never poisoned").effective()
     }
 
     /// Sets (or with `None` lifts) the operator's cap on this consumer's copies per second.
-    pub fn set_cap(&self, cap: Option<f64>) {
+    pub(crate) fn set_cap(&self, cap: Option<f64>) {
         let mut s = self.state.lock().expect("never poisoned");
         s.cap = cap.map(|c| c.max(MIN_RATE / 10.0));
         self.rate_gauge.set(s.effective().unwrap_or_default());
     }
 
     /// Slow-downs met so far.
-    pub fn slow_downs(&self) -> u64 {
+    #[cfg(test)]
+    fn slow_downs(&self) -> u64 {
         self.slowed.get()
     }
 }

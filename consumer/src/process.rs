@@ -27,73 +27,73 @@ use crate::metrics::{InFlight, Stats};
 use crate::record::Rewriter;
 use crate::refusals::{HALT_AFTER, QUIET, Refusal, Refusals, Verdict, WINDOW};
 
-pub struct Worker {
-    pub sqs: Sqs,
-    pub db: PgPool,
-    pub queue_url: String,
-    pub copier: Copier,
-    pub rewriter: Rewriter,
-    pub acker: Acker,
-    pub visibility: Duration,
-    pub stats: std::sync::Arc<Stats>,
-    pub halt: std::sync::Arc<Halt>,
+pub(crate) struct Worker {
+    pub(crate) sqs: Sqs,
+    pub(crate) db: PgPool,
+    pub(crate) queue_url: String,
+    pub(crate) copier: Copier,
+    pub(crate) rewriter: Rewriter,
+    pub(crate) acker: Acker,
+    pub(crate) visibility: Duration,
+    pub(crate) stats: std::sync::Arc<Stats>,
+    pub(crate) halt: std::sync::Arc<Halt>,
     /// The queue's `maxReceiveCount`: on that delivery an object that fails again is recorded
     /// (`retries_exhausted`, with its last error) before its message goes to the dead-letter
     /// queue. `None`: no dead-letter queue.
-    pub max_receive_count: Option<u32>,
+    pub(crate) max_receive_count: Option<u32>,
     /// `DELETE_SOURCE`: each source, once its copy is proven and its rows moved, is handed
     /// over for deletion.
-    pub sources: Option<crate::sources::SourceDeleter>,
+    pub(crate) sources: Option<crate::sources::SourceDeleter>,
     /// `--dry-run`: inspect and report, write nothing, delete no message; stop at the first
     /// message seen twice (the queue has come round).
-    pub dry_run: Option<DryRun>,
+    pub(crate) dry_run: Option<DryRun>,
     /// Access denied and KMS refusals: about one object, or about every object.
-    pub refusals: Refusals,
+    pub(crate) refusals: Refusals,
     /// How long one object may be worked on (`OBJECT_TIMEOUT`, plus a second per 25 MiB).
-    pub object_timeout: Duration,
+    pub(crate) object_timeout: Duration,
     /// The fleet has refusal records standing (read every few seconds by the controller):
     /// each object moved meanwhile removes its own, whatever delivery moved it (a record
     /// written for one message may be outlived by a copy of that object moved through
     /// another, a feeder's resent page).
-    pub refusal_records: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) refusal_records: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The state of a dry run.
 #[derive(Default)]
-pub struct DryRun {
+pub(crate) struct DryRun {
     seen: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Stops the whole process on an error no retry can fix (a bucket gone, credentials refused,
 /// the database role lacking a grant), keeping the first such error for the exit message.
-pub struct Halt {
+pub(crate) struct Halt {
     stop: CancellationToken,
     error: Mutex<Option<anyhow::Error>>,
 }
 
 impl Halt {
-    pub fn new(stop: CancellationToken) -> Self {
+    pub(crate) fn new(stop: CancellationToken) -> Self {
         Self { stop, error: Mutex::new(None) }
     }
 
-    pub fn halt(&self, err: anyhow::Error) {
+    pub(crate) fn halt(&self, err: anyhow::Error) {
         tracing::error!(error = format!("{err:#}"), "stopping: this error stops every object, not just one");
         self.error.lock().expect("never poisoned").get_or_insert(err);
         self.stop.cancel();
     }
 
     /// Stops the process without an error (a dry run that has seen every message).
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.stop.cancel();
     }
 
     /// Whether an error stopped the process.
-    pub fn halted(&self) -> bool {
+    pub(crate) fn halted(&self) -> bool {
         self.error.lock().expect("never poisoned").is_some()
     }
 
     /// The error that stopped the process, if one did.
-    pub fn take(&self) -> Option<anyhow::Error> {
+    pub(crate) fn take(&self) -> Option<anyhow::Error> {
         self.error.lock().expect("never poisoned").take()
     }
 }
@@ -122,7 +122,7 @@ impl Outcome {
 }
 
 impl Worker {
-    pub async fn handle(&self, message: Message) {
+    pub(crate) async fn handle(&self, message: Message) {
         self.stats.received.inc();
         let _in_flight = InFlight::start(&self.stats.in_flight);
         let id = message.message_id().unwrap_or_default().to_owned();

@@ -36,23 +36,23 @@ const MAX_PER_RECEIVE: usize = 10;
 
 /// How the receive loop runs; built once from the settings.
 #[derive(Debug, Clone)]
-pub struct ReceiveConfig {
-    pub queue_url: String,
+pub(crate) struct ReceiveConfig {
+    pub(crate) queue_url: String,
     /// Objects in flight at most.
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Long-poll wait of each receive.
-    pub wait: Duration,
+    pub(crate) wait: Duration,
     /// How long a received message stays invisible (extended while worked on).
-    pub visibility: Duration,
+    pub(crate) visibility: Duration,
     /// Drain and exit once the queue has been empty this long.
-    pub exit_when_idle: Option<Duration>,
+    pub(crate) exit_when_idle: Option<Duration>,
     /// How long in-flight objects get after receiving stopped.
-    pub grace: Duration,
+    pub(crate) grace: Duration,
 }
 
 /// How receiving ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// Every object received was finished.
     Finished,
     /// An idle exit: every object received was finished, the queue is empty and no feeder
@@ -84,7 +84,7 @@ impl Activity {
 
 /// Receives until `stop` fires (SIGTERM, or a fatal error through the worker's `halt`) or the queue stays
 /// empty (with an idle exit), then gives in-flight objects the grace period.
-pub async fn run(
+pub(crate) async fn run(
     config: &ReceiveConfig,
     worker: Arc<Worker>,
     stop: CancellationToken,

@@ -23,7 +23,7 @@ use sqlx::PgPool;
 use crate::batch::Batcher;
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum RewriteError {
+pub(crate) enum RewriteError {
     #[error("rewriting rows: {0}")]
     Database(#[source] Arc<sqlx::Error>),
     #[error("the row rewriter has stopped")]
@@ -32,7 +32,7 @@ pub enum RewriteError {
 
 impl RewriteError {
     /// An error no retry can fix: the role lacks a grant, the table is gone.
-    pub fn is_fatal(&self) -> bool {
+    pub(crate) fn is_fatal(&self) -> bool {
         let RewriteError::Database(err) = self else { return false };
         let code = err.as_database_error().and_then(|e| e.code());
         // 42501 insufficient_privilege, 42P01 undefined_table, 42703 undefined_column.
@@ -43,13 +43,13 @@ impl RewriteError {
 type Pair = (String, String);
 
 #[derive(Clone)]
-pub struct Rewriter {
+pub(crate) struct Rewriter {
     batcher: Batcher<Pair, Result<Rewritten, RewriteError>>,
 }
 
 impl Rewriter {
     /// `journal`: record every rewrite in `avatar_migration_journal`, in the same statement.
-    pub fn spawn(
+    pub(crate) fn spawn(
         pool: PgPool,
         max: usize,
         max_wait: Duration,
@@ -64,7 +64,7 @@ impl Rewriter {
     }
 
     /// Points every row at `old` to `new`, unless another transaction holds it.
-    pub async fn rewrite(&self, old: String, new: String) -> Result<Rewritten, RewriteError> {
+    pub(crate) async fn rewrite(&self, old: String, new: String) -> Result<Rewritten, RewriteError> {
         self.batcher.submit((old, new)).await.unwrap_or(Err(RewriteError::Stopped))
     }
 }

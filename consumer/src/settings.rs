@@ -233,7 +233,7 @@ impl Settings {
     }
 
     /// How the receive loop runs, with `concurrency` objects at once.
-    pub fn receive_config(&self, concurrency: usize) -> ReceiveConfig {
+    pub(crate) fn receive_config(&self, concurrency: usize) -> ReceiveConfig {
         // The long poll is shortened to the idle limit, so that an idle exit is not late.
         let wait = self.exit_when_idle.map_or(self.wait_time_seconds, |idle| idle.min(self.wait_time_seconds));
         ReceiveConfig {

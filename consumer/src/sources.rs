@@ -28,14 +28,14 @@ const BATCH: usize = 1000;
 const LINGER: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
-pub struct SourceDeleter {
+pub(crate) struct SourceDeleter {
     batcher: Batcher<Tombstone, ()>,
 }
 
 impl SourceDeleter {
     /// Checks that deletes are protected (the fence, or `legacy_writes_stopped`), takes the
     /// shared lease and starts the background deleter.
-    pub async fn start(
+    pub(crate) async fn start(
         deleter: Deleter,
         legacy_writes_stopped: bool,
         stats: Arc<Stats>,
@@ -94,7 +94,7 @@ impl SourceDeleter {
     }
 
     /// Hands one moved object over for deletion; returns at once.
-    pub fn delete(&self, tombstone: Tombstone) {
+    pub(crate) fn delete(&self, tombstone: Tombstone) {
         let batcher = self.batcher.clone();
         tokio::spawn(async move { batcher.submit(tombstone).await });
     }

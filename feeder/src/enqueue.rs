@@ -65,7 +65,7 @@ fn messages(objects: &[ObjectMessage], per_message: usize) -> Vec<Outgoing<'_>> 
 }
 
 /// How many messages these objects go in.
-pub fn message_count(objects: &[ObjectMessage], per_message: usize) -> usize {
+pub(crate) fn message_count(objects: &[ObjectMessage], per_message: usize) -> usize {
     messages(objects, per_message).len()
 }
 
@@ -76,13 +76,13 @@ fn batches<'a, 'o>(messages: &'a [Outgoing<'o>]) -> Vec<&'a [Outgoing<'o>]> {
 
 /// What [`enqueue`] sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sent {
-    pub objects: u64,
-    pub messages: u64,
+pub(crate) struct Sent {
+    pub(crate) objects: u64,
+    pub(crate) messages: u64,
 }
 
 /// Sends the objects, `per_message` to a message.
-pub async fn enqueue(
+pub(crate) async fn enqueue(
     sqs: &Sqs,
     queue_url: &str,
     objects: &[ObjectMessage],

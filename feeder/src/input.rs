@@ -20,14 +20,14 @@ use crate::{Clients, RunArgs};
 
 /// The input of a run that has work to do.
 pub(crate) struct Input {
-    pub checkpoint: Checkpoint,
+    pub(crate) checkpoint: Checkpoint,
     /// The parts; one range without saved ranges, whose position is the checkpoint's own.
-    pub ranges: Vec<KeyRange>,
+    pub(crate) ranges: Vec<KeyRange>,
     /// Whether the parts are saved (several key ranges, or inventory files).
-    pub in_ranges: bool,
-    pub inventory: Option<Arc<Manifest>>,
+    pub(crate) in_ranges: bool,
+    pub(crate) inventory: Option<Arc<Manifest>>,
     /// The key the run resumes after, when it resumes from a checkpoint.
-    pub resumed_after: Option<String>,
+    pub(crate) resumed_after: Option<String>,
 }
 
 /// What a run is to read.

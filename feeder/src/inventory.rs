@@ -42,15 +42,15 @@ struct ManifestJson {
 
 /// One gzipped CSV file of the report.
 #[derive(Debug, Clone, Deserialize)]
-pub struct DataFile {
-    pub key: String,
+pub(crate) struct DataFile {
+    pub(crate) key: String,
     #[serde(rename = "MD5checksum")]
-    pub md5: String,
+    pub(crate) md5: String,
 }
 
 /// Where the columns the feeder needs are.
 #[derive(Debug, Clone)]
-pub struct Columns {
+pub(crate) struct Columns {
     key: usize,
     size: usize,
     etag: usize,
@@ -59,15 +59,15 @@ pub struct Columns {
 }
 
 #[derive(Debug)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     /// The bucket that holds the data files.
-    pub report_bucket: String,
-    pub files: Vec<DataFile>,
-    pub columns: Columns,
+    pub(crate) report_bucket: String,
+    pub(crate) files: Vec<DataFile>,
+    pub(crate) columns: Columns,
 }
 
 /// Reads and checks the manifest at `s3://bucket/key`.
-pub async fn read_manifest(s3: &S3, location: &str, source_bucket: &str) -> anyhow::Result<Manifest> {
+pub(crate) async fn read_manifest(s3: &S3, location: &str, source_bucket: &str) -> anyhow::Result<Manifest> {
     let (bucket, key) = location
         .strip_prefix("s3://")
         .and_then(|rest| rest.split_once('/'))
@@ -124,7 +124,7 @@ fn parse(m: ManifestJson, source_bucket: &str) -> anyhow::Result<Manifest> {
 /// the objects under `prefix` in pages of `page_size`, each with the count of rows read
 /// through its last one; then `Complete` once the file was read to its end and its MD5 matched.
 #[allow(clippy::too_many_arguments)]
-pub fn spawn(
+pub(crate) fn spawn(
     s3: S3,
     manifest: Arc<Manifest>,
     file: usize,

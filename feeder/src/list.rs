@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 /// What the lister sends, in order: pages, then `Complete` once the prefix is exhausted.
 #[derive(Debug)]
-pub enum Listing {
+pub(crate) enum Listing {
     /// Objects in order; `rows_through`: for an inventory file, the CSV rows read through
     /// the last one (its checkpoint).
     Page {
@@ -32,15 +32,15 @@ pub enum Listing {
 }
 
 /// Lists one bucket and prefix, page by page.
-pub struct Lister {
-    pub s3: S3,
-    pub bucket: String,
-    pub prefix: String,
-    pub page_size: i32,
+pub(crate) struct Lister {
+    pub(crate) s3: S3,
+    pub(crate) bucket: String,
+    pub(crate) prefix: String,
+    pub(crate) page_size: i32,
 }
 
 /// What a listing task sends: the index of its key range and the next item.
-pub type Item = (usize, anyhow::Result<Listing>);
+pub(crate) type Item = (usize, anyhow::Result<Listing>);
 
 impl Lister {
     /// Lists the keys `k` with `after < k <= until` (no bound where `None`) in a task of its
@@ -48,7 +48,7 @@ impl Lister {
     /// with `index`. A channel of two pages per task keeps listing from running far ahead of
     /// enqueueing. The task ends without `Complete` when `stop` fires or the listing failed
     /// (the error is its last item).
-    pub fn spawn(
+    pub(crate) fn spawn(
         self: Arc<Self>,
         index: usize,
         (after, until): (Option<String>, Option<String>),
@@ -98,7 +98,7 @@ impl Lister {
     }
 
     /// The first key under `prefix` after `after`, if any.
-    pub async fn first_key_after(&self, prefix: &str, after: &str) -> anyhow::Result<Option<String>> {
+    pub(crate) async fn first_key_after(&self, prefix: &str, after: &str) -> anyhow::Result<Option<String>> {
         let (objects, _) = listing::page(&self.s3, &self.bucket, prefix, None, Some(after), 1).await?;
         Ok(objects.into_iter().next().map(|o| o.key))
     }

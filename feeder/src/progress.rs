@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 /// Without a terminal, one line this often.
 const EVERY: Duration = Duration::from_secs(60);
 
-pub struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
     last_line: Instant,
@@ -16,7 +16,7 @@ pub struct Progress {
 
 impl Progress {
     /// `before`: objects listed by earlier runs (the checkpoint's count).
-    pub fn start(before: u64) -> Self {
+    pub(crate) fn start(before: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(
@@ -31,7 +31,7 @@ impl Progress {
     }
 
     /// `listed`: objects listed in all so far.
-    pub fn update(&mut self, listed: u64, last_key: Option<&str>) {
+    pub(crate) fn update(&mut self, listed: u64, last_key: Option<&str>) {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(listed);
@@ -46,7 +46,7 @@ impl Progress {
         }
     }
 
-    pub fn finish(self) {
+    pub(crate) fn finish(self) {
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
         }

@@ -20,7 +20,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::list::Lister;
 
 /// Listing requests spent at most on finding split points.
-pub const MAX_PROBES: usize = 512;
+pub(crate) const MAX_PROBES: usize = 512;
 /// Prefixes wanted per range before cutting.
 const PREFIXES_PER_RANGE: usize = 4;
 /// How deep below the source prefix split points are looked for.
@@ -28,13 +28,13 @@ const MAX_DEPTH: usize = 32;
 
 /// Splits the keys after `start` into at most `want` ranges (fewer when there are fewer
 /// prefixes to split at; one when `want` is 1).
-pub async fn plan(lister: &Arc<Lister>, start: Option<&str>, want: usize) -> anyhow::Result<Vec<KeyRange>> {
+pub(crate) async fn plan(lister: &Arc<Lister>, start: Option<&str>, want: usize) -> anyhow::Result<Vec<KeyRange>> {
     let points = if want > 1 { split_points(lister, start, want).await? } else { Vec::new() };
     Ok(ranges(start, points))
 }
 
 /// Ranges between consecutive split points (sorted, all after `start`).
-pub fn ranges(start: Option<&str>, points: Vec<String>) -> Vec<KeyRange> {
+pub(crate) fn ranges(start: Option<&str>, points: Vec<String>) -> Vec<KeyRange> {
     let lower: Vec<_> = std::iter::once(start.map(str::to_owned)).chain(points.iter().cloned().map(Some)).collect();
     let upper = points.into_iter().map(Some).chain(std::iter::once(None));
     lower

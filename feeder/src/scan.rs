@@ -13,7 +13,7 @@ use crate::list::{Lister, Listing};
 
 /// How a scan's listing ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// Every key of the segment was handed over.
     Complete,
     /// The action asked to stop, or `shutdown` fired.
@@ -23,7 +23,7 @@ pub enum Ended {
 /// Lists `segment` (keys after its first bound, up to its second) and hands each page to
 /// `on_page`, until the listing is complete, `on_page` answers `false`, or `shutdown` fires.
 /// A listing error, or one of `on_page`'s, ends the scan with that error.
-pub async fn each_page(
+pub(crate) async fn each_page(
     lister: Arc<Lister>,
     segment: (Option<String>, Option<String>),
     shutdown: &CancellationToken,

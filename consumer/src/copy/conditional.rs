@@ -29,17 +29,17 @@ pub fn conditional_copy(s3: &S3, bucket: &str, key: &str, copy_source: &str, eta
 }
 
 /// Why a copy request did not copy.
-pub enum Refused {
+pub(crate) enum Refused {
     /// 412: the destination exists, or the source's ETag changed; S3's words for it.
     PreconditionFailed(String),
     Error(AwsError),
 }
 
 /// Copies to one destination bucket.
-pub struct Conditional<'a> {
-    pub paced: Paced<'a>,
-    pub direct: Option<&'a DirectCopy>,
-    pub bucket: &'a str,
+pub(crate) struct Conditional<'a> {
+    pub(crate) paced: Paced<'a>,
+    pub(crate) direct: Option<&'a DirectCopy>,
+    pub(crate) bucket: &'a str,
 }
 
 /// What one copy request came to.
@@ -54,7 +54,13 @@ impl Conditional<'_> {
     /// One conditional copy of `source` (bucket, key) to `key` (if the source's ETag is still
     /// `etag` and `key` does not exist), started when the pace allows, again each time S3 asks
     /// to slow down.
-    pub async fn copy(&self, (bucket, source): (&str, &str), key: &str, etag: &str, size: i64) -> Result<(), Refused> {
+    pub(crate) async fn copy(
+        &self,
+        (bucket, source): (&str, &str),
+        key: &str,
+        etag: &str,
+        size: i64,
+    ) -> Result<(), Refused> {
         let copy_source = common::keys::copy_source(bucket, source);
         let call = || format!("copy s3://{bucket}/{source} -> s3://{}/{key}", self.bucket);
         loop {

@@ -51,23 +51,23 @@ use probe::{Probe, Trouble};
 use crate::pace::Pace;
 
 /// Copies objects of one mapping.
-pub struct Copier {
-    pub s3: S3,
-    pub mapping: KeyMapping,
+pub(crate) struct Copier {
+    pub(crate) s3: S3,
+    pub(crate) mapping: KeyMapping,
     /// Largest object compared byte by byte when metadata cannot prove identity.
-    pub compare_max_bytes: u64,
-    pub destination_check: DestinationCheck,
+    pub(crate) compare_max_bytes: u64,
+    pub(crate) destination_check: DestinationCheck,
     /// Objects above `multipart.threshold` are copied in parts.
-    pub multipart: Multipart,
+    pub(crate) multipart: Multipart,
     /// Where set (`DIRECT_COPY`), each copy is sent this way first ([`crate::direct`]).
-    pub direct: Option<DirectCopy>,
+    pub(crate) direct: Option<DirectCopy>,
     /// The S3 client copies go through when not sent directly: slow-downs come back at once
     /// (`common::aws::s3_paced_client`).
-    pub paced_s3: S3,
+    pub(crate) paced_s3: S3,
     /// When copies start ([`crate::pace`]).
-    pub pace: std::sync::Arc<Pace>,
+    pub(crate) pace: std::sync::Arc<Pace>,
     /// Each attempt's bound (`S3_REQUEST_TIMEOUT`; a copy's grows with its size).
-    pub request_timeout: std::time::Duration,
+    pub(crate) request_timeout: std::time::Duration,
 }
 
 impl Copier {

@@ -70,7 +70,7 @@ pub enum InParts {
 }
 
 /// Copies `source` to `destination` in parts.
-pub async fn copy(
+pub(crate) async fn copy(
     s3: &S3,
     paced: Paced<'_>,
     config: &Multipart,

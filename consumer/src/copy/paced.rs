@@ -11,17 +11,17 @@ use crate::pace::Pace;
 
 /// The paced client, the pace, and each attempt's bound.
 #[derive(Clone, Copy)]
-pub struct Paced<'a> {
-    pub s3: &'a S3,
-    pub pace: &'a Pace,
+pub(crate) struct Paced<'a> {
+    pub(crate) s3: &'a S3,
+    pub(crate) pace: &'a Pace,
     /// Each attempt's bound (`S3_REQUEST_TIMEOUT`), grown by a part's or object's size.
-    pub request_timeout: std::time::Duration,
+    pub(crate) request_timeout: std::time::Duration,
 }
 
 impl Paced<'_> {
     /// Sends a request when the pace allows, again (at the pace) each time S3 asks to slow
     /// down; an error names its call (`call`).
-    pub async fn send<T, E, F>(&self, call: impl Fn() -> String, request: impl Fn() -> F) -> Result<T, AwsError>
+    pub(crate) async fn send<T, E, F>(&self, call: impl Fn() -> String, request: impl Fn() -> F) -> Result<T, AwsError>
     where
         F: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
