@@ -9,9 +9,11 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use common::aws::{Sqs, queue};
+use common::aws::{Sqs, queue, queue_depth};
 use common::message::{ObjectMessage, encode};
+use common::setup::Clients;
 use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
 
 /// SQS takes at most ten entries per batch...
 const BATCH: usize = queue::BATCH_ENTRIES;
@@ -138,6 +140,33 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Outgoing<'_>]) -> anyho
         pending.len(),
         chunk[pending[0]].first_key
     )
+}
+
+/// With a backlog limit, waits until the queue holds no more than it.
+pub(crate) async fn wait_for_room(
+    clients: &Clients,
+    queue_url: &str,
+    max_backlog: u64,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if max_backlog == 0 {
+        return Ok(());
+    }
+    let mut logged = false;
+    loop {
+        let depth = queue_depth(&clients.sqs, queue_url).await?;
+        if depth.total() <= max_backlog || shutdown.is_cancelled() {
+            return Ok(());
+        }
+        if !logged {
+            tracing::info!(backlog = depth.total(), max_backlog, "queue backlog above the limit: waiting");
+            logged = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

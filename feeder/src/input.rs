@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::inventory::{self, Manifest};
 use crate::list::{Item, Lister};
+use crate::settings::RunArgs;
 use crate::store::ranges::{self as saved, KeyRange};
-use crate::{Clients, RunArgs};
+use common::setup::Clients;
 
 /// The input of a run that has work to do.
 pub(crate) struct Input {

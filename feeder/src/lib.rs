@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::aws::queue_depth;
 use common::db::Checkpoint;
 use common::exit::Failure;
 use common::keys::KeyMapping;
@@ -182,7 +181,7 @@ impl Sending<'_> {
                 continue;
             }
             let queue_url = &self.settings.queue.queue_url;
-            wait_for_room(self.clients, queue_url, args.max_backlog, self.shutdown).await?;
+            enqueue::wait_for_room(self.clients, queue_url, args.max_backlog, self.shutdown).await?;
             let per_message = args.objects_per_message.into();
             let sent = enqueue::enqueue(&self.clients.sqs, queue_url, &page, per_message, args.send_concurrency.get())
                 .await
@@ -233,31 +232,4 @@ fn print_summary(mapping: &KeyMapping, summary: &Summary, checkpoint: &Checkpoin
         summary.enqueued as f64 / secs.max(0.001),
         checkpoint.listed,
     );
-}
-
-/// With a backlog limit, waits until the queue holds no more than it.
-pub(crate) async fn wait_for_room(
-    clients: &Clients,
-    queue_url: &str,
-    max_backlog: u64,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    if max_backlog == 0 {
-        return Ok(());
-    }
-    let mut logged = false;
-    loop {
-        let depth = queue_depth(&clients.sqs, queue_url).await?;
-        if depth.total() <= max_backlog || shutdown.is_cancelled() {
-            return Ok(());
-        }
-        if !logged {
-            tracing::info!(backlog = depth.total(), max_backlog, "queue backlog above the limit: waiting");
-            logged = true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.cancelled() => return Ok(()),
-        }
-    }
 }

@@ -4,8 +4,8 @@
 use anyhow::{Context, anyhow};
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use super::Sqs;
 use super::error::{AwsError, Call, NO_SUCH_QUEUE_CODES, refusal_or_unavailable};
+use aws_sdk_sqs::Client as Sqs;
 
 /// Checks that the queue exists; returns its `VisibilityTimeout` in seconds.
 pub async fn check_queue(sqs: &Sqs, queue_url: &str) -> anyhow::Result<i32> {

@@ -30,11 +30,11 @@ use serde::{Deserialize, Serialize};
 
 use super::Ops;
 use super::objects::{Verdict, verdict};
-use crate::Clients;
 use crate::list::Lister;
 use crate::scan::{self, Ended};
 use crate::settings::CleanupArgs;
 use crate::store::scans::{self, ScanKind, ScanPosition};
+use common::setup::Clients;
 
 /// What cleanup decided, over the whole scan (resumed runs included).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

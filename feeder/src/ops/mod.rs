@@ -31,7 +31,9 @@ pub mod verify;
 use common::keys::KeyMapping;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Clients, Settings};
+use common::setup::Clients;
+
+use crate::settings::Settings;
 
 /// What every operator command runs with, built once by `main`.
 pub struct Ops<'a> {

@@ -17,11 +17,11 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::Ops;
-use crate::Clients;
 use crate::list::Lister;
 use crate::scan::{self, Ended};
 use crate::settings::VerifyArgs;
 use crate::store::scans::{self, ScanKind, ScanPosition};
+use common::setup::Clients;
 
 /// What the object check found (totals across resumed runs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -83,7 +83,7 @@ pub async fn reconcile(cx: &Ops<'_>, args: &ReconcileArgs) -> anyhow::Result<Rec
         if messages.is_empty() {
             continue;
         }
-        crate::wait_for_room(clients, queue_url, settings.run.max_backlog, shutdown).await?;
+        crate::enqueue::wait_for_room(clients, queue_url, settings.run.max_backlog, shutdown).await?;
         result.enqueued += crate::enqueue::enqueue(
             &clients.sqs,
             queue_url,

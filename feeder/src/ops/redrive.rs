@@ -11,8 +11,8 @@ use common::aws::{Call, queue, queue_depth, redrive_policy};
 use common::db::Reason;
 
 use super::Ops;
-use crate::Clients;
 use crate::settings::RedriveArgs;
+use common::setup::Clients;
 
 /// How long a received dead letter stays invisible while it is moved.
 const VISIBILITY: i32 = 60;

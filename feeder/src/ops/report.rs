@@ -8,9 +8,9 @@ use common::db::keyset::Keyset;
 use common::db::{FailureRecord, failures_after};
 
 use super::Ops;
-use crate::Clients;
 use crate::settings::ReportArgs;
 use crate::store::journal::journal_page;
+use common::setup::Clients;
 
 use super::ROWS_PAGE;
 

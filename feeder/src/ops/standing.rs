@@ -16,7 +16,7 @@ use common::keys::KeyMapping;
 use futures::{StreamExt, TryStreamExt};
 
 use super::objects::{Verdict, verdict};
-use crate::Clients;
+use common::setup::Clients;
 
 /// Of these legacy paths, those with a failure record that still stands; stale records are
 /// removed.

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::Report;
 use super::live::Live;
 use super::processes::command;
-use super::say;
+use super::report::Report;
+use super::report::say;
 use super::seed::{Seeded, body_of, modern};
 use crate::Env;
 

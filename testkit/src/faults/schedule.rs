@@ -12,8 +12,8 @@ use tokio::process::Command;
 
 use super::live::Live;
 use super::processes::{Consumer, spawn_consumer};
+use super::report::{Config, say};
 use super::seed::{Seeded, modern};
-use super::{Config, say};
 use crate::Env;
 use crate::proxy::{Fault, FaultProxy, RateLimit, Rule, When};
 
