@@ -72,6 +72,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     // SIGTERM, or an error that stops everything.
     let stop = shutdown.child_token();
     let halt = Arc::new(process::Halt::new(stop.clone()));
+    let source_bucket = mapping.source_bucket.clone();
     let copier = copier(&settings, &clients, mapping, &stats).await?;
     let concurrency = settings
         .concurrency
@@ -91,29 +92,25 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         (None, None)
     };
     let refusal_records = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let worker = Arc::new(process::Worker {
-        sqs: clients.sqs.clone(),
-        db: clients.db.clone(),
-        queue_url: settings.queue.queue_url.clone(),
+    let stages = process::Stages { rewriter, acker, sources, stats: stats.clone() };
+    let max_receive_count = max_receive_count(&settings, &clients).await;
+    let worker = process::Worker::new(
+        &clients,
+        &settings,
         copier,
-        rewriter,
-        acker,
-        visibility: settings.visibility_timeout(),
-        stats: stats.clone(),
-        halt: halt.clone(),
-        max_receive_count: max_receive_count(&settings, &clients).await,
-        dry_run: settings.dry_run.then(process::DryRun::default),
-        sources,
-        refusals: refusals::Refusals::default(),
-        object_timeout: settings.object_timeout,
-        refusal_records: refusal_records.clone(),
-    });
+        stages,
+        halt.clone(),
+        max_receive_count,
+        refusal_records.clone(),
+    );
+    let worker = Arc::new(worker);
     // The operator's pause and cap, read before the first receive.
     let (controller, paused) =
-        control::Controller::start(clients.db.clone(), stats.clone(), worker.copier.pace.clone(), refusal_records)
-            .await;
+        control::Controller::start(clients.db.clone(), stats.clone(), worker.pace(), refusal_records).await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
-    let ended = receive::run(&settings.receive_config(concurrency), worker, stop, paused).await;
+    let source = (source_bucket, settings.storage.source_prefix.as_str().to_owned());
+    let idle = receive::IdleCheck { sqs: clients.sqs.clone(), db: clients.db.clone(), source };
+    let ended = receive::run(&settings.receive_config(concurrency), worker, idle, stop, paused).await;
     let left = wind_down(ended, [Some(rewriter_task), Some(acker_task), sources_task]).await;
     if settings.dry_run {
         println!(

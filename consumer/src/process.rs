@@ -27,35 +27,93 @@ use crate::metrics::{InFlight, Stats};
 use crate::record::Rewriter;
 use crate::refusals::{HALT_AFTER, QUIET, Refusal, Refusals, Verdict, WINDOW};
 
+/// Works on one message at a time, each on a task of its own: built once, by [`Worker::new`].
 pub(crate) struct Worker {
-    pub(crate) sqs: Sqs,
-    pub(crate) db: PgPool,
-    pub(crate) queue_url: String,
-    pub(crate) copier: Copier,
-    pub(crate) rewriter: Rewriter,
-    pub(crate) acker: Acker,
-    pub(crate) visibility: Duration,
-    pub(crate) stats: std::sync::Arc<Stats>,
-    pub(crate) halt: std::sync::Arc<Halt>,
+    sqs: Sqs,
+    db: PgPool,
+    queue_url: String,
+    copier: Copier,
+    rewriter: Rewriter,
+    acker: Acker,
+    visibility: Duration,
+    stats: std::sync::Arc<Stats>,
+    halt: std::sync::Arc<Halt>,
     /// The queue's `maxReceiveCount`: on that delivery an object that fails again is recorded
     /// (`retries_exhausted`, with its last error) before its message goes to the dead-letter
     /// queue. `None`: no dead-letter queue.
-    pub(crate) max_receive_count: Option<u32>,
+    max_receive_count: Option<u32>,
     /// `DELETE_SOURCE`: each source, once its copy is proven and its rows moved, is handed
     /// over for deletion.
-    pub(crate) sources: Option<crate::sources::SourceDeleter>,
+    sources: Option<crate::sources::SourceDeleter>,
     /// `--dry-run`: inspect and report, write nothing, delete no message; stop at the first
     /// message seen twice (the queue has come round).
-    pub(crate) dry_run: Option<DryRun>,
+    dry_run: Option<DryRun>,
     /// Access denied and KMS refusals: about one object, or about every object.
-    pub(crate) refusals: Refusals,
+    refusals: Refusals,
     /// How long one object may be worked on (`OBJECT_TIMEOUT`, plus a second per 25 MiB).
-    pub(crate) object_timeout: Duration,
+    object_timeout: Duration,
     /// The fleet has refusal records standing (read every few seconds by the controller):
     /// each object moved meanwhile removes its own, whatever delivery moved it (a record
     /// written for one message may be outlived by a copy of that object moved through
     /// another, a feeder's resent page).
-    pub(crate) refusal_records: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refusal_records: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The stages a worker hands its objects' next steps to.
+pub(crate) struct Stages {
+    pub(crate) rewriter: Rewriter,
+    pub(crate) acker: Acker,
+    /// `DELETE_SOURCE`'s deleter.
+    pub(crate) sources: Option<crate::sources::SourceDeleter>,
+    pub(crate) stats: std::sync::Arc<Stats>,
+}
+
+impl Worker {
+    /// `max_receive_count`: the queue's (`None`: no dead-letter queue); `refusal_records`:
+    /// set by the controller while the fleet has refusal records standing.
+    pub(crate) fn new(
+        clients: &common::setup::Clients,
+        settings: &crate::Settings,
+        copier: Copier,
+        stages: Stages,
+        halt: std::sync::Arc<Halt>,
+        max_receive_count: Option<u32>,
+        refusal_records: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        let Stages { rewriter, acker, sources, stats } = stages;
+        Worker {
+            sqs: clients.sqs.clone(),
+            db: clients.db.clone(),
+            queue_url: settings.queue.queue_url.clone(),
+            copier,
+            rewriter,
+            acker,
+            visibility: settings.visibility_timeout(),
+            stats,
+            halt,
+            max_receive_count,
+            sources,
+            dry_run: settings.dry_run.then(DryRun::default),
+            refusals: Refusals::default(),
+            object_timeout: settings.object_timeout,
+            refusal_records,
+        }
+    }
+
+    /// The queue's client (the receive loop receives with it).
+    pub(crate) fn sqs(&self) -> &Sqs {
+        &self.sqs
+    }
+
+    /// The copies' pace (the controller sets the operator's cap on it).
+    pub(crate) fn pace(&self) -> std::sync::Arc<crate::pace::Pace> {
+        self.copier.pace.clone()
+    }
+
+    /// Stops the whole process on an error no retry can fix.
+    pub(crate) fn halt(&self, err: anyhow::Error) {
+        self.halt.halt(err);
+    }
 }
 
 /// The state of a dry run.

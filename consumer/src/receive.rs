@@ -50,6 +50,14 @@ pub(crate) struct ReceiveConfig {
     pub(crate) grace: Duration,
 }
 
+/// What the idle exit reads: the queue's counts and the listing's state (the source bucket
+/// and prefix).
+pub(crate) struct IdleCheck {
+    pub(crate) sqs: Sqs,
+    pub(crate) db: sqlx::PgPool,
+    pub(crate) source: (String, String),
+}
+
 /// How receiving ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Ended {
@@ -87,6 +95,7 @@ impl Activity {
 pub(crate) async fn run(
     config: &ReceiveConfig,
     worker: Arc<Worker>,
+    idle: IdleCheck,
     stop: CancellationToken,
     paused: watch::Receiver<bool>,
 ) -> Ended {
@@ -120,17 +129,14 @@ pub(crate) async fn run(
         loops.spawn(async move { receiver.run(stop, drain).await });
     }
     let listing_unfinished = Arc::new(std::sync::Mutex::new(None));
-    if let Some(idle) = config.exit_when_idle {
+    if let Some(idle_for) = config.exit_when_idle {
         let watcher = IdleWatcher {
             listing_unfinished: listing_unfinished.clone(),
-            sqs: worker.sqs.clone(),
+            sqs: idle.sqs,
             queue_url: config.queue_url.clone(),
-            db: worker.db.clone(),
-            source: (
-                worker.copier.mapping.source_bucket.clone(),
-                worker.copier.mapping.source_prefix.as_str().to_owned(),
-            ),
-            idle,
+            db: idle.db,
+            source: idle.source,
+            idle: idle_for,
             activity: activity.clone(),
             tracker: tracker.clone(),
         };
@@ -204,7 +210,7 @@ impl Receiver {
                 }
                 Err(err) => match err.for_queue() {
                     ErrorClass::Fatal => {
-                        self.worker.halt.halt(
+                        self.worker.halt(
                             anyhow::Error::new(err)
                                 .context("no retry can fix this (check QUEUE_URL, the queue and the credentials)"),
                         );
@@ -249,7 +255,7 @@ impl Receiver {
     async fn receive(&self, max: usize) -> Result<Vec<Message>, AwsError> {
         let out = self
             .worker
-            .sqs
+            .sqs()
             .receive_message()
             .queue_url(&self.config.queue_url)
             .max_number_of_messages(max as i32)
