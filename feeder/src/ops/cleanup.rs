@@ -25,6 +25,7 @@ use anyhow::Context;
 use common::db::fence::Tombstone;
 use common::db::lease::{Lease, Mode};
 use common::deletion::Deleter;
+use common::message::ObjectMessage;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -95,28 +96,8 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
     let started = Instant::now();
     let segment = (state.scan.last_key.clone(), None);
     let ended = scan::each_page(lister, segment, shutdown, async |page| {
-        let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| async move {
-            let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
-            let copy =
-                verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination)).await?;
-            let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
-            anyhow::Ok((referenced, copy, destination))
-        }))
-        .buffered(args.concurrency.get())
-        .try_collect()
-        .await?;
         let counts = &mut state.scan.counts;
-        let mut doomed = Vec::new();
-        for (object, (referenced, copy, destination)) in page.iter().zip(checks) {
-            counts.objects += 1;
-            match (referenced, copy) {
-                (true, _) => counts.referenced += 1,
-                (false, Verdict::Same) => {
-                    doomed.push(Tombstone { legacy: object.key.clone(), new: destination, etag: object.etag.clone() })
-                }
-                (false, _) => counts.not_copied += 1,
-            }
-        }
+        let doomed = deletable(cx, args, &page, counts).await?;
         if dry_run {
             for object in &doomed {
                 println!("cleanup: would delete {}", object.legacy);
@@ -170,6 +151,39 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
         lease.end().await;
     }
     Ok(state)
+}
+
+/// The objects of a page that may be deleted: their copy holds the same bytes and no row
+/// references them (the delete protocol checks the references again); the others counted.
+async fn deletable(
+    cx: &Ops<'_>,
+    args: &CleanupArgs,
+    page: &[ObjectMessage],
+    counts: &mut Counts,
+) -> anyhow::Result<Vec<Tombstone>> {
+    let Ops { clients, mapping, .. } = cx;
+    let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| async move {
+        let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
+        let copy =
+            verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination)).await?;
+        let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
+        anyhow::Ok((referenced, copy, destination))
+    }))
+    .buffered(args.concurrency.get())
+    .try_collect()
+    .await?;
+    let mut doomed = Vec::new();
+    for (object, (referenced, copy, destination)) in page.iter().zip(checks) {
+        counts.objects += 1;
+        match (referenced, copy) {
+            (true, _) => counts.referenced += 1,
+            (false, Verdict::Same) => {
+                doomed.push(Tombstone { legacy: object.key.clone(), new: destination, etag: object.etag.clone() })
+            }
+            (false, _) => counts.not_copied += 1,
+        }
+    }
+    Ok(doomed)
 }
 
 /// The exclusive lease, after checking that deletes are protected (the fence) or declared
