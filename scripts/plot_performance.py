@@ -35,16 +35,18 @@ def load(path):
 
 
 def points(runs, x_of, keep):
-    """{(server, tool): [(x, objects/s)]} for the runs `keep` accepts."""
-    series = defaultdict(list)
+    """{(server, tool): [(x, objects/s)]} for the runs `keep` accepts, runs at S3's limit
+    (`--throttle`) left out; where several runs share an x, the first (the side-by-side run of the
+    first line, which the other points were measured against)."""
+    series = defaultdict(dict)
     for run in runs:
-        if not keep(run):
+        if not keep(run) or run.get("throttle_per_s") is not None:
             continue
         for server, tools in run.get("servers", {}).items():
             for tool, m in tools.items():
                 if tool == "pipeline" or tool in MARKERS:
-                    series[(server, tool)].append((x_of(run), m["objects_per_s"]))
-    return series
+                    series[(server, tool)].setdefault(x_of(run), m["objects_per_s"])
+    return {key: list(xy.items()) for key, xy in series.items()}
 
 
 def draw(ax, series, xlabel, title, log_x=False):
