@@ -37,6 +37,20 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The refusals: S3 or KMS refused this object (or, when every object around it is refused,
+    /// the role or a policy refuses them all).
+    pub const REFUSALS: [Reason; 2] = [Reason::AccessDenied, Reason::EncryptionKeyUnusable];
+
+    /// Whether this is one of [`Self::REFUSALS`].
+    pub fn is_refusal(self) -> bool {
+        Self::REFUSALS.contains(&self)
+    }
+
+    /// The names of [`Self::REFUSALS`], as recorded.
+    pub fn refusal_names() -> [&'static str; 2] {
+        Self::REFUSALS.map(Reason::as_str)
+    }
+
     /// The reason recorded as `name`, if any.
     pub fn parse(name: &str) -> Option<Reason> {
         <Reason as clap::ValueEnum>::value_variants().iter().copied().find(|r| r.as_str() == name)

@@ -35,8 +35,8 @@ pub(crate) struct Controller {
     pace: Arc<Pace>,
     paused: watch::Sender<bool>,
     last: Control,
-    /// Whether the fleet has refusal records standing (`access_denied`,
-    /// `encryption_key_unusable`): while it has, each object moved removes its own.
+    /// Whether the fleet has refusal records standing (`Reason::REFUSALS`): while it has, each
+    /// object moved removes its own.
     refusal_records: Arc<std::sync::atomic::AtomicBool>,
 }
 

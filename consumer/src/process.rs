@@ -175,7 +175,7 @@ impl Outcome {
     /// An access denied or KMS refusal: about this object, or about every object
     /// ([`crate::refusals`]).
     fn is_refusal(&self) -> bool {
-        matches!(self, Outcome::SetAside { reason: Reason::AccessDenied | Reason::EncryptionKeyUnusable, .. })
+        matches!(self, Outcome::SetAside { reason, .. } if reason.is_refusal())
     }
 }
 
@@ -335,15 +335,15 @@ impl Worker {
         }
     }
 
-    /// The object moved (on a later delivery, or while refusal records stand): an access
-    /// denied or KMS record an earlier delivery left (a run stopped by refusals in a row) no
-    /// longer stands.
     /// Whether an object of a message received `receipts` times may have a refusal record
     /// standing: an earlier delivery made one, or the fleet has some.
     fn refusal_may_stand(&self, receipts: u32) -> bool {
         receipts > 1 || self.refusal_records.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The object was decided (on a later delivery, or while refusal records stand): an access
+    /// denied or KMS record an earlier delivery left (a run stopped by refusals in a row) no
+    /// longer stands.
     async fn forget_refusals(&self, key: &str) {
         if let Err(err) = common::db::failures::clear_refusals(&self.db, key).await {
             tracing::warn!(error = %err, "cannot remove an earlier refusal's record of a moved object");

@@ -104,26 +104,21 @@ pub async fn recorded_reasons(pool: &PgPool, subjects: &[&str]) -> sqlx::Result<
     Ok(out)
 }
 
-/// Whether any refusal is recorded (`access_denied`, `encryption_key_unusable`): one cheap look
-/// a consumer takes every few seconds.
+/// Whether any refusal ([`Reason::REFUSALS`]) is recorded: one cheap look a consumer takes
+/// every few seconds.
 pub async fn refusals_recorded(pool: &PgPool) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM avatar_migration_failures
-                        WHERE reason IN ('access_denied', 'encryption_key_unusable'))",
-    )
-    .fetch_one(pool)
-    .await
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM avatar_migration_failures WHERE reason = ANY($1))")
+        .bind(Reason::refusal_names())
+        .fetch_one(pool)
+        .await
 }
 
-/// Forgets the refusal records (`access_denied`, `encryption_key_unusable`) of an object that
-/// moved.
+/// Forgets the refusal records ([`Reason::REFUSALS`]) of an object that moved.
 pub async fn clear_refusals(pool: &PgPool, subject: &str) -> sqlx::Result<u64> {
-    let done = sqlx::query(
-        "DELETE FROM avatar_migration_failures
-         WHERE subject = $1 AND reason IN ('access_denied', 'encryption_key_unusable')",
-    )
-    .bind(subject)
-    .execute(pool)
-    .await?;
+    let done = sqlx::query("DELETE FROM avatar_migration_failures WHERE subject = $1 AND reason = ANY($2)")
+        .bind(subject)
+        .bind(Reason::refusal_names())
+        .execute(pool)
+        .await?;
     Ok(done.rows_affected())
 }

@@ -5,7 +5,6 @@
 
 use aws_sdk_s3::primitives::ByteStream;
 use common::aws::{Call, S3};
-use common::db::Reason;
 
 use super::conditional::conditional_copy;
 use super::direct::{Answer, DirectCopy, Miss};
@@ -140,9 +139,7 @@ impl Probe<'_> {
             .await
             .call(|| format!("PUT s3://{bucket}/{key}"))
             .map_err(|e| match CopyError::from(e) {
-                CopyError::SetAside { reason: Reason::AccessDenied | Reason::EncryptionKeyUnusable, detail } => {
-                    Trouble::Refused(detail)
-                }
+                CopyError::SetAside { reason, detail } if reason.is_refusal() => Trouble::Refused(detail),
                 other => Trouble::Failed(other.to_string()),
             })?;
         Ok(put.e_tag().unwrap_or_default().to_owned())
