@@ -146,7 +146,7 @@ const TRANSIENT_CODES: &[&str] = &[
 const THROTTLING_CODES: &[&str] =
     &["SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException"];
 
-/// Codes that mean the whole run is misconfigured.
+/// Codes that mean the whole run is misconfigured (with [`NO_SUCH_QUEUE_CODES`]).
 const FATAL_CODES: &[&str] = &[
     "NoSuchBucket",
     "InvalidAccessKeyId",
@@ -156,14 +156,16 @@ const FATAL_CODES: &[&str] = &[
     "MissingAuthenticationToken",
     "AllAccessDisabled",
     "AccountProblem",
-    "QueueDoesNotExist",
-    "AWS.SimpleQueueService.NonExistentQueue",
-    "NonExistentQueue",
 ];
 
 /// The codes SQS answers for a queue that does not exist (the query and JSON protocols).
 pub const NO_SUCH_QUEUE_CODES: &[&str] =
     &["QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "NonExistentQueue"];
+
+/// Whether a code means the whole run is misconfigured.
+fn is_fatal(code: &str) -> bool {
+    FATAL_CODES.contains(&code) || NO_SUCH_QUEUE_CODES.contains(&code)
+}
 
 /// Whether an answer asks the client to slow down: 503, 429, or a throttling code.
 pub fn is_slow_down(code: &str, status: Option<u16>) -> bool {
@@ -175,7 +177,7 @@ pub fn classify_object(code: &str, status: Option<u16>) -> ErrorClass {
     if TRANSIENT_CODES.contains(&code) {
         return ErrorClass::Transient;
     }
-    if FATAL_CODES.contains(&code) {
+    if is_fatal(code) {
         return ErrorClass::Fatal;
     }
     let reason = match code {
@@ -194,7 +196,7 @@ pub fn classify_object(code: &str, status: Option<u16>) -> ErrorClass {
 pub fn classify_queue(code: &str, status: Option<u16>) -> ErrorClass {
     if TRANSIENT_CODES.contains(&code) {
         ErrorClass::Transient
-    } else if FATAL_CODES.contains(&code)
+    } else if is_fatal(code)
         || code.starts_with("AccessDenied")
         || code == "KMS.AccessDeniedException"
         || status == Some(403)
