@@ -160,12 +160,13 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     assert_eq!(env.failures().await, vec![("row_object_missing".to_owned(), "image/avatar-gone.png".to_owned())]);
     // The objects: every legacy object (with a row or not) has its copy with the same bytes.
     let objects = verification.objects.unwrap();
-    assert_eq!((objects.objects, objects.missing_copy, objects.conflicts, objects.finished), (35, 0, 0, true));
+    let counts = &objects.scan.counts;
+    assert_eq!((counts.objects, counts.missing_copy, counts.conflicts, objects.scan.finished), (35, 0, 0, true));
 
     // A copy replaced by other bytes of the same size, and one deleted: both found.
     env.put(&env.destination_bucket, &modern(&legacy[1]), b"LEGACY").await;
     env.s3.delete_object().bucket(&env.destination_bucket).key(modern(&legacy[2])).send().await.unwrap();
-    let objects = verify(args.clone()).await.objects.unwrap();
+    let objects = verify(args.clone()).await.objects.unwrap().scan.counts;
     assert_eq!((objects.objects, objects.missing_copy, objects.conflicts, objects.unproven), (35, 1, 1, 0));
     // Resumable: an interrupted check goes on after its saved position, keeping its counts.
     let mut sorted = env.keys(&env.source_bucket).await;
@@ -178,19 +179,19 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
     };
     let kind = feeder::store::scans::ScanKind::VerifyObjects;
     feeder::store::scans::save(&env.db, kind, &env.source_bucket, "image/", &saved).await.unwrap();
-    let resumed = verify(args.clone()).await.objects.unwrap();
+    let resumed = verify(args.clone()).await.objects.unwrap().scan;
     let (missing_after, conflicts_after) = (
         sorted[10..].iter().filter(|k| **k == legacy[2]).count() as i64,
         sorted[10..].iter().filter(|k| **k == legacy[1]).count() as i64,
     );
     assert_eq!(
-        (resumed.objects, resumed.missing_copy, resumed.conflicts, resumed.finished),
+        (resumed.counts.objects, resumed.counts.missing_copy, resumed.counts.conflicts, resumed.finished),
         (35, missing_after, conflicts_after, true)
     );
     // A sample checks N consecutive objects from a random place (going round the end of the
     // prefix), saving nothing.
     let sample = verify(feeder::settings::VerifyArgs { sample: Some(5), ..args }).await.objects.unwrap();
-    assert!(sample.objects == 5 && sample.sample, "{sample:?}");
+    assert!(sample.scan.counts.objects == 5 && sample.sample, "{sample:?}");
 }
 
 /// I1: a sampler reads rows while the pipeline runs; every path it sees names an object.
@@ -535,12 +536,12 @@ async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
         "{detail}"
     );
     // The operator sees it: `feeder status` follows the redrive policy to the dead-letter queue.
-    let status = std::process::Command::new(testkit::binary("feeder")).envs(env.vars()).arg("status").output().unwrap();
+    let status = env.command("feeder").arg("status").output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("1 messages in the dead-letter queue"), "{status}");
     assert!(status.contains("rows:     1 in all: 1 legacy (1 of them set aside), 0 modern"), "{status}");
     let feeder = |args: &[&str]| {
-        let out = std::process::Command::new(testkit::binary("feeder")).envs(env.vars()).args(args).output().unwrap();
+        let out = env.command("feeder").args(args).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

@@ -30,7 +30,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::Ops;
-use super::objects::{Verdict, verdict};
+use super::objects::{Verdict, copy_verdict};
 use crate::list::Lister;
 use crate::scan::{self, Ended};
 use crate::settings::CleanupArgs;
@@ -163,9 +163,7 @@ async fn deletable(
 ) -> anyhow::Result<Vec<Tombstone>> {
     let Ops { clients, mapping, .. } = cx;
     let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| async move {
-        let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
-        let copy =
-            verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination)).await?;
+        let (destination, copy) = copy_verdict(clients, mapping, &o.key).await?;
         let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
         anyhow::Ok((referenced, copy, destination))
     }))

@@ -23,15 +23,11 @@ use crate::settings::VerifyArgs;
 use crate::store::scans::{self, ScanKind, ScanPosition};
 use common::setup::Clients;
 
-/// What the object check found (totals across resumed runs).
+/// What the object check found (totals across resumed runs), and where it stands.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObjectCheck {
-    pub last_key: Option<String>,
-    pub objects: i64,
-    pub missing_copy: i64,
-    pub conflicts: i64,
-    pub unproven: i64,
-    pub finished: bool,
+    pub scan: ScanPosition<Counts>,
+    /// A sample (`--sample N`): nothing saved, nothing resumed.
     pub sample: bool,
 }
 
@@ -45,31 +41,9 @@ pub struct Counts {
 }
 
 impl ObjectCheck {
-    fn resumed(saved: ScanPosition<Counts>) -> Self {
-        let Counts { objects, missing_copy, conflicts, unproven } = saved.counts;
-        Self {
-            last_key: saved.last_key,
-            objects,
-            missing_copy,
-            conflicts,
-            unproven,
-            finished: saved.finished,
-            sample: false,
-        }
-    }
-
-    fn position(&self) -> ScanPosition<Counts> {
-        let counts = Counts {
-            objects: self.objects,
-            missing_copy: self.missing_copy,
-            conflicts: self.conflicts,
-            unproven: self.unproven,
-        };
-        ScanPosition { last_key: self.last_key.clone(), counts, finished: self.finished }
-    }
-
     pub fn all_copied(&self) -> bool {
-        self.missing_copy == 0 && self.conflicts == 0 && self.unproven == 0
+        let c = &self.scan.counts;
+        c.missing_copy == 0 && c.conflicts == 0 && c.unproven == 0
     }
 }
 
@@ -93,7 +67,7 @@ pub async fn check(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<ObjectChec
     let mut state = match args.sample {
         Some(_) => ObjectCheck { sample: true, ..ObjectCheck::default() },
         None => match scans::load(&clients.db, ScanKind::VerifyObjects, bucket, prefix).await? {
-            Some(saved) if !saved.finished => ObjectCheck::resumed(saved),
+            Some(saved) if !saved.finished => ObjectCheck { scan: saved, sample: false },
             _ => ObjectCheck::default(),
         },
     };
@@ -103,7 +77,7 @@ pub async fn check(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<ObjectChec
             let ranges = crate::ranges::plan(&lister, None, 64).await?;
             ranges[fastrand::usize(..ranges.len())].after.clone()
         }
-        None => state.last_key.clone(),
+        None => state.scan.last_key.clone(),
     };
     // A sample that reaches the end of the prefix goes on from its beginning, up to where it
     // started.
@@ -122,15 +96,15 @@ pub async fn check(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<ObjectChec
         })
         .await?;
         if ended == Ended::Complete {
-            state.finished = true;
+            state.scan.finished = true;
         }
         if !state.sample {
-            scans::save(&clients.db, ScanKind::VerifyObjects, bucket, prefix, &state.position()).await?;
+            scans::save(&clients.db, ScanKind::VerifyObjects, bucket, prefix, &state.scan).await?;
         }
     }
     let scope = if state.sample {
         "a sample of"
-    } else if state.finished {
+    } else if state.scan.finished {
         "all"
     } else {
         "so far"
@@ -138,11 +112,11 @@ pub async fn check(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<ObjectChec
     println!(
         "verify: objects ({scope}): {} legacy objects checked: {} without a copy, {} with a copy of other bytes, {} \
          not provable within 64 MiB{}",
-        state.objects,
-        state.missing_copy,
-        state.conflicts,
-        state.unproven,
-        if state.finished || state.sample { "" } else { " (interrupted: run again to resume)" }
+        state.scan.counts.objects,
+        state.scan.counts.missing_copy,
+        state.scan.counts.conflicts,
+        state.scan.counts.unproven,
+        if state.scan.finished || state.sample { "" } else { " (interrupted: run again to resume)" }
     );
     Ok(state)
 }
@@ -159,38 +133,49 @@ async fn check_page(
 ) -> anyhow::Result<()> {
     page.truncate((*left).min(page.len() as u64) as usize);
     *left -= page.len() as u64;
-    let verdicts: Vec<Verdict> = futures::stream::iter(page.iter().map(|o| async move {
-        let destination = mapping.destination_key(&o.key).context("a listed key outside SOURCE_PREFIX")?;
-        verdict(clients, (&mapping.source_bucket, &o.key), (&mapping.destination_bucket, &destination)).await
-    }))
+    let verdicts: Vec<Verdict> = futures::stream::iter(
+        page.iter().map(|o| async move { copy_verdict(clients, mapping, &o.key).await.map(|(_, copy)| copy) }),
+    )
     .buffered(args.concurrency.get())
     .try_collect()
     .await?;
+    let counts = &mut state.scan.counts;
     for (object, verdict) in page.iter().zip(&verdicts) {
-        state.objects += 1;
+        counts.objects += 1;
         let what = match verdict {
             Verdict::Same => continue,
             Verdict::MissingCopy => {
-                state.missing_copy += 1;
+                counts.missing_copy += 1;
                 "has no copy"
             }
             Verdict::Conflict => {
-                state.conflicts += 1;
+                counts.conflicts += 1;
                 "has a copy with other bytes"
             }
             Verdict::Unproven => {
-                state.unproven += 1;
+                counts.unproven += 1;
                 "has a copy that cannot be proven the same within 64 MiB"
             }
         };
         tracing::warn!(key = object.key, "legacy object {what}");
     }
-    state.last_key = page.last().map(|o| o.key.clone()).or(state.last_key.take());
+    state.scan.last_key = page.last().map(|o| o.key.clone()).or(state.scan.last_key.take());
     if !state.sample {
         let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
-        scans::save(&clients.db, ScanKind::VerifyObjects, bucket, prefix, &state.position()).await?;
+        scans::save(&clients.db, ScanKind::VerifyObjects, bucket, prefix, &state.scan).await?;
     }
     Ok(())
+}
+
+/// The verdict on a listed legacy object's copy ([`verdict`]), with the copy's key.
+pub(crate) async fn copy_verdict(
+    clients: &Clients,
+    mapping: &common::keys::KeyMapping,
+    key: &str,
+) -> anyhow::Result<(String, Verdict)> {
+    let destination = mapping.destination_key(key).context("a listed key outside SOURCE_PREFIX")?;
+    let copy = verdict(clients, (&mapping.source_bucket, key), (&mapping.destination_bucket, &destination)).await?;
+    Ok((destination, copy))
 }
 
 pub(crate) async fn verdict(

@@ -54,7 +54,7 @@ impl Verification {
     pub fn is_done(&self) -> bool {
         self.unresolved == 0
             && self.legacy_pending == 0
-            && self.objects.as_ref().is_none_or(|o| o.all_copied() && (o.finished || o.sample))
+            && self.objects.as_ref().is_none_or(|o| o.all_copied() && (o.scan.finished || o.sample))
     }
 
     /// One JSON object, for programs (`--json`).
@@ -71,11 +71,12 @@ impl Verification {
             "done": self.is_done(),
         });
         if let Some(o) = &self.objects {
-            json["legacy_objects"] = o.objects.into();
-            json["legacy_missing_copy"] = o.missing_copy.into();
-            json["conflicts"] = o.conflicts.into();
-            json["unproven"] = o.unproven.into();
-            json["objects_complete"] = (o.finished && !o.sample).into();
+            let c = &o.scan.counts;
+            json["legacy_objects"] = c.objects.into();
+            json["legacy_missing_copy"] = c.missing_copy.into();
+            json["conflicts"] = c.conflicts.into();
+            json["unproven"] = c.unproven.into();
+            json["objects_complete"] = (o.scan.finished && !o.sample).into();
         }
         json.to_string()
     }
@@ -189,15 +190,19 @@ fn print_report(r: &Verification) {
 #[cfg(test)]
 mod tests {
     use super::Verification;
-    use crate::ops::objects::ObjectCheck;
+    use crate::ops::objects::{Counts, ObjectCheck};
+    use crate::store::scans::ScanPosition;
 
     #[test]
     fn an_unfinished_object_check_is_not_done() {
         let with = |objects| Verification { objects: Some(objects), ..Verification::default() };
+        let check =
+            |counts, finished, sample| ObjectCheck { scan: ScanPosition { last_key: None, counts, finished }, sample };
+        let objects = |objects| Counts { objects, ..Counts::default() };
         assert!(Verification::default().is_done());
-        assert!(with(ObjectCheck { objects: 10, finished: true, ..ObjectCheck::default() }).is_done());
-        assert!(!with(ObjectCheck { objects: 10, finished: false, ..ObjectCheck::default() }).is_done(), "interrupted");
-        assert!(with(ObjectCheck { objects: 5, sample: true, ..ObjectCheck::default() }).is_done());
-        assert!(!with(ObjectCheck { missing_copy: 1, finished: true, ..ObjectCheck::default() }).is_done());
+        assert!(with(check(objects(10), true, false)).is_done());
+        assert!(!with(check(objects(10), false, false)).is_done(), "interrupted");
+        assert!(with(check(objects(5), false, true)).is_done());
+        assert!(!with(check(Counts { missing_copy: 1, ..Counts::default() }, true, false)).is_done());
     }
 }
