@@ -72,7 +72,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     // SIGTERM, or an error that stops everything.
     let stop = shutdown.child_token();
     let halt = Arc::new(process::Halt::new(stop.clone()));
-    let source_bucket = mapping.source_bucket.clone();
+    let source = (mapping.source_bucket.clone(), mapping.source_prefix.as_str().to_owned());
     let copier = copier(&settings, &clients, mapping, &stats).await?;
     let concurrency = settings
         .concurrency
@@ -108,7 +108,6 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     let (controller, paused) =
         control::Controller::start(clients.db.clone(), stats.clone(), worker.pace(), refusal_records).await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
-    let source = (source_bucket, settings.storage.source_prefix.as_str().to_owned());
     let idle = receive::IdleCheck { sqs: clients.sqs.clone(), db: clients.db.clone(), source };
     let ended = receive::run(&settings.receive_config(concurrency), worker, idle, stop, paused).await;
     let left = wind_down(ended, [Some(rewriter_task), Some(acker_task), sources_task]).await;

@@ -59,7 +59,7 @@ pub(crate) struct Copier {
     pub(crate) destination_check: DestinationCheck,
     /// Objects above `multipart.threshold` are copied in parts.
     pub(crate) multipart: Multipart,
-    /// Where set (`DIRECT_COPY`), each copy is sent this way first ([`crate::direct`]).
+    /// Where set (`DIRECT_COPY`), each copy is sent this way first ([`direct`]).
     pub(crate) direct: Option<DirectCopy>,
     /// The S3 client copies go through when not sent directly: slow-downs come back at once
     /// (`common::aws::s3_paced_client`).

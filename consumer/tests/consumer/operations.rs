@@ -223,11 +223,7 @@ async fn metrics_and_health_are_served_during_a_run() {
     assert_eq!(http_get(&addr, "/health").await.0, 200);
     // Without blocking the runtime: the fault proxy runs on it.
     let check = || {
-        tokio::process::Command::new(testkit::binary("consumer"))
-            .envs(env.vars())
-            .env("METRICS_ADDR", &addr)
-            .arg("--health-check")
-            .output()
+        tokio::process::Command::from(env.command("consumer")).env("METRICS_ADDR", &addr).arg("--health-check").output()
     };
     let ok = check().await.unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
@@ -380,8 +376,8 @@ async fn status_watch_prints_readings_until_stopped() {
     let env = Env::new().await;
     env.seed_legacy(0..3).await;
     feed(&env).await;
-    let mut child = std::process::Command::new(testkit::binary("feeder"))
-        .envs(env.vars())
+    let mut child = env
+        .command("feeder")
         .args(["status", "--watch", "--json", "--interval", "1"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
