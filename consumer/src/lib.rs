@@ -78,19 +78,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         .concurrency
         .map_or_else(|| copy::default_concurrency(copier.destination_check), std::num::NonZeroUsize::get);
     tracing::info!(concurrency, "objects worked on at once");
-    let (sources, sources_task) = if settings.delete_source && !settings.dry_run {
-        let deleter = common::deletion::Deleter {
-            db: clients.db.clone(),
-            s3: clients.s3.clone(),
-            bucket: copier.mapping.source_bucket.clone(),
-            wait: settings.delete_wait,
-        };
-        let (sources, task) =
-            sources::SourceDeleter::start(deleter, settings.legacy_writes_stopped, stats.clone()).await.setup()?;
-        (Some(sources), Some(task))
-    } else {
-        (None, None)
-    };
+    let (sources, sources_task) = source_deleter(&settings, &clients, &copier.mapping.source_bucket, &stats).await?;
     let refusal_records = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stages = process::Stages { rewriter, acker, sources, stats: stats.clone() };
     let max_receive_count = max_receive_count(&settings, &clients).await;
@@ -111,20 +99,35 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     let idle = receive::IdleCheck { sqs: clients.sqs.clone(), db: clients.db.clone(), source };
     let ended = receive::run(&settings.receive_config(concurrency), worker, idle, stop, paused).await;
     let left = wind_down(ended, [Some(rewriter_task), Some(acker_task), sources_task]).await;
-    if settings.dry_run {
-        println!(
-            "consumer: dry run: nothing was copied, written or deleted; the counts below are what would have been \
-             done (messages come back after their visibility timeout)"
-        );
-    }
     endpoint.cancel();
     let _ = controlling.await;
-    stats.print_summary(started.elapsed());
+    stats.print_summary(started.elapsed(), settings.dry_run);
     match (halt.take(), left) {
         (Some(err), _) => Err(Failure::Run(err)),
         (None, Some(left)) => Err(Failure::Unfinished(anyhow::anyhow!(left))),
         (None, None) => Ok(stats),
     }
+}
+
+/// `DELETE_SOURCE`'s deleter and its task (none on a dry run).
+async fn source_deleter(
+    settings: &Settings,
+    clients: &Clients,
+    source_bucket: &str,
+    stats: &Arc<Stats>,
+) -> Result<(Option<sources::SourceDeleter>, Option<tokio::task::JoinHandle<()>>), Failure> {
+    if !settings.delete_source || settings.dry_run {
+        return Ok((None, None));
+    }
+    let deleter = common::deletion::Deleter {
+        db: clients.db.clone(),
+        s3: clients.s3.clone(),
+        bucket: source_bucket.to_owned(),
+        wait: settings.delete_wait,
+    };
+    let (sources, task) =
+        sources::SourceDeleter::start(deleter, settings.legacy_writes_stopped, stats.clone()).await.setup()?;
+    Ok((Some(sources), Some(task)))
 }
 
 /// The copier, its destination check resolved and its direct path tried at start-up (neither

@@ -98,7 +98,14 @@ impl Default for Stats {
 }
 
 impl Stats {
-    pub fn print_summary(&self, elapsed: Duration) {
+    /// Prints what was done (`dry_run`: what would have been).
+    pub fn print_summary(&self, elapsed: Duration, dry_run: bool) {
+        if dry_run {
+            println!(
+                "consumer: dry run: nothing was copied, written or deleted; the counts below are what would have \
+                 been done (messages come back after their visibility timeout)"
+            );
+        }
         println!(
             "consumer: received {} messages; copied {}, already present {}; rows rewritten {}; \
              set aside {}; left for retry {}; acknowledged {}; sources deleted {}; in {:.1}s",

@@ -203,83 +203,87 @@ impl Worker {
                 };
                 (self.settle(outcome).instrument(tracing::info_span!("message", message_id = %id)).await, 1)
             }
-            // The objects of one message one after the other: CONCURRENCY stays the number of
-            // objects in flight. The message is deleted only when every one of them is done or
-            // recorded; otherwise it comes back whole and those already done are found done.
-            // The rows of the message's copied objects are rewritten together once its copies
-            // are done (one batch rather than a round trip per object between two copies), and
-            // awaited before the message may go.
-            Ok(objects) => {
-                let mut deletable = true;
-                // Each object's last steps (its rows, or the verdict on its refusal) run
-                // alongside the next objects' copies, and are awaited before the message may go.
-                let mut pending: Vec<futures::future::BoxFuture<'_, bool>> = Vec::new();
-                let receipts = receive_count(&message);
-                let lookahead = self.copier.look_ahead(&objects).await;
-                for msg in &objects {
-                    if self.halt.halted() {
-                        deletable = false; // stopped by an error of the whole run: the message stays
-                        break;
-                    }
-                    let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
-                    match self.copy_object(msg, lookahead.as_ref()).instrument(span.clone()).await {
-                        Ok(destination) => pending.push(Box::pin(
-                            async move {
-                                let destination_key = destination.clone();
-                                let outcome = self.rewrite_rows(msg, destination).await;
-                                if self.refusal_may_stand(receipts) && matches!(outcome, Outcome::Done) {
-                                    self.forget_refusals(&msg.key).await;
-                                }
-                                if let Some(sources) = &self.sources
-                                    && matches!(outcome, Outcome::Done)
-                                {
-                                    sources.delete(Tombstone {
-                                        legacy: msg.key.clone(),
-                                        new: destination_key,
-                                        etag: msg.etag.clone(),
-                                    });
-                                }
-                                self.note_exhausted(&outcome, &msg.key, receipts).await;
-                                self.settle(outcome).await
-                            }
-                            .instrument(span),
-                        )),
-                        Err(outcome) if outcome.is_refusal() => {
-                            let refusal = self.refused(&outcome);
-                            pending.push(Box::pin(
-                                async move {
-                                    let outcome = self.weigh_refusal(refusal, outcome).await;
-                                    self.note_exhausted(&outcome, &msg.key, receipts).await;
-                                    self.settle(outcome).await
-                                }
-                                .instrument(span),
-                            ));
-                        }
-                        Err(outcome) => {
-                            // Decided for another reason (its source gone, a conflict): a
-                            // refusal recorded by an earlier delivery no longer stands.
-                            if self.refusal_may_stand(receipts) && matches!(outcome, Outcome::SetAside { .. }) {
-                                self.forget_refusals(&msg.key).instrument(span.clone()).await;
-                            }
-                            self.note_exhausted(&outcome, &msg.key, receipts).instrument(span.clone()).await;
-                            let stop = matches!(outcome, Outcome::Fatal(_) | Outcome::Abandoned(_));
-                            deletable &= self.settle(outcome).instrument(span).await;
-                            if stop {
-                                break;
-                            }
-                        }
-                    }
-                }
-                for settled in futures::future::join_all(pending).await {
-                    deletable &= settled;
-                }
-                (deletable, objects.len() as u64)
-            }
+            Ok(objects) => (self.move_objects(&id, &objects, receive_count(&message)).await, objects.len() as u64),
         };
         drop(lease);
         if deletable {
             self.acker.ack(receipt, objects).await;
         }
+    }
+
+    /// Moves the objects of one message, received `receipts` times, one after the other:
+    /// CONCURRENCY stays the number of objects in flight. Returns whether the message may go:
+    /// every object is done or recorded; otherwise it comes back whole and those already done
+    /// are found done.
+    ///
+    /// Each object's last steps (its rows, or the verdict on its refusal) run alongside the
+    /// next objects' copies: the rows of the message's copied objects are rewritten together
+    /// (one batch rather than a round trip per object between two copies), and all of it is
+    /// awaited before the message may go.
+    async fn move_objects(&self, id: &str, objects: &[ObjectMessage], receipts: u32) -> bool {
+        let mut deletable = true;
+        let mut pending: Vec<futures::future::BoxFuture<'_, bool>> = Vec::new();
+        let lookahead = self.copier.look_ahead(objects).await;
+        for msg in objects {
+            if self.halt.halted() {
+                deletable = false; // stopped by an error of the whole run: the message stays
+                break;
+            }
+            let span = tracing::info_span!("object", message_id = %id, key = %msg.key);
+            match self.copy_object(msg, lookahead.as_ref()).instrument(span.clone()).await {
+                Ok(destination) => {
+                    pending.push(Box::pin(self.finish_copied(msg, destination, receipts).instrument(span)))
+                }
+                Err(outcome) if outcome.is_refusal() => {
+                    let refusal = self.refused(&outcome);
+                    let finish = async move {
+                        let outcome = self.weigh_refusal(refusal, outcome).await;
+                        self.note_exhausted(&outcome, &msg.key, receipts).await;
+                        self.settle(outcome).await
+                    };
+                    pending.push(Box::pin(finish.instrument(span)));
+                }
+                Err(outcome) => {
+                    let stop = matches!(outcome, Outcome::Fatal(_) | Outcome::Abandoned(_));
+                    deletable &= self.finish_decided(msg, outcome, receipts).instrument(span).await;
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+        for settled in futures::future::join_all(pending).await {
+            deletable &= settled;
+        }
+        deletable
+    }
+
+    /// The last steps of a copied object: its rows, a refusal record it outlives, its source
+    /// handed over for deletion (`DELETE_SOURCE`). Returns whether it is settled.
+    async fn finish_copied(&self, msg: &ObjectMessage, destination: String, receipts: u32) -> bool {
+        let destination_key = destination.clone();
+        let outcome = self.rewrite_rows(msg, destination).await;
+        if self.refusal_may_stand(receipts) && matches!(outcome, Outcome::Done) {
+            self.forget_refusals(&msg.key).await;
+        }
+        if let Some(sources) = &self.sources
+            && matches!(outcome, Outcome::Done)
+        {
+            sources.delete(Tombstone { legacy: msg.key.clone(), new: destination_key, etag: msg.etag.clone() });
+        }
+        self.note_exhausted(&outcome, &msg.key, receipts).await;
+        self.settle(outcome).await
+    }
+
+    /// The last steps of an object decided without a copy (its source gone, a conflict, an
+    /// error): a refusal recorded by an earlier delivery no longer stands. Returns whether it
+    /// is settled.
+    async fn finish_decided(&self, msg: &ObjectMessage, outcome: Outcome, receipts: u32) -> bool {
+        if self.refusal_may_stand(receipts) && matches!(outcome, Outcome::SetAside { .. }) {
+            self.forget_refusals(&msg.key).await;
+        }
+        self.note_exhausted(&outcome, &msg.key, receipts).await;
+        self.settle(outcome).await
     }
 
     /// Registers an access denied or KMS refusal ([`Outcome::is_refusal`]); the one that

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::Message;
 use common::aws::{AwsError, Call, ErrorClass, Sqs, queue_depth};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -158,7 +158,12 @@ pub(crate) async fn run(
             _ = stop.cancelled() => {}
         }
     }
-    if tokio::time::timeout(config.grace, tracker.wait()).await.is_ok() {
+    grace(&tracker, config.grace, &abandon).await
+}
+
+/// Gives the objects in flight `grace` to finish, then abandons the rest.
+async fn grace(tracker: &TaskTracker, grace: Duration, abandon: &CancellationToken) -> Ended {
+    if tokio::time::timeout(grace, tracker.wait()).await.is_ok() {
         return Ended::Finished;
     }
     let unfinished = tracker.len();
@@ -194,7 +199,7 @@ impl Receiver {
                     _ = drain.cancelled() => break,
                 }
             }
-            let mut held = tokio::select! {
+            let held = tokio::select! {
                 p = self.permits.clone().acquire_many_owned(per_receive as u32) => p.expect("semaphore never closed"),
                 _ = drain.cancelled() => break,
             };
@@ -233,22 +238,27 @@ impl Receiver {
                 continue;
             }
             self.activity.touch();
-            for message in messages {
-                let Some(permit) = held.split(1) else {
-                    // More messages than asked for: leave the extra ones to come back.
-                    tracing::warn!("the queue returned more messages than asked for; the rest come back later");
-                    break;
-                };
-                let (worker, activity, abandon) = (self.worker.clone(), self.activity.clone(), self.abandon.clone());
-                self.tracker.spawn(async move {
-                    tokio::select! {
-                        _ = worker.handle(message) => {}
-                        _ = abandon.cancelled() => {}
-                    }
-                    activity.touch();
-                    drop(permit);
-                });
-            }
+            self.dispatch(messages, held);
+        }
+    }
+
+    /// Hands each message to the worker on a task of its own, with one of the permits `held`.
+    fn dispatch(&self, messages: Vec<Message>, mut held: OwnedSemaphorePermit) {
+        for message in messages {
+            let Some(permit) = held.split(1) else {
+                // More messages than asked for: leave the extra ones to come back.
+                tracing::warn!("the queue returned more messages than asked for; the rest come back later");
+                break;
+            };
+            let (worker, activity, abandon) = (self.worker.clone(), self.activity.clone(), self.abandon.clone());
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = worker.handle(message) => {}
+                    _ = abandon.cancelled() => {}
+                }
+                activity.touch();
+                drop(permit);
+            });
         }
     }
 

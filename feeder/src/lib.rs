@@ -180,32 +180,8 @@ impl Sending<'_> {
                 summary.messages += enqueue::message_count(&page, args.objects_per_message.into()) as u64;
                 continue;
             }
-            let queue_url = &self.settings.queue.queue_url;
-            enqueue::wait_for_room(self.clients, queue_url, args.max_backlog, self.shutdown).await?;
-            let per_message = args.objects_per_message.into();
-            let sent = enqueue::enqueue(&self.clients.sqs, queue_url, &page, per_message, args.send_concurrency.get())
-                .await
-                .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
-            summary.messages += sent.messages;
-            summary.listed += page.len() as u64;
-            summary.enqueued += sent.objects;
-            let checkpoint = &mut input.checkpoint;
-            checkpoint.listed += page.len() as i64;
-            checkpoint.pages += 1;
-            checkpoint.last_key = page.last().map(|o| o.key.clone());
-            let range = &mut input.ranges[i];
-            range.listed += page.len() as i64;
-            range.last_key.clone_from(&checkpoint.last_key);
-            let part = input.in_ranges.then_some(&*range);
-            store::ranges::save_progress(db, bucket, prefix, checkpoint, part)
-                .await
-                .context("saving the feeder checkpoint")?;
-            tracing::info!(
-                listed = checkpoint.listed,
-                range = i,
-                last_key = checkpoint.last_key.as_deref(),
-                "page enqueued"
-            );
+            self.send(input, i, &page, summary).await?;
+            let checkpoint = &input.checkpoint;
             progress.update(checkpoint.listed as u64, checkpoint.last_key.as_deref());
             if self.shutdown.is_cancelled() {
                 break;
@@ -214,6 +190,44 @@ impl Sending<'_> {
         drop(pages);
         progress.finish();
         Ok(unfinished)
+    }
+
+    /// Enqueues one page of part `i`, then saves the part's position past it.
+    async fn send(
+        &self,
+        input: &mut input::Input,
+        i: usize,
+        page: &[common::message::ObjectMessage],
+        summary: &mut Summary,
+    ) -> anyhow::Result<()> {
+        let (args, db, bucket, prefix) = (self.args, &self.clients.db, self.bucket, self.prefix);
+        let queue_url = &self.settings.queue.queue_url;
+        enqueue::wait_for_room(self.clients, queue_url, args.max_backlog, self.shutdown).await?;
+        let per_message = args.objects_per_message.into();
+        let sent = enqueue::enqueue(&self.clients.sqs, queue_url, page, per_message, args.send_concurrency.get())
+            .await
+            .with_context(|| format!("enqueueing a page of s3://{bucket}/{prefix}"))?;
+        summary.messages += sent.messages;
+        summary.listed += page.len() as u64;
+        summary.enqueued += sent.objects;
+        let checkpoint = &mut input.checkpoint;
+        checkpoint.listed += page.len() as i64;
+        checkpoint.pages += 1;
+        checkpoint.last_key = page.last().map(|o| o.key.clone());
+        let range = &mut input.ranges[i];
+        range.listed += page.len() as i64;
+        range.last_key.clone_from(&checkpoint.last_key);
+        let part = input.in_ranges.then_some(&*range);
+        store::ranges::save_progress(db, bucket, prefix, checkpoint, part)
+            .await
+            .context("saving the feeder checkpoint")?;
+        tracing::info!(
+            listed = checkpoint.listed,
+            range = i,
+            last_key = checkpoint.last_key.as_deref(),
+            "page enqueued"
+        );
+        Ok(())
     }
 }
 

@@ -18,6 +18,7 @@
 //! - its position and counts are saved after each page (`avatar_migration_scans`), so an
 //!   interrupted cleanup resumes; a finished one starts over next time.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use common::deletion::Deleter;
 use common::message::ObjectMessage;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::Ops;
 use super::objects::{Verdict, copy_verdict};
@@ -73,6 +75,34 @@ impl Cleanup {
     }
 }
 
+impl Cleanup {
+    fn print_summary(&self) {
+        let verb = if self.dry_run { "would delete" } else { "deleted" };
+        let c = &self.scan.counts;
+        println!(
+            "cleanup: {} legacy objects: {verb} {}; kept {} a row still references, {} without a copy of the same \
+             bytes, {} whose delete failed{}",
+            c.objects,
+            c.deleted,
+            c.referenced,
+            c.not_copied,
+            c.failed,
+            if self.dry_run { " (dry run: pass --yes to delete)" } else { "" }
+        );
+    }
+}
+
+/// Waits until `deleted` deletes since `started` are at most `rate` per second (or shutdown).
+async fn keep_to_rate(rate: NonZeroUsize, deleted: i64, started: Instant, shutdown: &CancellationToken) {
+    let due = Duration::from_secs_f64(deleted as f64 / rate.get() as f64);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
 pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup> {
     let Ops { clients, mapping, shutdown, .. } = cx;
     let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
@@ -110,15 +140,8 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
             counts.referenced += out.referenced.len() as i64;
             counts.failed += (out.failed.len() + out.elsewhere.len()) as i64;
             counts.deleted += out.deleted.len() as i64;
-            // At most `rate` deletes per second, over the whole run.
             if let Some(rate) = args.rate {
-                let due = Duration::from_secs_f64(counts.deleted as f64 / rate.get() as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                }
+                keep_to_rate(rate, counts.deleted, started, shutdown).await;
             }
         }
         state.scan.last_key = page.last().map(|o| o.key.clone()).or(state.scan.last_key.take());
@@ -132,18 +155,7 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
     if !dry_run {
         scans::save(&clients.db, ScanKind::Cleanup, bucket, prefix, &state.scan).await?;
     }
-    let verb = if dry_run { "would delete" } else { "deleted" };
-    let c = &state.scan.counts;
-    println!(
-        "cleanup: {} legacy objects: {verb} {}; kept {} a row still references, {} without a copy of the same bytes, \
-         {} whose delete failed{}",
-        c.objects,
-        c.deleted,
-        c.referenced,
-        c.not_copied,
-        c.failed,
-        if dry_run { " (dry run: pass --yes to delete)" } else { "" }
-    );
+    state.print_summary();
     if args.json {
         println!("{}", state.json());
     }

@@ -29,6 +29,7 @@ use super::Ops;
 use super::ROWS_PAGE;
 use super::objects::{Verdict, verdict};
 use crate::settings::RollbackArgs;
+use crate::store::journal::JournalEntry;
 use common::aws::queue_depth;
 use common::identity::head_etag;
 
@@ -73,9 +74,33 @@ impl Rollback {
     }
 }
 
+impl Rollback {
+    fn print_summary(&self) {
+        let verb = if self.dry_run { "would point" } else { "pointed" };
+        println!(
+            "rollback: {verb} {} rows back at their legacy paths; {} changed since by the live service (left alone), \
+             {} held by another transaction (run again), {} whose legacy object is gone (left alone), {} whose copy \
+             was replaced since by a new upload (left alone)",
+            self.rows, self.changed, self.held, self.legacy_missing, self.copy_replaced
+        );
+    }
+}
+
+/// What the objects of one journal entry allow.
+async fn check(cx: &Ops<'_>, entry: &JournalEntry) -> anyhow::Result<Check> {
+    let Ops { clients, mapping, .. } = cx;
+    let source = (mapping.source_bucket.as_str(), entry.old_path.as_str());
+    if head_etag(&clients.s3, source.0, source.1).await?.is_none() {
+        return Ok(Check::LegacyMissing);
+    }
+    // The copy the row names must still hold the legacy bytes: a new upload at the same key
+    // (the live service's write) is never undone.
+    let copy = verdict(clients, source, (mapping.destination_bucket.as_str(), &entry.new_path)).await?;
+    Ok(if matches!(copy, Verdict::Conflict | Verdict::Unproven) { Check::CopyReplaced } else { Check::Back })
+}
+
 pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollback> {
-    let Ops { settings, clients, mapping, .. } = cx;
-    let (source_bucket, destination_bucket) = (mapping.source_bucket.as_str(), mapping.destination_bucket.as_str());
+    let Ops { settings, clients, .. } = cx;
     let depth = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
     if depth.total() > 0 && !args.force && !args.dry_run {
         anyhow::bail!(
@@ -93,24 +118,8 @@ pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollb
         result.entries += page.len() as u64;
         let paths: Vec<&str> = page.iter().map(|e| e.old_path.as_str()).collect();
         let deleted = common::db::fence::tombstoned(&clients.db, &paths).await.context("reading the tombstones")?;
-        let checks =
-            futures::stream::iter(page.iter().filter(|e| !deleted.contains(&e.old_path)).map(|e| async move {
-                let exists = head_etag(&clients.s3, source_bucket, &e.old_path).await?;
-                if exists.is_none() {
-                    return anyhow::Ok((e.journal_id, Check::LegacyMissing));
-                }
-                // The copy the row names must still hold the legacy bytes: a new upload at the
-                // same key (the live service's write) is never undone.
-                let copy = verdict(clients, (source_bucket, &e.old_path), (destination_bucket, &e.new_path)).await?;
-                Ok((
-                    e.journal_id,
-                    if matches!(copy, Verdict::Conflict | Verdict::Unproven) {
-                        Check::CopyReplaced
-                    } else {
-                        Check::Back
-                    },
-                ))
-            }))
+        let checks = futures::stream::iter(page.iter().filter(|e| !deleted.contains(&e.old_path)))
+            .map(|e| async move { Ok::<_, anyhow::Error>((e.journal_id, check(cx, e).await?)) })
             .buffer_unordered(args.concurrency.get())
             .collect::<Vec<_>>()
             .await;
@@ -133,13 +142,7 @@ pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollb
         result.changed += done.changed;
         result.held += done.held;
     }
-    let verb = if args.dry_run { "would point" } else { "pointed" };
-    println!(
-        "rollback: {verb} {} rows back at their legacy paths; {} changed since by the live service (left alone), {} held \
-         by another transaction (run again), {} whose legacy object is gone (left alone), {} whose copy was replaced \
-         since by a new upload (left alone)",
-        result.rows, result.changed, result.held, result.legacy_missing, result.copy_replaced
-    );
+    result.print_summary();
     if args.json {
         println!("{}", result.json());
     }

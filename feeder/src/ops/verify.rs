@@ -82,6 +82,67 @@ impl Verification {
     }
 }
 
+/// Where a row points, and whether that object exists (not looked up for another prefix).
+async fn resolve(cx: &Ops<'_>, id: i64, path: Option<String>) -> anyhow::Result<(i64, String, Side, bool)> {
+    let Ops { clients, mapping, .. } = cx;
+    let side = classify(path.as_deref(), mapping);
+    let bucket = match side {
+        Side::Modern => &mapping.destination_bucket,
+        Side::Legacy => &mapping.source_bucket,
+        Side::Other => return Ok((id, path.unwrap_or_default(), side, false)),
+    };
+    let path = path.unwrap_or_default();
+    let exists = head_etag(&clients.s3, bucket, &path).await?.is_some();
+    Ok((id, path, side, exists))
+}
+
+impl Verification {
+    /// Counts one row's check; `recorded`: the legacy paths a failure record stands for. A
+    /// legacy row whose object is missing is recorded (`row_object_missing`).
+    async fn count(
+        &mut self,
+        cx: &Ops<'_>,
+        (id, path, side, exists): &(i64, String, Side, bool),
+        recorded: &std::collections::HashSet<String>,
+    ) -> anyhow::Result<()> {
+        let Ops { clients, mapping, .. } = cx;
+        self.rows += 1;
+        match side {
+            Side::Modern => self.modern += 1,
+            Side::Legacy => self.legacy += 1,
+            Side::Other => self.other_prefix += 1,
+        }
+        match (side, exists) {
+            (Side::Other, _) => {}
+            (Side::Modern, true) => {}
+            (Side::Modern, false) => {
+                self.unresolved += 1;
+                tracing::warn!(id, path, "row does not resolve to an object");
+            }
+            (Side::Legacy, false) => {
+                self.unresolved += 1;
+                self.legacy_missing += 1;
+                tracing::warn!(id, path, "row does not resolve to an object");
+                common::db::record_failure(
+                    &clients.db,
+                    path,
+                    Reason::RowObjectMissing,
+                    &format!("row id {id} points at s3://{}/{path}, which does not exist", mapping.source_bucket),
+                )
+                .await?;
+            }
+            (Side::Legacy, true) if recorded.contains(path) => self.legacy_set_aside += 1,
+            (Side::Legacy, true) => {
+                self.legacy_pending += 1;
+                if self.pending_sample.len() < SAMPLE {
+                    self.pending_sample.push((*id, path.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks every row; see the module documentation.
 pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verification> {
     let Ops { clients, mapping, .. } = cx;
@@ -89,60 +150,18 @@ pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verificat
     let mut pages = Keyset::after(i64::MIN);
     let table = |after| crate::store::rows::rows_after(&clients.db, after, ROWS_PAGE);
     while let Some(rows) = pages.next(table, |&(id, _)| id).await? {
-        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| async move {
-            let side = classify(path.as_deref(), mapping);
-            let bucket = match side {
-                Side::Modern => &mapping.destination_bucket,
-                Side::Legacy => &mapping.source_bucket,
-                Side::Other => return Ok::<_, anyhow::Error>((id, path.unwrap_or_default(), side, false)),
-            };
-            let path = path.unwrap_or_default();
-            let exists = head_etag(&clients.s3, bucket, &path).await?.is_some();
-            Ok((id, path, side, exists))
-        }))
-        .buffer_unordered(args.concurrency.get())
-        .try_collect::<Vec<_>>()
-        .await?;
+        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| resolve(cx, id, path)))
+            .buffer_unordered(args.concurrency.get())
+            .try_collect::<Vec<_>>()
+            .await?;
         let legacy_paths: Vec<&str> = checks
             .iter()
             .filter(|(_, _, side, exists)| *side == Side::Legacy && *exists)
             .map(|c| c.1.as_str())
             .collect();
         let recorded = super::standing::standing(clients, mapping, &legacy_paths, args.concurrency.get()).await?;
-        for (id, path, side, exists) in &checks {
-            result.rows += 1;
-            match side {
-                Side::Modern => result.modern += 1,
-                Side::Legacy => result.legacy += 1,
-                Side::Other => result.other_prefix += 1,
-            }
-            match (side, exists) {
-                (Side::Other, _) => {}
-                (Side::Modern, true) => {}
-                (Side::Modern, false) => {
-                    result.unresolved += 1;
-                    tracing::warn!(id, path, "row does not resolve to an object");
-                }
-                (Side::Legacy, false) => {
-                    result.unresolved += 1;
-                    result.legacy_missing += 1;
-                    tracing::warn!(id, path, "row does not resolve to an object");
-                    common::db::record_failure(
-                        &clients.db,
-                        path,
-                        Reason::RowObjectMissing,
-                        &format!("row id {id} points at s3://{}/{path}, which does not exist", mapping.source_bucket),
-                    )
-                    .await?;
-                }
-                (Side::Legacy, true) if recorded.contains(path) => result.legacy_set_aside += 1,
-                (Side::Legacy, true) => {
-                    result.legacy_pending += 1;
-                    if result.pending_sample.len() < SAMPLE {
-                        result.pending_sample.push((*id, path.clone()));
-                    }
-                }
-            }
+        for check in &checks {
+            result.count(cx, check, &recorded).await?;
         }
     }
     if args.objects {
