@@ -7,6 +7,7 @@
 //! `PG_ADMIN_URL`, `AWS_ENDPOINT_URL`, `MOTO_ENDPOINT_URL`, AWS credentials and region.
 
 pub mod bench;
+pub mod cli;
 pub mod faults;
 pub mod proxy;
 pub mod tcp;

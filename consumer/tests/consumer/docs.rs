@@ -100,6 +100,49 @@ fn ours(words: &[String]) -> Option<&'static str> {
     }
 }
 
+/// Whether a script takes the arguments a page gives it: `scripts/bench` and `scripts/faults`
+/// parse them with their binaries' own definitions (`testkit::cli`), after the options the
+/// scripts themselves read; `scripts/local-services` takes one of its commands.
+fn script_takes(words: &[String]) -> Result<(), String> {
+    use clap::Parser;
+    let (script, args) = words.split_first().expect("a command has a first word");
+    match script.as_str() {
+        "scripts/bench" => {
+            // `--servers` is the script's; it passes `--server` lines of its own.
+            let mut argv = vec!["bench".to_owned(), "--server".to_owned(), "s,http://s3,http://sqs".to_owned()];
+            let mut rest = args.iter();
+            while let Some(arg) = rest.next() {
+                match arg.as_str() {
+                    "--servers" => {
+                        let servers = rest.next().ok_or("--servers wants a value")?;
+                        if let Some(unknown) = servers.split(',').find(|s| !matches!(*s, "ministack" | "seaweedfs")) {
+                            return Err(format!("no server {unknown} (ministack, seaweedfs)"));
+                        }
+                    }
+                    _ => argv.push(arg.clone()),
+                }
+            }
+            let parsed = testkit::cli::BenchArgs::try_parse_from(argv).map_err(|e| e.kind().to_string())?;
+            parsed.config().map(drop).map_err(|e| e.to_string())
+        }
+        "scripts/faults" => {
+            let mut argv = vec!["faults".to_owned()];
+            for arg in args {
+                match arg.as_str() {
+                    "--quick" => argv.extend(["--objects", "600"].map(str::to_owned)),
+                    _ => argv.push(arg.clone()),
+                }
+            }
+            testkit::cli::FaultsArgs::try_parse_from(argv).map(drop).map_err(|e| e.kind().to_string())
+        }
+        "scripts/local-services" => match args.first().map(String::as_str) {
+            None | Some("up" | "down" | "env" | "status" | "forget-test-databases") => Ok(()),
+            Some(other) => Err(format!("scripts/local-services has no command {other}")),
+        },
+        _ => Ok(()),
+    }
+}
+
 #[test]
 fn every_command_the_docs_show_is_one_the_binaries_take() {
     let shown = shown();
@@ -127,6 +170,9 @@ fn every_command_the_docs_show_is_one_the_binaries_take() {
             });
             if !executable {
                 wrong.push(format!("{place}: `{script}` is not an executable script of the repository"));
+            }
+            if let Err(e) = script_takes(words) {
+                wrong.push(format!("{place}: `{}`: {e}", words.join(" ")));
             }
             checked += 1;
         } else if let Some(at) = words.iter().position(|w| w == "--example") {
