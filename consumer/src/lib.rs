@@ -84,7 +84,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     let max_receive_count = max_receive_count(&settings, &clients).await;
     let worker = process::Worker::new(
         &clients,
-        &settings,
+        settings.worker_config(),
         copier,
         stages,
         halt.clone(),

@@ -59,6 +59,17 @@ pub(crate) struct Worker {
     refusal_records: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// What a worker takes from the settings (`Settings::worker_config`).
+pub(crate) struct WorkerConfig {
+    pub(crate) queue_url: String,
+    /// How long a message stays invisible; its lease renews it while the message is worked on.
+    pub(crate) visibility: Duration,
+    /// `--dry-run`.
+    pub(crate) dry_run: bool,
+    /// `OBJECT_TIMEOUT`.
+    pub(crate) object_timeout: Duration,
+}
+
 /// The stages a worker hands its objects' next steps to.
 pub(crate) struct Stages {
     pub(crate) rewriter: Rewriter,
@@ -73,7 +84,7 @@ impl Worker {
     /// set by the controller while the fleet has refusal records standing.
     pub(crate) fn new(
         clients: &common::setup::Clients,
-        settings: &crate::Settings,
+        config: WorkerConfig,
         copier: Copier,
         stages: Stages,
         halt: std::sync::Arc<Halt>,
@@ -84,18 +95,18 @@ impl Worker {
         Worker {
             sqs: clients.sqs.clone(),
             db: clients.db.clone(),
-            queue_url: settings.queue.queue_url.clone(),
+            queue_url: config.queue_url,
             copier,
             rewriter,
             acker,
-            visibility: settings.visibility_timeout(),
+            visibility: config.visibility,
             stats,
             halt,
             max_receive_count,
             sources,
-            dry_run: settings.dry_run.then(DryRun::default),
+            dry_run: config.dry_run.then(DryRun::default),
             refusals: Refusals::default(),
-            object_timeout: settings.object_timeout,
+            object_timeout: config.object_timeout,
             refusal_records,
         }
     }

@@ -8,6 +8,7 @@ use common::settings::{DatabaseArgs, QueueArgs, StorageArgs};
 
 use crate::copy::multipart::{MIN_PART, Multipart};
 use crate::copy::{DestinationCheck, MAX_SINGLE_COPY};
+use crate::process::WorkerConfig;
 use crate::receive::ReceiveConfig;
 
 /// Moves legacy avatars: receives one message per object from SQS, copies the object
@@ -229,6 +230,16 @@ impl Settings {
             threshold: self.multipart_threshold,
             part_size: self.multipart_part_size,
             concurrency: self.multipart_concurrency.get(),
+        }
+    }
+
+    /// What each message's worker takes from the settings.
+    pub(crate) fn worker_config(&self) -> WorkerConfig {
+        WorkerConfig {
+            queue_url: self.queue.queue_url.clone(),
+            visibility: self.visibility_timeout(),
+            dry_run: self.dry_run,
+            object_timeout: self.object_timeout,
         }
     }
 
