@@ -125,6 +125,10 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Outgoing<'_>]) -> anyho
                 tracing::warn!(failed = still.len(), attempt, "batch entries failed; sending them again");
                 pending = still;
             }
+            // A refused grant, a queue gone: no attempt can succeed.
+            Err(err) if err.for_queue() == common::aws::ErrorClass::Fatal => {
+                return Err(anyhow::Error::new(err).context("no retry can fix this"));
+            }
             Err(err) => {
                 tracing::warn!(error = %err, attempt, "SendMessageBatch failed; sending again");
                 if attempt == ATTEMPTS {

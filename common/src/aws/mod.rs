@@ -19,7 +19,7 @@ pub mod error;
 pub mod queue;
 
 pub use error::{AwsError, Call, ErrorClass, Unavailable};
-pub use queue::{QueueDepth, check_queue, queue_depth, queue_retention, redrive_policy};
+pub use queue::{QueueDepth, check_queue, dead_letter_queue, queue_depth, queue_retention, redrive_policy};
 
 /// Loads the SDK configuration; a missing region is a setup error naming the variable.
 pub async fn sdk_config() -> anyhow::Result<SdkConfig> {

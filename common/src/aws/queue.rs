@@ -55,8 +55,8 @@ pub async fn queue_retention(sqs: &Sqs, queue_url: &str) -> anyhow::Result<std::
     Ok(std::time::Duration::from_secs(secs))
 }
 
-/// The queue's redrive policy: its dead-letter queue's URL and `maxReceiveCount`; `None`
-/// without one.
+/// The queue's redrive policy: its dead-letter queue's name and `maxReceiveCount`; `None`
+/// without one. One `GetQueueAttributes` on the queue itself.
 pub async fn redrive_policy(sqs: &Sqs, queue_url: &str) -> anyhow::Result<Option<(String, u32)>> {
     let out = sqs
         .get_queue_attributes()
@@ -75,8 +75,15 @@ pub async fn redrive_policy(sqs: &Sqs, queue_url: &str) -> anyhow::Result<Option
     // SQS writes it as a number or as a string, depending on who set it.
     let max = &policy["maxReceiveCount"];
     let max = max.as_u64().or_else(|| max.as_str().and_then(|s| s.parse().ok())).unwrap_or(0) as u32;
+    Ok(Some((name.to_owned(), max)))
+}
+
+/// The dead-letter queue's URL and `maxReceiveCount` (`redrive_policy`, then `GetQueueUrl` on
+/// the dead-letter queue); `None` without one.
+pub async fn dead_letter_queue(sqs: &Sqs, queue_url: &str) -> anyhow::Result<Option<(String, u32)>> {
+    let Some((name, max)) = redrive_policy(sqs, queue_url).await? else { return Ok(None) };
     let url =
-        sqs.get_queue_url().queue_name(name).send().await.call(|| format!("finding the dead-letter queue {name}"))?;
+        sqs.get_queue_url().queue_name(&name).send().await.call(|| format!("finding the dead-letter queue {name}"))?;
     Ok(url.queue_url().map(|u| (u.to_owned(), max)))
 }
 

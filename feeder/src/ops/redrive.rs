@@ -7,7 +7,7 @@
 //! are recorded again if they fail again). `--dry-run` shows the depth and a sample of keys,
 //! and moves nothing. Works on any SQS (AWS also offers `StartMessageMoveTask`).
 
-use common::aws::{Call, queue, queue_depth, redrive_policy};
+use common::aws::{Call, dead_letter_queue, queue, queue_depth};
 use common::db::Reason;
 
 use super::Ops;
@@ -20,7 +20,7 @@ const VISIBILITY: i32 = 60;
 pub async fn redrive(cx: &Ops<'_>, args: &RedriveArgs) -> anyhow::Result<u64> {
     let Ops { settings, clients, .. } = cx;
     let queue = &settings.queue.queue_url;
-    let Some((dlq, _)) = redrive_policy(&clients.sqs, queue).await? else {
+    let Some((dlq, _)) = dead_letter_queue(&clients.sqs, queue).await? else {
         anyhow::bail!("{queue} has no dead-letter queue (no RedrivePolicy): nothing to redrive");
     };
     if args.dry_run {

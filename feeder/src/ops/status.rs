@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::store::journal::JournalSummary;
 use crate::store::rows::RowCounts;
-use common::aws::{QueueDepth, queue_depth, redrive_policy};
+use common::aws::{QueueDepth, dead_letter_queue, queue_depth};
 use common::db::Checkpoint;
 
 use super::Ops;
@@ -194,7 +194,7 @@ async fn refresh(cx: &Ops<'_>, status: &mut Status) -> anyhow::Result<()> {
     let ranges = crate::store::ranges::load_ranges(&clients.db, bucket, prefix).await?;
     status.parts = (!ranges.is_empty()).then(|| (ranges.len(), ranges.iter().filter(|r| r.finished).count()));
     status.queue = queue_depth(&clients.sqs, &settings.queue.queue_url).await?;
-    status.dlq = match redrive_policy(&clients.sqs, &settings.queue.queue_url).await? {
+    status.dlq = match dead_letter_queue(&clients.sqs, &settings.queue.queue_url).await? {
         Some((url, _)) => Some(queue_depth(&clients.sqs, &url).await?),
         None => None,
     };
