@@ -9,7 +9,9 @@
 pub mod bench;
 pub mod cli;
 pub mod faults;
+pub mod grants;
 pub mod proxy;
+pub mod stack;
 pub mod tcp;
 
 use std::collections::HashMap;

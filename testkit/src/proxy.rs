@@ -146,13 +146,31 @@ impl Rule {
 struct State {
     upstream: String,
     rules: Mutex<Vec<Rule>>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Body>,
     forwarded: AtomicU64,
     /// Requests forwarded, by kind (`SQS <Action>`, `S3 <METHOD>`, `S3 copy`).
     by_kind: Mutex<std::collections::BTreeMap<String, u64>>,
     injected: AtomicU64,
     /// Every request is refused (the server is unreachable).
     down: AtomicBool,
+    /// Every request forwarded, when recording ([`FaultProxy::record`]).
+    seen: Mutex<Option<Vec<Seen>>>,
+}
+
+/// A request the proxy forwarded, as far as deciding which IAM action it needs.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    /// `x-amz-copy-source`, URL-encoded as sent.
+    pub copy_source: Option<String>,
+    /// For SQS: the action and the body (JSON, naming the queue).
+    pub sqs: Option<(String, String)>,
+    /// For S3's `DeleteObjects` (`POST ?delete`): the body (XML, naming the keys).
+    pub body: Option<String>,
+    /// The server's answer: its HTTP status (403: refused).
+    pub status: u16,
 }
 
 /// A running proxy; it stops when dropped.
@@ -176,6 +194,7 @@ impl FaultProxy {
             by_kind: Mutex::default(),
             injected: AtomicU64::new(0),
             down: AtomicBool::new(false),
+            seen: Mutex::new(None),
         });
         let serving = state.clone();
         let task = tokio::spawn(async move {
@@ -218,6 +237,16 @@ impl FaultProxy {
     /// Requests forwarded to the real server so far.
     pub fn forwarded(&self) -> u64 {
         self.state.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// From now on, keeps every request forwarded (read with [`FaultProxy::seen`]).
+    pub fn record(&self) {
+        self.state.seen.lock().unwrap().get_or_insert_with(Vec::new);
+    }
+
+    /// The requests forwarded since [`FaultProxy::record`].
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone().unwrap_or_default()
     }
 
     /// Requests forwarded so far, by kind: `SQS <Action>`, `S3 <METHOD>`, or `S3 copy`.
@@ -311,10 +340,31 @@ async fn forward(state: &State, req: Request<Incoming>) -> Result<Response<Body>
         None => format!("S3 {}", req.method()),
     };
     *state.by_kind.lock().unwrap().entry(kind).or_default() += 1;
+    let action = sqs_action(&req).map(str::to_owned);
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = format!("{}{path}", state.upstream).parse().map_err(std::io::Error::other)?;
+    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+    let recording = state.seen.lock().unwrap().is_some();
+    // A recorded SQS request or S3 batch delete is read whole (they are small): its body names
+    // the queue, or the keys.
+    let whole = recording && (action.is_some() || (parts.method == hyper::Method::POST && target.contains("delete")));
+    let (body, text) = if whole {
+        let bytes = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        (Full::new(bytes).map_err(|never: Infallible| match never {}).boxed(), Some(text))
+    } else {
+        (body.boxed(), None)
+    };
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (method, copy_source) = (parts.method.to_string(), header("x-amz-copy-source"));
+    parts.uri = format!("{}{target}", state.upstream).parse().map_err(std::io::Error::other)?;
     let answer = state.client.request(Request::from_parts(parts, body)).await.map_err(std::io::Error::other)?;
+    if let Some(seen) = state.seen.lock().unwrap().as_mut() {
+        let (sqs, body) = match action {
+            Some(action) => (Some((action, text.unwrap_or_default())), None),
+            None => (None, text),
+        };
+        seen.push(Seen { method, target, copy_source, sqs, body, status: answer.status().as_u16() });
+    }
     Ok(answer.map(|b| b.boxed()))
 }
 

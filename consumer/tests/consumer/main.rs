@@ -7,6 +7,7 @@ mod docs;
 mod done;
 mod end;
 mod errors;
+mod grants;
 mod helpers;
 mod identity;
 mod multipart;
