@@ -23,8 +23,8 @@ COPY --from=build /out/feeder /out/consumer /usr/local/bin/
 COPY add-ons/sre-challenge-addon1.sql /usr/share/avatar-migration/
 USER 10001
 ENV LOG_FORMAT=json
-# The consumer's /metrics and /health (`consumer --health-check` asks it; the ECS task
-# definition uses that as its health check).
+# The consumer's /metrics, /live and /ready (`consumer --health-check` asks /live; the ECS
+# task definition uses that as its health check).
 ENV METRICS_ADDR=0.0.0.0:9090
 EXPOSE 9090
 # The consumer is the long-running service; run `feeder` for the one-shot task.

@@ -1,11 +1,15 @@
 //! What the consumer counts, and the HTTP endpoint that serves it (`METRICS_ADDR`): Prometheus
-//! metrics on `/metrics` and a health check on `/health`.
+//! metrics on `/metrics`, liveness on `/live` and the dependencies on `/ready`.
 //!
 //! Promises:
 //! - every counter is the one the exit summary prints (one set of counters, not two);
-//! - `/health` answers 200 only when S3 (the destination bucket), SQS (the queue) and
+//! - `/live` answers 200 while the process serves, whatever its dependencies do: the
+//!   container's health check asks it (`consumer --health-check`), so a database failover or an
+//!   S3 outage never gets a healthy fleet replaced (the consumers wait for it and go on);
+//! - `/ready` answers 200 only when S3 (the destination bucket), SQS (the queue) and
 //!   PostgreSQL (`SELECT 1`) each answered within [`CHECK_TIMEOUT`], else 503 naming what
-//!   failed; it never prints a secret (the database is named by nothing but "PostgreSQL");
+//!   failed; each `/metrics` scrape runs the same checks into `dependency_up{dependency}`; it
+//!   never prints a secret (the database is named by nothing but "PostgreSQL");
 //! - the endpoint never stops the work: a failure to serve one request is logged and dropped.
 
 use std::net::SocketAddr;
@@ -67,6 +71,8 @@ pub struct Stats {
     pub copies_slowed_down: Counter,
     /// 1 while the operator has paused the fleet (`feeder pause`).
     pub paused: Gauge,
+    /// 1 when the dependency answered the last check (a scrape runs one), 0 otherwise.
+    dependency_up: Family<Labels, Gauge>,
 }
 
 impl Default for Stats {
@@ -93,6 +99,7 @@ impl Default for Stats {
             copy_rate: Gauge::default(),
             copies_slowed_down: Counter::default(),
             paused: Gauge::default(),
+            dependency_up: Family::default(),
         }
     }
 }
@@ -196,6 +203,11 @@ impl Stats {
             self.paused.clone(),
         );
         r.register(
+            "dependency_up",
+            "1 when the dependency (s3, sqs, postgres) answered the check of this scrape, 0 otherwise",
+            self.dependency_up.clone(),
+        );
+        r.register(
             "s3_slowdowns",
             "S3 answers asking to slow down (503, 429), retried ones included",
             self.s3_slowdowns.clone(),
@@ -230,7 +242,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// What `/health` checks.
+/// What `/ready` and each scrape check.
 #[derive(Clone)]
 pub struct Health {
     pub s3: S3,
@@ -241,8 +253,9 @@ pub struct Health {
 }
 
 impl Health {
-    /// `Ok` when every dependency answered; otherwise what failed.
-    pub async fn check(&self) -> Result<(), Unhealthy> {
+    /// `Ok` when every dependency answered; otherwise what failed. Each dependency's answer
+    /// also goes to `stats`' `dependency_up`.
+    pub async fn check(&self, stats: &Stats) -> Result<(), Unhealthy> {
         let s3 = within("S3", async {
             let head = self.s3.head_bucket().bucket(&self.bucket).send().await;
             head.call(|| format!("HeadBucket {}", self.bucket)).map(|_| ()).map_err(anyhow::Error::from)
@@ -265,6 +278,10 @@ impl Health {
             })
         });
         let (s3, sqs, db) = tokio::join!(s3, sqs, db);
+        for (name, answer) in [("s3", &s3), ("sqs", &sqs), ("postgres", &db)] {
+            let up = stats.dependency_up.get_or_create(&vec![("dependency".to_owned(), name.to_owned())]);
+            up.set(i64::from(answer.is_ok()));
+        }
         let failed: Vec<anyhow::Error> = [s3, sqs, db].into_iter().filter_map(Result::err).collect();
         if failed.is_empty() { Ok(()) } else { Err(Unhealthy(failed)) }
     }
@@ -289,7 +306,7 @@ async fn within(what: &'static str, check: impl Future<Output = anyhow::Result<(
     }
 }
 
-/// Serves `/metrics` and `/health` on `addr` until `stop` fires; returns the bound address.
+/// Serves `/metrics`, `/live` and `/ready` on `addr` until `stop` fires; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     stats: Arc<Stats>,
@@ -300,7 +317,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("METRICS_ADDR: cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    tracing::info!(address = %bound, "serving /metrics and /health");
+    tracing::info!(address = %bound, "serving /metrics, /live and /ready");
     let task = tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -331,18 +348,23 @@ pub async fn serve(
 
 async fn answer(path: &str, stats: &Stats, health: &Health) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
-        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", stats.encode()),
-        "/health" => {
+        "/metrics" => {
+            // A failed dependency is a value of the scrape, not a failed scrape.
+            let _ = health.check(stats).await;
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", stats.encode())
+        }
+        "/live" => (StatusCode::OK, "text/plain", "live\n".to_owned()),
+        "/ready" => {
             let started = Instant::now();
-            match health.check().await {
+            match health.check(stats).await {
                 Ok(()) => (StatusCode::OK, "text/plain", format!("ok ({:.0?})\n", started.elapsed())),
                 Err(why) => {
-                    tracing::warn!(failed = %why, "health check failed");
+                    tracing::warn!(failed = %why, "a dependency does not answer");
                     (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n"))
                 }
             }
         }
-        _ => (StatusCode::NOT_FOUND, "text/plain", "/metrics or /health\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "/metrics, /live or /ready\n".to_owned()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -350,26 +372,26 @@ async fn answer(path: &str, stats: &Stats, health: &Health) -> Response<Full<Byt
     response
 }
 
-/// `consumer --health-check`: asks the running consumer's `/health` on `addr` (the loopback
-/// when it listens on every interface); `Ok` on 200. For the container's health check, which
-/// has no curl.
+/// `consumer --health-check`: asks the running consumer's `/live` on `addr` (the loopback when
+/// it listens on every interface); `Ok` on 200. For the container's health check, which has
+/// no curl: it tells whether the process serves, never whether its dependencies answer.
 pub async fn probe(addr: SocketAddr) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let target = if addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), addr.port()) } else { addr };
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(target).await?;
-        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
+        stream.write_all(b"GET /live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await?;
         anyhow::Ok(answer)
     };
     let answer = tokio::time::timeout(CHECK_TIMEOUT * 2, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from http://{target}/health"))??;
+        .map_err(|_| anyhow::anyhow!("no answer from http://{target}/live"))??;
     let status_line = answer.lines().next().unwrap_or_default();
     anyhow::ensure!(
         status_line.split_whitespace().nth(1) == Some("200"),
-        "http://{target}/health: {status_line}: {}",
+        "http://{target}/live: {status_line}: {}",
         answer.split("\r\n\r\n").nth(1).unwrap_or_default().trim()
     );
     Ok(())

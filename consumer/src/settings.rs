@@ -130,14 +130,16 @@ pub struct Settings {
     #[arg(long, env = "REWRITE_JOURNAL", value_parser = clap::builder::BoolishValueParser::new(), default_value = "true", action = clap::ArgAction::Set)]
     pub rewrite_journal: bool,
 
-    /// Serve Prometheus metrics on /metrics and a health check on /health at this address
-    /// (e.g. 127.0.0.1:9090; the image sets 0.0.0.0:9090). /health answers 200 only when S3,
-    /// SQS and PostgreSQL all answer. Unset: no endpoint.
+    /// Serve Prometheus metrics on /metrics, liveness on /live and readiness on /ready at this
+    /// address (e.g. 127.0.0.1:9090; the image sets 0.0.0.0:9090). /live answers 200 while the
+    /// process serves; /ready only when S3, SQS and PostgreSQL all answer (each scrape of
+    /// /metrics checks them too: dependency_up). Unset: no endpoint.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// Ask the running consumer's /health (at METRICS_ADDR) and exit 0 when it answers 200, 1
-    /// otherwise: the container's health check (the image has no curl).
+    /// Ask the running consumer's /live (at METRICS_ADDR) and exit 0 when it answers 200, 1
+    /// otherwise: the container's health check (the image has no curl). It does not ask the
+    /// dependencies: a database failover must not get the fleet replaced.
     #[arg(long)]
     pub health_check: bool,
 

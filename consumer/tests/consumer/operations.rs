@@ -170,12 +170,13 @@ fn free_port() -> u16 {
 }
 
 /// During a run the consumer serves Prometheus metrics whose counters match the end state
-/// (objects copied, set aside by reason, rows rewritten, messages deleted, latencies), and a
-/// health check that answers 200 while S3, SQS and PostgreSQL answer and 503 naming S3 once
-/// S3 fails (counted as slow-downs); `consumer --health-check` follows it. The copies go the
+/// (objects copied, set aside by reason, rows rewritten, messages deleted, latencies), a
+/// readiness check that answers 200 while S3, SQS and PostgreSQL answer and 503 naming S3 once
+/// S3 fails (counted as slow-downs, and in `dependency_up`), and liveness that stays 200 through
+/// it, as `consumer --health-check` (the container's health check) does. The copies go the
 /// direct way (`DIRECT_COPY`, the default), through the proxy.
 #[tokio::test]
-async fn metrics_and_health_are_served_during_a_run() {
+async fn metrics_liveness_and_readiness_are_served_during_a_run() {
     use testkit::proxy::{Fault, FaultProxy, Rule, When};
     let env = Env::new().await;
     let (keys, _) = env.seed_legacy(0..30).await;
@@ -220,7 +221,9 @@ async fn metrics_and_health_are_served_during_a_run() {
     expect("avatar_migration_s3_direct_handed_over_total", 0.0);
     expect("avatar_migration_s3_direct_copy_off", 0.0);
 
-    assert_eq!(http_get(&addr, "/health").await.0, 200);
+    assert_eq!(http_get(&addr, "/ready").await.0, 200);
+    assert_eq!(http_get(&addr, "/live").await.0, 200);
+    expect("avatar_migration_dependency_up{dependency=\"s3\"}", 1.0);
     // Without blocking the runtime: the fault proxy runs on it.
     let check = || {
         tokio::process::Command::from(env.command("consumer")).env("METRICS_ADDR", &addr).arg("--health-check").output()
@@ -228,18 +231,27 @@ async fn metrics_and_health_are_served_during_a_run() {
     let ok = check().await.unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 
-    // S3 stops answering but with 503: health fails, naming S3, and the slow-downs show.
+    // S3 stops answering but with 503: readiness fails, naming S3, and so does the scrape's
+    // dependency_up; liveness, and with it the container's health check, does not (a
+    // dependency's outage must not get the fleet replaced).
     s3.add(Rule::always(
         When { method: Some("HEAD"), ..When::default() },
         Fault::Error { status: 503, code: "SlowDown" },
     ));
-    let (status, body) = http_get(&addr, "/health").await;
+    let (status, body) = http_get(&addr, "/ready").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.starts_with("S3: ") && !body.contains("SQS") && !body.contains("PostgreSQL"), "{body}");
-    let failed = check().await.unwrap();
-    assert_eq!(failed.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&failed.stderr).contains("503"), "{}", String::from_utf8_lossy(&failed.stderr));
-    assert!(sample(&http_get(&addr, "/metrics").await.1, "avatar_migration_s3_slowdowns_total").unwrap() > 0.0);
+    assert_eq!(http_get(&addr, "/live").await.0, 200);
+    let still = check().await.unwrap();
+    assert!(
+        still.status.success(),
+        "the health check asks for liveness only: {}",
+        String::from_utf8_lossy(&still.stderr)
+    );
+    let scrape = http_get(&addr, "/metrics").await.1;
+    assert_eq!(sample(&scrape, "avatar_migration_dependency_up{dependency=\"s3\"}"), Some(0.0), "{scrape}");
+    assert_eq!(sample(&scrape, "avatar_migration_dependency_up{dependency=\"postgres\"}"), Some(1.0), "{scrape}");
+    assert!(sample(&scrape, "avatar_migration_s3_slowdowns_total").unwrap() > 0.0);
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(wait_exit(&mut child, std::time::Duration::from_secs(30)).await.success());
