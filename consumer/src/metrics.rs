@@ -148,70 +148,32 @@ impl Stats {
     /// Every metric, registered under `avatar_migration_`.
     fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("avatar_migration");
-        r.register("messages_received", "Messages received from the queue", self.received.clone());
-        r.register("messages_deleted", "Messages deleted: every object done or recorded", self.deleted.clone());
-        r.register("objects_copied", "Objects this process copied", self.copied.clone());
-        r.register(
-            "objects_already_present",
-            "Objects whose destination already held the same bytes",
-            self.already_present.clone(),
-        );
-        r.register(
-            "objects_set_aside",
-            "Objects recorded for the operator, by reason",
-            self.set_aside_by_reason.clone(),
-        );
-        r.register("objects_retried", "Objects left for a later delivery", self.retry_later.clone());
-        r.register("objects_acknowledged", "Objects whose message was deleted", self.acked.clone());
-        r.register("rows_rewritten", "Rows pointed at their object's copy", self.rows_rewritten.clone());
-        r.register("sources_deleted", "Legacy objects deleted after their move", self.sources_deleted.clone());
-        r.register("messages_in_flight", "Messages being worked on", self.in_flight.clone());
-        r.register("s3_copy_seconds", "Seconds to put one object at its destination", self.copy_seconds.clone());
-        r.register(
-            "db_rewrite_seconds",
-            "Seconds from asking an object's row rewrite to its result",
-            self.rewrite_seconds.clone(),
-        );
-        r.register(
-            "s3_direct_copies",
-            "Copies decided by the direct path (DIRECT_COPY): copied, or refused because the destination exists",
-            self.direct_copies.clone(),
-        );
-        r.register(
-            "s3_direct_handed_over",
-            "Copies the direct path left to the SDK (any other answer, or none)",
-            self.direct_handed_over.clone(),
-        );
-        r.register(
-            "s3_direct_copy_off",
-            "1 while the direct path (DIRECT_COPY) is off after failing where the SDK succeeded, 0 otherwise",
-            self.direct_copy_off.clone(),
-        );
-        r.register(
-            "copy_rate_limit",
-            "Copies per second this consumer's pace allows now; 0 while not paced (no slow-down seen yet)",
-            self.copy_rate.clone(),
-        );
-        r.register(
-            "copies_slowed_down",
-            "Copies S3 asked to slow down (503, 429; either copy path), each tried again at the pace",
-            self.copies_slowed_down.clone(),
-        );
-        r.register(
-            "paused",
-            "1 while the operator has paused the fleet (feeder pause): nothing is received",
-            self.paused.clone(),
-        );
-        r.register(
-            "dependency_up",
-            "1 when the dependency (s3, sqs, postgres) answered the check of this scrape, 0 otherwise",
-            self.dependency_up.clone(),
-        );
-        r.register(
-            "s3_slowdowns",
-            "S3 answers asking to slow down (503, 429), retried ones included",
-            self.s3_slowdowns.clone(),
-        );
+        // One line a metric: its name, its help, the field that holds it.
+        macro_rules! register {
+            ($($name:literal, $help:literal, $field:ident;)*) => { $( r.register($name, $help, self.$field.clone()); )* };
+        }
+        register! {
+            "messages_received", "Messages received from the queue", received;
+            "messages_deleted", "Messages deleted: every object done or recorded", deleted;
+            "objects_copied", "Objects this process copied", copied;
+            "objects_already_present", "Objects whose destination already held the same bytes", already_present;
+            "objects_set_aside", "Objects recorded for the operator, by reason", set_aside_by_reason;
+            "objects_retried", "Objects left for a later delivery", retry_later;
+            "objects_acknowledged", "Objects whose message was deleted", acked;
+            "rows_rewritten", "Rows pointed at their object's copy", rows_rewritten;
+            "sources_deleted", "Legacy objects deleted after their move", sources_deleted;
+            "messages_in_flight", "Messages being worked on", in_flight;
+            "s3_copy_seconds", "Seconds to put one object at its destination", copy_seconds;
+            "db_rewrite_seconds", "Seconds from asking an object's row rewrite to its result", rewrite_seconds;
+            "s3_direct_copies", "Copies decided by the direct path (DIRECT_COPY): copied, or refused because the destination exists", direct_copies;
+            "s3_direct_handed_over", "Copies the direct path left to the SDK (any other answer, or none)", direct_handed_over;
+            "s3_direct_copy_off", "1 while the direct path (DIRECT_COPY) is off after failing where the SDK succeeded, 0 otherwise", direct_copy_off;
+            "copy_rate_limit", "Copies per second this consumer's pace allows now; 0 while not paced (no slow-down seen yet)", copy_rate;
+            "copies_slowed_down", "Copies S3 asked to slow down (503, 429; either copy path), each tried again at the pace", copies_slowed_down;
+            "paused", "1 while the operator has paused the fleet (feeder pause): nothing is received", paused;
+            "dependency_up", "1 when the dependency (s3, sqs, postgres) answered the check of this scrape, 0 otherwise", dependency_up;
+            "s3_slowdowns", "S3 answers asking to slow down (503, 429), retried ones included", s3_slowdowns;
+        }
         r
     }
 
