@@ -21,6 +21,9 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin migrator
 COPY --from=build /out/feeder /out/consumer /usr/local/bin/
 COPY add-ons/sre-challenge-addon1.sql /usr/share/avatar-migration/
+# Amazon RDS's CA bundle, for sslmode=verify-full against RDS: sqlx trusts only the roots
+# compiled into it, which do not hold RDS's CAs. DATABASE_URL=…?sslmode=verify-full&sslrootcert=/usr/share/avatar-migration/rds-global-bundle.pem
+ADD --chmod=644 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem /usr/share/avatar-migration/rds-global-bundle.pem
 USER 10001
 ENV LOG_FORMAT=json
 # The consumer's /metrics, /live and /ready (`consumer --health-check` asks /live; the ECS

@@ -3,8 +3,11 @@
 --   psql "$ADMIN_URL" -v password='...' [-v connection_limit=N] -f deploy/database-role.sql
 -- (the password is passed as a psql variable and quoted by psql itself; the grants name the
 -- database psql is connected to). Stops at the first error; safe to run again.
--- Then store postgres://avatar_migrator:<password>@<host>:5432/proddatabase in the Secrets
--- Manager secret the stack reads (DatabaseSecretArn).
+-- Then store
+--   postgres://avatar_migrator:<password>@<host>:5432/proddatabase?sslmode=verify-full&sslrootcert=/usr/share/avatar-migration/rds-global-bundle.pem
+-- in the Secrets Manager secret the stack reads (DatabaseSecretArn): verify-full checks the
+-- server's certificate and name against RDS's CA bundle, which the image holds (the binaries
+-- trust no other CA for PostgreSQL; without sslrootcert they refuse RDS's certificate).
 \set ON_ERROR_STOP on
 
 -- The index the compare-and-set rewrite needs, built online by the owner. The binaries build it

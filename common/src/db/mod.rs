@@ -61,10 +61,16 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow:
         .map_err(|e| {
             // sqlx's errors never hold the connection string; the source is kept for
             // `is_unavailable`.
-            anyhow::Error::new(e).context(format!(
-                "cannot connect to the database at {target} given by DATABASE_URL (check that PostgreSQL \
-                 is running and the URL's host, port, user, password and database)"
-            ))
+            let check = if matches!(e, sqlx::Error::Tls(_)) || e.to_string().contains("certificate") {
+                // sqlx trusts only the roots compiled into it: not RDS's CA, nor a CA of one's own.
+                "the server's certificate is not trusted: give its CA in the URL, \
+                 sslrootcert=/usr/share/avatar-migration/rds-global-bundle.pem on RDS (the image holds it) \
+                 or sslrootcert=/path/to/ca.pem"
+            } else {
+                "check that PostgreSQL is running and the URL's host, port, user, password and database"
+            };
+            anyhow::Error::new(e)
+                .context(format!("cannot connect to the database at {target} given by DATABASE_URL ({check})"))
         })?;
     Ok(pool)
 }

@@ -101,3 +101,31 @@ fn help_explains_settings_and_never_shows_the_database_url() {
     assert!(help.contains("[env: SOURCE_BUCKET_NAME") && help.contains("status") && help.contains("verify"), "{help}");
     assert!(!help.contains("s3cr3t-pw"), "{help}");
 }
+
+/// `sslmode=verify-full`, as the docs tell users to connect: with the server's CA given
+/// (`sslrootcert`), the feeder connects over TLS; without it (sqlx then trusts only the roots
+/// compiled into it, which hold neither this CA nor RDS's) or with another CA, it is refused
+/// at start-up, exit 2, naming the certificate, the password never shown.
+#[tokio::test]
+async fn verify_full_connects_with_the_servers_ca_and_is_refused_without_it() {
+    let env = Env::new().await;
+    let ca = testkit::required("PG_CA_FILE");
+    let url = |query: &str| format!("{}?sslmode=verify-full{query}", env.database_url);
+    let with_ca = url(&format!("&sslrootcert={ca}"));
+    let (code, err) = feeder_with(&env, &[("DATABASE_URL", Some(&with_ca)), ("DRY_RUN", Some("true"))]);
+    assert_eq!(code, Some(0), "{err}");
+    let ssl: bool = {
+        let pool = sqlx::PgPool::connect(&with_ca).await.unwrap();
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetch_one(&pool).await.unwrap()
+    };
+    assert!(ssl, "the connection is encrypted");
+
+    // Other CAs: the machine's public ones, none of which signed the server's certificate.
+    let other_ca = "/etc/ssl/certs/ca-certificates.crt";
+    for refused in [url(""), url(&format!("&sslrootcert={other_ca}"))] {
+        let (code, err) = feeder_with(&env, &[("DATABASE_URL", Some(&refused)), ("DRY_RUN", Some("true"))]);
+        assert_eq!(code, Some(2), "{refused}: {err}");
+        assert!(err.to_lowercase().contains("certificate"), "{err}");
+        assert!(!err.contains("localdev"), "the password never reaches the output: {err}");
+    }
+}
