@@ -69,6 +69,23 @@ impl Stack {
             .collect()
     }
 
+    /// A resource as CloudFormation would create it (`Type`, `Properties` rendered); `None`
+    /// when its `Condition` does not hold, an error when the template has no such resource.
+    pub fn resource(&self, name: &str) -> anyhow::Result<Option<Json>> {
+        let resource = self.template["Resources"].get(name).ok_or_else(|| anyhow!("no resource {name}"))?;
+        if let Some(condition) = resource.get("Condition").and_then(Yaml::as_str)
+            && !self.condition(condition)?
+        {
+            return Ok(None);
+        }
+        self.resolve(resource)
+    }
+
+    /// A parameter's value: the one given, or its default.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters.get(name).map(String::as_str)
+    }
+
     /// Whether a condition of the template holds.
     pub fn condition(&self, name: &str) -> anyhow::Result<bool> {
         let body = self.template["Conditions"].get(name).ok_or_else(|| anyhow!("no condition {name}"))?;

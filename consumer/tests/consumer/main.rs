@@ -17,6 +17,7 @@ mod reference;
 mod rows;
 mod seaweedfs;
 mod secrets;
+mod stack;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
