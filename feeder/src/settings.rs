@@ -204,8 +204,9 @@ pub struct VerifyArgs {
 
     /// Also print the result as one JSON object, as the last line of stdout: rows_checked,
     /// rows_modern, rows_legacy, rows_other, rows_unresolvable, rows_legacy_missing,
-    /// rows_legacy_set_aside, rows_legacy_pending, done; with --objects also legacy_objects,
-    /// legacy_missing_copy, conflicts, unproven, objects_complete.
+    /// rows_legacy_set_aside, rows_legacy_pending, rows_error (rows whose object could not be
+    /// looked at: counted, the run goes on, not done), done; with --objects also
+    /// legacy_objects, legacy_missing_copy, conflicts, unproven, objects_complete.
     #[arg(long)]
     pub json: bool,
 }

@@ -162,3 +162,28 @@ async fn a_failure_record_counts_only_while_it_still_holds() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("3 legacy: 2 messages enqueued, 1 left alone"), "{out}");
 }
+
+/// A row whose object cannot be looked at (its HEAD refused, as an SSE-KMS object is without
+/// the KMS grant) is counted and named, not the end of `verify`: the other rows are checked,
+/// the run is not done (exit 3) and says why.
+#[tokio::test]
+async fn verify_counts_a_refused_head_and_checks_the_other_rows() {
+    use testkit::proxy::{Fault, FaultProxy, Rule, When};
+    let env = Env::new().await;
+    env.seed_legacy(0..5).await;
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let refused = When { method: Some("HEAD"), contains: Some("avatar-3.png".into()), ..When::default() };
+    s3.add(Rule::always(refused, Fault::Error { status: 403, code: "AccessDenied" }));
+    let out = tokio::process::Command::from(env.command("feeder"))
+        .args(["verify", "--json"])
+        .env("AWS_ENDPOINT_URL_S3", &s3.url)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("cannot look at row") && stdout.contains("avatar-3.png"), "{stdout}");
+    let json = crate::helpers::last_json(&stdout);
+    assert_eq!((json["rows_checked"].as_u64(), json["rows_error"].as_u64()), (Some(5), Some(1)), "{json}");
+    assert_eq!((json["rows_legacy_pending"].as_u64(), json["done"].as_bool()), (Some(4), Some(false)), "{json}");
+}

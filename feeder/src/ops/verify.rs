@@ -38,6 +38,12 @@ pub struct Verification {
     pub legacy_pending: u64,
     /// Some of the pending rows: (id, path).
     pub pending_sample: Vec<(i64, String)>,
+    /// Rows whose object could not be looked at (a HEAD refused or failing: an SSE-KMS object
+    /// without the grant, say): counted and sampled, not the end of the run; they are neither
+    /// resolved nor unresolved, and the run is not done while any is left.
+    pub errors: u64,
+    /// Some of them: (id, path, error).
+    pub error_sample: Vec<(i64, String, String)>,
     /// With `--objects`: what the object check found.
     pub objects: Option<super::objects::ObjectCheck>,
 }
@@ -54,6 +60,7 @@ impl Verification {
     pub fn is_done(&self) -> bool {
         self.unresolved == 0
             && self.legacy_pending == 0
+            && self.errors == 0
             && self.objects.as_ref().is_none_or(|o| o.all_copied() && (o.scan.finished || o.sample))
     }
 
@@ -68,6 +75,7 @@ impl Verification {
             "rows_legacy_missing": self.legacy_missing,
             "rows_legacy_set_aside": self.legacy_set_aside,
             "rows_legacy_pending": self.legacy_pending,
+            "rows_error": self.errors,
             "done": self.is_done(),
         });
         if let Some(o) = &self.objects {
@@ -82,17 +90,26 @@ impl Verification {
     }
 }
 
-/// Where a row points, and whether that object exists (not looked up for another prefix).
-async fn resolve(cx: &Ops<'_>, id: i64, path: Option<String>) -> anyhow::Result<(i64, String, Side, bool)> {
+/// One row's check: where it points, and whether that object exists (not looked up for
+/// another prefix), or why that could not be told.
+type RowCheck = (i64, String, Side, Result<bool, String>);
+
+/// Checks one row. An error about every object (a bucket gone, credentials refused) ends the
+/// run; one about this object (refused, failing after the SDK's retries) is the row's answer.
+async fn resolve(cx: &Ops<'_>, id: i64, path: Option<String>) -> anyhow::Result<RowCheck> {
     let Ops { clients, mapping, .. } = cx;
     let side = classify(path.as_deref(), mapping);
     let bucket = match side {
         Side::Modern => &mapping.destination_bucket,
         Side::Legacy => &mapping.source_bucket,
-        Side::Other => return Ok((id, path.unwrap_or_default(), side, false)),
+        Side::Other => return Ok((id, path.unwrap_or_default(), side, Ok(false))),
     };
     let path = path.unwrap_or_default();
-    let exists = head_etag(&clients.s3, bucket, &path).await?.is_some();
+    let exists = match head_etag(&clients.s3, bucket, &path).await {
+        Ok(etag) => Ok(etag.is_some()),
+        Err(err) if err.for_object() == common::aws::ErrorClass::Fatal => return Err(err.into()),
+        Err(err) => Err(err.to_string()),
+    };
     Ok((id, path, side, exists))
 }
 
@@ -102,10 +119,22 @@ impl Verification {
     async fn count(
         &mut self,
         cx: &Ops<'_>,
-        (id, path, side, exists): &(i64, String, Side, bool),
+        (id, path, side, exists): &RowCheck,
         recorded: &std::collections::HashSet<String>,
     ) -> anyhow::Result<()> {
         let Ops { clients, mapping, .. } = cx;
+        let exists = match exists {
+            Ok(exists) => exists,
+            Err(why) => {
+                self.rows += 1;
+                self.errors += 1;
+                tracing::warn!(id, path, error = %why, "cannot look at the row's object");
+                if self.error_sample.len() < SAMPLE {
+                    self.error_sample.push((*id, path.clone(), why.clone()));
+                }
+                return Ok(());
+            }
+        };
         self.rows += 1;
         match side {
             Side::Modern => self.modern += 1,
@@ -156,7 +185,7 @@ pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verificat
             .await?;
         let legacy_paths: Vec<&str> = checks
             .iter()
-            .filter(|(_, _, side, exists)| *side == Side::Legacy && *exists)
+            .filter(|(_, _, side, exists)| *side == Side::Legacy && exists == &Ok(true))
             .map(|c| c.1.as_str())
             .collect();
         let recorded = super::standing::standing(clients, mapping, &legacy_paths, args.concurrency.get()).await?;
@@ -193,6 +222,12 @@ fn print_report(r: &Verification) {
     for (id, path) in &r.pending_sample {
         println!("verify: not migrated yet: row {id} {path:?}");
     }
+    if r.errors > 0 {
+        println!("verify: {} rows whose object could not be looked at (not counted above):", r.errors);
+        for (id, path, why) in &r.error_sample {
+            println!("verify: cannot look at row {id} {path:?}: {why}");
+        }
+    }
     if r.is_done() {
         println!("verify: done: every row resolves and no legacy row is left without a reason");
     } else if r.legacy_pending > 0 {
@@ -201,8 +236,12 @@ fn print_report(r: &Verification) {
              consumers drain the queue, then verify again",
             r.legacy_pending
         );
-    } else {
+    } else if r.unresolved > 0 {
         println!("verify: not done: rows that do not resolve need a person (feeder failures)");
+    } else {
+        println!(
+            "verify: not done: rows whose object could not be looked at; fix what refused them, then verify again"
+        );
     }
 }
 
