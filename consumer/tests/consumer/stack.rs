@@ -25,6 +25,9 @@ fn stack(parameters: &[(&str, &str)]) -> Stack {
         ("DeadLetterQueue.Arn", "arn:aws:sqs:us-east-1:000000000000:avatar-migration-dlq"),
         ("DeadLetterQueue.QueueName", "avatar-migration-dlq"),
         ("Cluster", "avatar-migration"),
+        ("Cluster.Arn", "arn:aws:ecs:us-east-1:000000000000:cluster/avatar-migration"),
+        ("ConsumersFailToStart.Arn", "arn:aws:events:us-east-1:000000000000:rule/consumers"),
+        ("FeederStopped.Arn", "arn:aws:events:us-east-1:000000000000:rule/feeder"),
         ("ConsumerService.Name", "consumer"),
         ("AlarmTopic", "arn:aws:sns:us-east-1:000000000000:avatar-migration-alarms"),
         ("TaskSecurityGroup", "sg-tasks"),
@@ -139,4 +142,75 @@ fn ecs_waits_longer_than_the_consumers_grace_period() {
         std::time::Duration::from_secs(stop_timeout) >= grace + std::time::Duration::from_secs(5),
         "StopTimeout {stop_timeout}s leaves no margin after a grace of {grace:?}"
     );
+}
+
+/// Asks EventBridge (MiniStack's, which evaluates patterns as AWS does: `anything-but`, `$or`)
+/// whether `event` matches `pattern`.
+async fn matches(pattern: &Value, event: &Value) -> bool {
+    use http_body_util::BodyExt;
+    let endpoint = testkit::required("AWS_ENDPOINT_URL");
+    let body = json!({"EventPattern": pattern.to_string(), "Event": event.to_string()}).to_string();
+    let request = hyper::Request::post(format!("{endpoint}/"))
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amz-target", "AWSEvents.TestEventPattern")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/events/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let answer = client.request(request).await.unwrap();
+    let status = answer.status();
+    let answer: Value = serde_json::from_slice(&answer.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert!(status.is_success(), "TestEventPattern: {status} {answer}");
+    answer["Result"].as_bool().unwrap_or_else(|| panic!("TestEventPattern: {answer}"))
+}
+
+/// An ECS task stopped: its group, stop code and its one container's exit code.
+fn stopped(group: &str, stop_code: &str, exit_code: i64) -> Value {
+    json!({
+        "version": "0", "id": "1", "detail-type": "ECS Task State Change", "source": "aws.ecs",
+        "account": "000000000000", "time": "2026-12-07T00:00:00Z", "region": "us-east-1", "resources": [],
+        "detail": {
+            "clusterArn": "arn:aws:ecs:us-east-1:000000000000:cluster/avatar-migration",
+            "group": group, "lastStatus": "STOPPED", "stopCode": stop_code,
+            "containers": [{"name": "x", "exitCode": exit_code}]
+        }
+    })
+}
+
+/// Every consumer that stops on an error, and a feeder that stops on an error or before its
+/// end (retired, stopped by hand: it then exits 0 at a checkpoint), reach the alarm topic;
+/// scale-in and a feeder that finished do not.
+#[tokio::test]
+async fn a_task_that_stops_on_an_error_or_early_reaches_the_alarm_topic() {
+    let stack = stack(&[]);
+    let pattern = |rule: &str| {
+        let rule = resource(&stack, rule);
+        assert_eq!(
+            rule["Properties"]["Targets"][0]["Arn"],
+            "arn:aws:sns:us-east-1:000000000000:avatar-migration-alarms"
+        );
+        rule["Properties"]["EventPattern"].clone()
+    };
+    let consumers = pattern("ConsumersFailToStart");
+    let feeder = pattern("FeederStopped");
+    let consumer = "service:consumer";
+    for (exit_code, alarm) in [(0, false), (1, true), (2, true), (137, true)] {
+        let event = stopped(consumer, "EssentialContainerExited", exit_code);
+        assert_eq!(matches(&consumers, &event).await, alarm, "consumer exit {exit_code}");
+    }
+    let family = "family:avatar-migration-feeder";
+    for (stop_code, exit_code, alarm) in [
+        ("EssentialContainerExited", 0, false),
+        ("EssentialContainerExited", 1, true),
+        ("EssentialContainerExited", 137, true),
+        ("TerminationNotice", 0, true),
+        ("UserInitiated", 0, true),
+    ] {
+        let event = stopped(family, stop_code, exit_code);
+        assert_eq!(matches(&feeder, &event).await, alarm, "feeder {stop_code}, exit {exit_code}");
+    }
+    assert!(!matches(&feeder, &stopped(consumer, "UserInitiated", 1)).await, "the feeder's rule is the feeder's");
 }
