@@ -7,6 +7,7 @@ mod ack;
 mod batch;
 mod control;
 pub mod copy;
+pub mod emf;
 mod lease;
 pub mod metrics;
 mod pace;
@@ -96,11 +97,16 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     let (controller, paused) =
         control::Controller::start(clients.db.clone(), stats.clone(), worker.pace(), refusal_records).await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
+    let emitting =
+        settings.cloudwatch_namespace.clone().map(|ns| tokio::spawn(emf::run(ns, stats.clone(), endpoint.clone())));
     let idle = receive::IdleCheck { sqs: clients.sqs.clone(), db: clients.db.clone(), source };
     let ended = receive::run(&settings.receive_config(concurrency), worker, idle, stop, paused).await;
     let left = wind_down(ended, [Some(rewriter_task), Some(acker_task), sources_task]).await;
     endpoint.cancel();
     let _ = controlling.await;
+    if let Some(emitting) = emitting {
+        let _ = emitting.await; // its last line, with what the wind-down finished
+    }
     stats.print_summary(started.elapsed(), settings.dry_run);
     match (halt.take(), left) {
         (Some(err), _) => Err(Failure::Run(err)),

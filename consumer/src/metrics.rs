@@ -46,6 +46,8 @@ pub struct Stats {
     pub rows_rewritten: Counter,
     pub set_aside: Counter,
     pub set_aside_by_reason: Family<Labels, Counter>,
+    /// Of those, the refusals (access denied, a KMS key refused).
+    refused: Counter,
     /// Objects left for a later delivery (their message comes back).
     pub retry_later: Counter,
     /// Objects whose message was deleted.
@@ -86,6 +88,7 @@ impl Default for Stats {
             rows_rewritten: Counter::default(),
             set_aside: Counter::default(),
             set_aside_by_reason: Family::default(),
+            refused: Counter::default(),
             retry_later: Counter::default(),
             acked: Counter::default(),
             sources_deleted: Counter::default(),
@@ -142,7 +145,15 @@ impl Stats {
     /// Counts an object set aside with its reason.
     pub fn count_set_aside(&self, reason: &str) {
         self.set_aside.inc();
+        if common::reason::Reason::parse(reason).is_some_and(common::reason::Reason::is_refusal) {
+            self.refused.inc();
+        }
         self.set_aside_by_reason.get_or_create(&vec![("reason".to_owned(), reason.to_owned())]).inc();
+    }
+
+    /// Objects set aside because access or a KMS key was refused (`Reason::REFUSALS`).
+    pub fn refusals(&self) -> u64 {
+        self.refused.get()
     }
 
     /// Every metric, registered under `avatar_migration_`.

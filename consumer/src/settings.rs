@@ -137,6 +137,13 @@ pub struct Settings {
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
+    /// Publish CloudWatch metrics in this namespace through the logs: once a minute, one line
+    /// on stdout in CloudWatch's embedded metric format (ObjectsMoved, ObjectsSetAside,
+    /// Refusals, RowsRewritten, CopiesSlowedDown since the last line), which CloudWatch Logs
+    /// turns into metrics with no API call. The stack sets AvatarMigration/<stack>. Unset: none.
+    #[arg(long, env = "CLOUDWATCH_NAMESPACE")]
+    pub cloudwatch_namespace: Option<String>,
+
     /// Ask the running consumer's /live (at METRICS_ADDR) and exit 0 when it answers 200, 1
     /// otherwise: the container's health check (the image has no curl). It does not ask the
     /// dependencies: a database failover must not get the fleet replaced.

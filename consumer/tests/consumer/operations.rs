@@ -512,3 +512,24 @@ async fn status_estimates_past_a_size_and_never_queues_behind_a_lock() {
     assert!(stderr.contains("lock timeout"), "{stderr}");
     ddl.rollback().await.unwrap();
 }
+
+/// With `CLOUDWATCH_NAMESPACE`, the consumer's stdout carries CloudWatch's embedded metric
+/// format: lines whose counts add up to what the run did (the last one written at the end).
+#[tokio::test]
+async fn cloudwatch_metrics_lines_add_up_to_the_run() {
+    let env = Env::new().await;
+    env.seed_legacy(0..3).await;
+    env.put(&env.source_bucket, "image/conflict.png", b"legacy").await;
+    env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
+    feed(&env).await;
+    let out = drain(&env, &[("CLOUDWATCH_NAMESPACE", "AvatarMigration/test")]).await;
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("\"_aws\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty(), "no metric line: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(lines.iter().all(|l| l["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "AvatarMigration/test"));
+    let sum = |name: &str| lines.iter().map(|l| l[name].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("ObjectsMoved"), sum("RowsRewritten"), sum("ObjectsSetAside")), (3, 3, 1));
+}

@@ -214,3 +214,26 @@ async fn a_task_that_stops_on_an_error_or_early_reaches_the_alarm_topic() {
     }
     assert!(!matches(&feeder, &stopped(consumer, "UserInitiated", 1)).await, "the feeder's rule is the feeder's");
 }
+
+/// The alarms on the consumers' own counts read what the consumers write: the namespace the
+/// stack gives them (CLOUDWATCH_NAMESPACE) and metric names their lines carry.
+#[test]
+fn the_count_alarms_read_what_the_consumers_publish() {
+    let stack = stack(&[]);
+    let container = resource(&stack, "ConsumerTaskDefinition")["Properties"]["ContainerDefinitions"][0].clone();
+    let namespace = container["Environment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["Name"] == "CLOUDWATCH_NAMESPACE")
+        .map(|e| e["Value"].clone())
+        .expect("the consumers publish their counts");
+    assert_eq!(namespace, "AvatarMigration/avatar-migration");
+    let published: Vec<&str> = consumer::emf::names().collect();
+    for alarm in ["ObjectsSetAsideSpike", "ObjectsRefused"] {
+        let properties = resource(&stack, alarm)["Properties"].clone();
+        assert_eq!(properties["Namespace"], namespace, "{alarm}");
+        let metric = properties["MetricName"].as_str().unwrap();
+        assert!(published.contains(&metric), "{alarm} reads {metric}, which no consumer publishes: {published:?}");
+    }
+}
