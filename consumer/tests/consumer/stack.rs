@@ -46,6 +46,17 @@ fn resource(stack: &Stack, name: &str) -> Value {
     stack.resource(name).unwrap().unwrap_or_else(|| panic!("{name} is not created"))
 }
 
+fn consumer_container(stack: &Stack) -> Value {
+    resource(stack, "ConsumerTaskDefinition")["Properties"]["ContainerDefinitions"][0].clone()
+}
+
+/// The value the stack gives a consumer's environment variable; `Null` when it gives none.
+fn consumer_env(stack: &Stack, name: &str) -> Value {
+    let container = consumer_container(stack);
+    let variables = container["Environment"].as_array().cloned().unwrap_or_default();
+    variables.into_iter().find(|e| e["Name"] == name).map_or(Value::Null, |e| e["Value"].clone())
+}
+
 /// Every deploy sends its alarms somewhere: the subscription is created whatever the
 /// parameters, and a deploy without an address is refused (the parameter has no default).
 #[test]
@@ -128,14 +139,9 @@ fn the_scaling_metric_exists_and_names_this_service() {
 #[test]
 fn ecs_waits_longer_than_the_consumers_grace_period() {
     let stack = stack(&[]);
-    let container = resource(&stack, "ConsumerTaskDefinition")["Properties"]["ContainerDefinitions"][0].clone();
-    let stop_timeout = container["StopTimeout"].as_u64().unwrap();
-    let grace = container["Environment"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["Name"] == "SHUTDOWN_GRACE_SECONDS")
-        .and_then(|e| e["Value"].as_str())
+    let stop_timeout = consumer_container(&stack)["StopTimeout"].as_u64().unwrap();
+    let grace = consumer_env(&stack, "SHUTDOWN_GRACE_SECONDS")
+        .as_str()
         .and_then(|v| humantime::parse_duration(v).ok().or_else(|| v.parse().ok().map(std::time::Duration::from_secs)))
         .expect("the consumer's SHUTDOWN_GRACE_SECONDS is set");
     assert!(
@@ -220,14 +226,7 @@ async fn a_task_that_stops_on_an_error_or_early_reaches_the_alarm_topic() {
 #[test]
 fn the_count_alarms_read_what_the_consumers_publish() {
     let stack = stack(&[]);
-    let container = resource(&stack, "ConsumerTaskDefinition")["Properties"]["ContainerDefinitions"][0].clone();
-    let namespace = container["Environment"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["Name"] == "CLOUDWATCH_NAMESPACE")
-        .map(|e| e["Value"].clone())
-        .expect("the consumers publish their counts");
+    let namespace = consumer_env(&stack, "CLOUDWATCH_NAMESPACE");
     assert_eq!(namespace, "AvatarMigration/avatar-migration");
     let published: Vec<&str> = consumer::emf::names().collect();
     for alarm in ["ObjectsSetAsideSpike", "ObjectsRefused"] {
