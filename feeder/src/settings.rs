@@ -49,8 +49,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Check that the migration is done: every row's path names an existing object, and no
     /// row still points at the legacy prefix unless it was set aside with a reason. Rows
-    /// pointing at a missing legacy object are recorded (reason row_object_missing). Exit 0
-    /// when done, 3 when not (a sample of the rows left is printed).
+    /// pointing at a missing legacy object are recorded (reason row_object_missing); a row whose
+    /// object cannot be looked at is counted and the pass goes on. Resumable: the position is
+    /// saved after each page of rows, and a run after an interrupted pass goes on from there.
+    /// Exit 0 when done, 3 when not (a sample of the rows left is printed).
     Verify(VerifyArgs),
     /// Enqueue every legacy row not migrated yet (and not set aside with a reason), so that
     /// the consumers finish the job: the second pass after a lost or expired message or a row

@@ -187,3 +187,51 @@ async fn verify_counts_a_refused_head_and_checks_the_other_rows() {
     assert_eq!((json["rows_checked"].as_u64(), json["rows_error"].as_u64()), (Some(5), Some(1)), "{json}");
     assert_eq!((json["rows_legacy_pending"].as_u64(), json["done"].as_bool()), (Some(4), Some(false)), "{json}");
 }
+
+/// `verify` stopped by SIGTERM mid-pass saves where it stood and is not done (exit 3); the next
+/// run goes on from there, its counts adding up to the whole table, and answers done.
+#[tokio::test]
+async fn an_interrupted_verify_goes_on_from_where_it_stopped() {
+    use testkit::proxy::{Fault, FaultProxy, Rule, When};
+    let env = Env::new().await;
+    let keys = legacy_keys(0..2500);
+    let modern: Vec<String> = keys.iter().map(|k| crate::helpers::modern(k)).collect();
+    env.put_many(&env.destination_bucket, &modern, b"png").await;
+    env.insert_rows(&modern).await;
+    // The second page (rows 1001 to 2000) holds one slow HEAD: the first page is saved
+    // meanwhile, and the signal comes before the third.
+    let s3 = FaultProxy::start(&env.s3_endpoint).await.unwrap();
+    let slow = When { method: Some("HEAD"), contains: Some("avatar-1200.png".into()), ..When::default() };
+    s3.add(Rule::always(slow, Fault::Delay(std::time::Duration::from_secs(2))));
+    let mut first = env
+        .command("feeder")
+        .args(["verify", "--json"])
+        .env("AWS_ENDPOINT_URL_S3", &s3.url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let printed = crate::helpers::capture_stdout(&mut first);
+    testkit::wait_until("the first page saved", std::time::Duration::from_secs(60), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM avatar_migration_scans WHERE kind = 'verify_rows'")
+            .fetch_one(&env.db)
+            .await
+            .is_ok_and(|n| n == 1)
+    })
+    .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = crate::helpers::wait_exit(&mut first, std::time::Duration::from_secs(60)).await;
+    let out = printed.join().unwrap();
+    assert_eq!(status.code(), Some(3), "{out}");
+    let stopped = crate::helpers::last_json(&out);
+    assert_eq!(stopped["done"], false, "{out}");
+    assert!(stopped["rows_checked"].as_u64().unwrap() < 2500, "{out}");
+
+    let (code, out) = feeder(&env, &["verify", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("went on after row id"), "{out}");
+    let whole = crate::helpers::last_json(&out);
+    assert_eq!((whole["rows_checked"].as_u64(), whole["rows_modern"].as_u64()), (Some(2500), Some(2500)), "{out}");
+    // A finished pass is not resumed: the next run checks every row again.
+    let (_, again) = feeder(&env, &["verify"]);
+    assert!(!again.contains("went on after"), "{again}");
+}

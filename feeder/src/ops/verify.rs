@@ -3,7 +3,9 @@
 //! reason (`feeder failures`).
 //!
 //! Promises: rows are read in id order in pages (no long transaction, no lock) and objects are
-//! only HEADed. Writes only failure records: every row whose legacy object is missing is
+//! only HEADed. A pass is resumable: its position (the last row id decided) and its counts are
+//! saved after each page, and a run after an interrupted pass goes on from there; a run after
+//! a finished pass starts a new one. An interrupted pass is never "done". Writes only failure records: every row whose legacy object is missing is
 //! recorded (`row_object_missing`) so the operator can list it. The answer is "done" only when
 //! nothing unresolved and nothing pending is left; a sample of pending rows is printed.
 
@@ -16,10 +18,13 @@ use common::db::Reason;
 use common::db::keyset::Keyset;
 use common::identity::head_etag;
 
+use crate::store::scans::{self, ScanKind, ScanPosition};
+
 /// Pending rows printed at most.
 const SAMPLE: usize = 10;
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Verification {
     pub rows: u64,
     pub modern: u64,
@@ -45,7 +50,14 @@ pub struct Verification {
     /// Some of them: (id, path, error).
     pub error_sample: Vec<(i64, String, String)>,
     /// With `--objects`: what the object check found.
+    #[serde(skip)]
     pub objects: Option<super::objects::ObjectCheck>,
+    /// The pass went through every row (not stopped by a signal).
+    #[serde(skip)]
+    pub complete: bool,
+    /// The row id this run resumed after (an interrupted pass), if it did.
+    #[serde(skip)]
+    pub resumed_after: Option<i64>,
 }
 
 impl Verification {
@@ -58,7 +70,8 @@ impl Verification {
     /// through the whole prefix (an interrupted check is not an answer; a sample answers for
     /// what it checked).
     pub fn is_done(&self) -> bool {
-        self.unresolved == 0
+        self.complete
+            && self.unresolved == 0
             && self.legacy_pending == 0
             && self.errors == 0
             && self.objects.as_ref().is_none_or(|o| o.all_copied() && (o.scan.finished || o.sample))
@@ -174,11 +187,20 @@ impl Verification {
 
 /// Checks every row; see the module documentation.
 pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verification> {
-    let Ops { clients, mapping, .. } = cx;
-    let mut result = Verification::default();
-    let mut pages = Keyset::after(i64::MIN);
+    let Ops { clients, mapping, shutdown, .. } = cx;
+    let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
+    let mut pass = match scans::load::<Verification>(&clients.db, ScanKind::VerifyRows, bucket, prefix).await? {
+        Some(saved) if !saved.finished => saved,
+        _ => ScanPosition::default(),
+    };
+    let after = pass.last_key.as_deref().and_then(|id| id.parse::<i64>().ok());
+    let mut result = std::mem::take(&mut pass.counts);
+    result.resumed_after = after;
+    let mut pages = Keyset::after(after.unwrap_or(i64::MIN));
     let table = |after| crate::store::rows::rows_after(&clients.db, after, ROWS_PAGE);
+    result.complete = true;
     while let Some(rows) = pages.next(table, |&(id, _)| id).await? {
+        let last = rows.last().map(|&(id, _)| id);
         let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| resolve(cx, id, path)))
             .buffer_unordered(args.concurrency.get())
             .try_collect::<Vec<_>>()
@@ -192,8 +214,20 @@ pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verificat
         for check in &checks {
             result.count(cx, check, &recorded).await?;
         }
+        pass.last_key = last.map(|id| id.to_string());
+        pass.counts = result.clone();
+        scans::save(&clients.db, ScanKind::VerifyRows, bucket, prefix, &pass).await?;
+        if shutdown.is_cancelled() {
+            result.complete = false;
+            break;
+        }
     }
-    if args.objects {
+    if result.complete {
+        pass.finished = true;
+        pass.counts = result.clone();
+        scans::save(&clients.db, ScanKind::VerifyRows, bucket, prefix, &pass).await?;
+    }
+    if args.objects && result.complete {
         result.objects = Some(super::objects::check(cx, args).await?);
     }
     print_report(&result);
@@ -204,6 +238,9 @@ pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verificat
 }
 
 fn print_report(r: &Verification) {
+    if let Some(id) = r.resumed_after {
+        println!("verify: went on after row id {id}, where an interrupted pass stopped (its counts included)");
+    }
     println!(
         "verify: {} rows: {} modern, {} legacy, {} with another prefix (not checked); {} resolve, {} do not \
          ({} legacy rows whose object is missing, recorded as row_object_missing)",
@@ -228,7 +265,9 @@ fn print_report(r: &Verification) {
             println!("verify: cannot look at row {id} {path:?}: {why}");
         }
     }
-    if r.is_done() {
+    if !r.complete {
+        println!("verify: interrupted: run verify again to go on from where it stopped");
+    } else if r.is_done() {
         println!("verify: done: every row resolves and no legacy row is left without a reason");
     } else if r.legacy_pending > 0 {
         println!(
@@ -253,11 +292,13 @@ mod tests {
 
     #[test]
     fn an_unfinished_object_check_is_not_done() {
-        let with = |objects| Verification { objects: Some(objects), ..Verification::default() };
+        let rows_checked = Verification { complete: true, ..Verification::default() };
+        let with = |objects| Verification { objects: Some(objects), ..rows_checked.clone() };
         let check =
             |counts, finished, sample| ObjectCheck { scan: ScanPosition { last_key: None, counts, finished }, sample };
         let objects = |objects| Counts { objects, ..Counts::default() };
-        assert!(Verification::default().is_done());
+        assert!(rows_checked.is_done());
+        assert!(!Verification::default().is_done(), "a pass over the rows that did not finish");
         assert!(with(check(objects(10), true, false)).is_done());
         assert!(!with(check(objects(10), false, false)).is_done(), "interrupted");
         assert!(with(check(objects(5), false, true)).is_done());

@@ -1,6 +1,7 @@
-//! Where the resumable scans of the source prefix stand (`avatar_migration_scans`), one row per
-//! scan kind (`verify --objects`, `cleanup`), bucket and prefix: the last key decided, the
-//! scan's counts (JSON, each kind its own) and whether it finished.
+//! Where the resumable scans stand (`avatar_migration_scans`), one row per scan kind
+//! (`verify`'s pass over the rows, `verify --objects`, `cleanup`), source bucket and prefix:
+//! the last key (or row id) decided, the scan's counts (JSON, each kind its own) and whether
+//! it finished.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -10,6 +11,8 @@ use sqlx::types::Json;
 /// Which scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanKind {
+    /// `feeder verify`'s pass over the rows (its position a row id).
+    VerifyRows,
     /// `feeder verify --objects`.
     VerifyObjects,
     /// `feeder cleanup`.
@@ -19,6 +22,7 @@ pub enum ScanKind {
 impl ScanKind {
     fn as_str(self) -> &'static str {
         match self {
+            ScanKind::VerifyRows => "verify_rows",
             ScanKind::VerifyObjects => "verify_objects",
             ScanKind::Cleanup => "cleanup",
         }
