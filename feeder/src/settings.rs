@@ -204,6 +204,11 @@ pub struct VerifyArgs {
     #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
 
+    /// At most this many rows checked a second (each a HEAD, and with SSE-KMS a KMS request
+    /// from the account's quota the live service shares); unset: as fast as --concurrency goes.
+    #[arg(long, env = "VERIFY_RATE")]
+    pub rate: Option<NonZeroUsize>,
+
     /// Also print the result as one JSON object, as the last line of stdout: rows_checked,
     /// rows_modern, rows_legacy, rows_other, rows_unresolvable, rows_legacy_missing,
     /// rows_legacy_set_aside, rows_legacy_pending, rows_error (rows whose object could not be

@@ -235,3 +235,18 @@ async fn an_interrupted_verify_goes_on_from_where_it_stopped() {
     let (_, again) = feeder(&env, &["verify"]);
     assert!(!again.contains("went on after"), "{again}");
 }
+
+/// `verify --rate N` starts at most N row checks a second, evenly, whatever the concurrency: 30
+/// rows at 20 a second cannot take less than 29 gaps of 50 ms (a lower bound: a slow machine
+/// only adds to it).
+#[tokio::test]
+async fn verify_keeps_to_its_rate() {
+    let env = Env::new().await;
+    env.seed_legacy(0..30).await;
+    let started = std::time::Instant::now();
+    let (code, out) = feeder(&env, &["verify", "--rate", "20", "--concurrency", "32", "--json"]);
+    let took = started.elapsed();
+    assert_eq!(code, Some(3), "30 legacy rows are not done: {out}");
+    assert_eq!(crate::helpers::last_json(&out)["rows_checked"], 30, "{out}");
+    assert!(took >= std::time::Duration::from_millis(1450), "30 checks at 20 a second took {took:?}");
+}

@@ -144,8 +144,13 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
 
     // The operator's check reports the row whose object never existed, and only it.
     let settings = feeder::Settings::try_parse_from(env.args("feeder")).unwrap();
-    let args =
-        feeder::settings::VerifyArgs { concurrency: 8.try_into().unwrap(), json: false, objects: true, sample: None };
+    let args = feeder::settings::VerifyArgs {
+        concurrency: 8.try_into().unwrap(),
+        rate: None,
+        json: false,
+        objects: true,
+        sample: None,
+    };
     let verify = |args: feeder::settings::VerifyArgs| {
         let settings = settings.clone();
         let clients = env.clients();

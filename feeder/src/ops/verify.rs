@@ -185,6 +185,30 @@ impl Verification {
     }
 }
 
+/// Starts requests at most `rate` a second, evenly, whatever the concurrency.
+struct Spacing {
+    gap: std::time::Duration,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Spacing {
+    fn new(rate: std::num::NonZeroUsize) -> Self {
+        let gap = std::time::Duration::from_secs_f64(1.0 / rate.get() as f64);
+        Self { gap, next: tokio::sync::Mutex::new(tokio::time::Instant::now()) }
+    }
+
+    /// Waits for this request's turn.
+    async fn wait(&self) {
+        let turn = {
+            let mut next = self.next.lock().await;
+            let turn = (*next).max(tokio::time::Instant::now());
+            *next = turn + self.gap;
+            turn
+        };
+        tokio::time::sleep_until(turn).await;
+    }
+}
+
 /// Checks every row; see the module documentation.
 pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verification> {
     let Ops { clients, mapping, shutdown, .. } = cx;
@@ -199,12 +223,19 @@ pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verificat
     let mut pages = Keyset::after(after.unwrap_or(i64::MIN));
     let table = |after| crate::store::rows::rows_after(&clients.db, after, ROWS_PAGE);
     result.complete = true;
+    let spacing = args.rate.map(Spacing::new);
     while let Some(rows) = pages.next(table, |&(id, _)| id).await? {
         let last = rows.last().map(|&(id, _)| id);
-        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| resolve(cx, id, path)))
-            .buffer_unordered(args.concurrency.get())
-            .try_collect::<Vec<_>>()
-            .await?;
+        let spacing = spacing.as_ref();
+        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| async move {
+            if let Some(spacing) = spacing {
+                spacing.wait().await;
+            }
+            resolve(cx, id, path).await
+        }))
+        .buffer_unordered(args.concurrency.get())
+        .try_collect::<Vec<_>>()
+        .await?;
         let legacy_paths: Vec<&str> = checks
             .iter()
             .filter(|(_, _, side, exists)| *side == Side::Legacy && exists == &Ok(true))
