@@ -60,7 +60,7 @@ pub(crate) fn line(namespace: &str, stats: &Stats, last: &mut [u64; METRICS.len(
             "CloudWatchMetrics": [{
                 "Namespace": namespace,
                 "Dimensions": [[]],
-                "Metrics": METRICS.iter().map(|(name, _)| serde_json::json!({"Name": name, "Unit": "Count"})).collect::<Vec<_>>(),
+                "Metrics": names().map(|name| serde_json::json!({"Name": name, "Unit": "Count"})).collect::<Vec<_>>(),
             }],
         },
     });

@@ -5,8 +5,9 @@
 //! Promises: rows are read in id order in pages (no long transaction, no lock) and objects are
 //! only HEADed. A pass is resumable: its position (the last row id decided) and its counts are
 //! saved after each page, and a run after an interrupted pass goes on from there; a run after
-//! a finished pass starts a new one. An interrupted pass is never "done". Writes only failure records: every row whose legacy object is missing is
-//! recorded (`row_object_missing`) so the operator can list it. The answer is "done" only when
+//! a finished pass starts a new one. An interrupted pass is never "done". Writes only failure
+//! records: every row whose legacy object is missing is recorded (`row_object_missing`) so
+//! the operator can list it. The answer is "done" only when
 //! nothing unresolved and nothing pending is left; a sample of pending rows is printed.
 
 use futures::{StreamExt, TryStreamExt};
@@ -136,10 +137,10 @@ impl Verification {
         recorded: &std::collections::HashSet<String>,
     ) -> anyhow::Result<()> {
         let Ops { clients, mapping, .. } = cx;
+        self.rows += 1;
         let exists = match exists {
             Ok(exists) => exists,
             Err(why) => {
-                self.rows += 1;
                 self.errors += 1;
                 tracing::warn!(id, path, error = %why, "cannot look at the row's object");
                 if self.error_sample.len() < SAMPLE {
@@ -148,7 +149,6 @@ impl Verification {
                 return Ok(());
             }
         };
-        self.rows += 1;
         match side {
             Side::Modern => self.modern += 1,
             Side::Legacy => self.legacy += 1,
