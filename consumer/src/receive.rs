@@ -316,14 +316,16 @@ impl IdleWatcher {
                 _ = tokio::time::sleep(every) => {}
                 _ = drain.cancelled() => return,
             }
-            if !self.tracker.is_empty() || self.activity.quiet_for() < self.idle {
+            // The queue is read while the last receives age, not after: the idle window and
+            // the empty window run together.
+            if !self.tracker.is_empty() {
                 empty_since = None;
                 continue;
             }
             match self.check().await {
                 Check::Empty { listing_unfinished } => {
                     let since = *empty_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.idle {
+                    if since.elapsed() >= self.idle && self.activity.quiet_for() >= self.idle {
                         if listing_unfinished {
                             let left = format!(
                                 "the queue is empty and no feeder is running, but the listing of s3://{}/{} is \
@@ -339,7 +341,7 @@ impl IdleWatcher {
                 }
                 Check::Busy { why, detail } => {
                     empty_since = None;
-                    if why != told {
+                    if why != told && self.activity.quiet_for() >= self.idle {
                         tracing::info!(detail, "nothing received, but not exiting: {why}");
                         told = why;
                     }

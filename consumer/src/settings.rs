@@ -51,8 +51,10 @@ pub struct Settings {
     pub wait_time_seconds: Duration,
 
     /// Drain and exit once the queue is empty (e.g. `30s`; a bare number is seconds): nothing
-    /// received for this long, nothing in flight here, and the queue's own counts (visible, in
-    /// flight with any consumer, delayed) read 0 on every check for this long more. A crashed
+    /// received for this long, nothing in flight here, and over that same time the queue's own
+    /// counts (visible, in flight with any consumer, delayed) read 0 on every check (one every
+    /// quarter of it, at most 5 s apart). The exit comes this long after the last object is
+    /// finished, give or take one check. A crashed
     /// consumer's messages count as in flight until their visibility timeout brings them
     /// back, so they are waited for; so is a feeder that is sending for the listing (`feeder`,
     /// `reconcile`, `redrive` hold a lease in the database while they run, which outlives a
