@@ -6,6 +6,7 @@ pub mod aws;
 pub mod control;
 pub mod db;
 pub mod deletion;
+pub mod emf;
 pub mod exit;
 pub mod host;
 pub mod identity;

@@ -97,8 +97,10 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     let (controller, paused) =
         control::Controller::start(clients.db.clone(), stats.clone(), worker.pace(), refusal_records).await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
-    let emitting =
-        settings.cloudwatch_namespace.clone().map(|ns| tokio::spawn(emf::run(ns, stats.clone(), endpoint.clone())));
+    let emitting = settings
+        .cloudwatch_namespace
+        .clone()
+        .map(|ns| tokio::spawn(common::emf::run(ns, &emf::METRICS, stats.clone(), endpoint.clone())));
     let idle = receive::IdleCheck { sqs: clients.sqs.clone(), db: clients.db.clone(), source };
     let ended = receive::run(&settings.receive_config(concurrency), worker, idle, stop, paused).await;
     let left = wind_down(ended, [Some(rewriter_task), Some(acker_task), sources_task]).await;

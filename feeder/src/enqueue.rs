@@ -6,6 +6,7 @@
 //! entries a batch reports as failed are sent again (with backoff), and an entry SQS blames on
 //! the sender is an error naming its first key, never silently dropped.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -146,11 +147,13 @@ async fn send_batch(sqs: &Sqs, queue_url: &str, chunk: &[Outgoing<'_>]) -> anyho
     )
 }
 
-/// With a backlog limit, waits until the queue holds no more than it.
+/// With a backlog limit, waits until the queue holds no more than it, adding each second
+/// waited to `held_back_secs` as it passes.
 pub(crate) async fn wait_for_room(
     clients: &Clients,
     queue_url: &str,
     max_backlog: u64,
+    held_back_secs: &AtomicU64,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     if max_backlog == 0 {
@@ -170,6 +173,7 @@ pub(crate) async fn wait_for_room(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
+        held_back_secs.fetch_add(1, Relaxed);
     }
 }
 

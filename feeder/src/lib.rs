@@ -10,7 +10,7 @@ mod input;
 mod inventory;
 mod list;
 pub mod ops;
-mod progress;
+pub mod progress;
 mod ranges;
 mod scan;
 pub mod settings;
@@ -83,8 +83,19 @@ pub async fn feed(
     let (pages, listers) = input.spawn(clients, &lister, args, &shutdown);
     let resumed_after = input.resumed_after.clone();
     let mut summary = Summary { listed: 0, enqueued: 0, messages: 0, resumed_after, finished: false };
-    let sending = Sending { settings, args, clients, bucket, prefix, shutdown: &shutdown };
-    let unfinished = sending.pages(&mut input, pages, &mut summary).await?;
+    let counts = Arc::new(progress::Counts::default());
+    let sending = Sending { settings, args, clients, bucket, prefix, shutdown: &shutdown, counts: counts.clone() };
+    let metrics = args.cloudwatch_namespace.clone().map(|namespace| {
+        let stop = CancellationToken::new();
+        (tokio::spawn(common::emf::run(namespace, &progress::METRICS, counts, stop.clone())), stop)
+    });
+    let sent = sending.pages(&mut input, pages, &mut summary).await;
+    // The last line, with what the last minute enqueued, is written whatever the outcome.
+    if let Some((task, stop)) = metrics {
+        stop.cancel();
+        let _ = task.await;
+    }
+    let unfinished = sent?;
     // A lister ends by itself once its channel is gone; a panic in one is an error, never the
     // end of the listing.
     for lister in listers {
@@ -138,6 +149,7 @@ struct Sending<'a> {
     bucket: &'a str,
     prefix: &'a str,
     shutdown: &'a CancellationToken,
+    counts: Arc<progress::Counts>,
 }
 
 impl Sending<'_> {
@@ -202,7 +214,8 @@ impl Sending<'_> {
     ) -> anyhow::Result<()> {
         let (args, db, bucket, prefix) = (self.args, &self.clients.db, self.bucket, self.prefix);
         let queue_url = &self.settings.queue.queue_url;
-        enqueue::wait_for_room(self.clients, queue_url, args.max_backlog, self.shutdown).await?;
+        let held_back = &self.counts.held_back_secs;
+        enqueue::wait_for_room(self.clients, queue_url, args.max_backlog, held_back, self.shutdown).await?;
         let per_message = args.objects_per_message.into();
         let sent = enqueue::enqueue(&self.clients.sqs, queue_url, page, per_message, args.send_concurrency.get())
             .await
@@ -210,6 +223,7 @@ impl Sending<'_> {
         summary.messages += sent.messages;
         summary.listed += page.len() as u64;
         summary.enqueued += sent.objects;
+        self.counts.enqueued.fetch_add(sent.objects, std::sync::atomic::Ordering::Relaxed);
         let checkpoint = &mut input.checkpoint;
         checkpoint.listed += page.len() as i64;
         checkpoint.pages += 1;

@@ -1,8 +1,29 @@
 //! The feeder's progress while it lists and enqueues: a bar (indicatif) with the count and
-//! rate on a terminal; one line a minute otherwise (containers, CloudWatch).
+//! rate on a terminal; one line a minute otherwise (containers, CloudWatch); and its counts as
+//! CloudWatch metrics (`CLOUDWATCH_NAMESPACE`, written by [`common::emf`]).
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+/// What the feeder did, as its CloudWatch metrics count it.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    /// Objects enqueued.
+    pub(crate) enqueued: AtomicU64,
+    /// Seconds spent waiting for the queue's backlog to fall under `MAX_BACKLOG`, counted as
+    /// they pass: a feeder held back is not stalled.
+    pub(crate) held_back_secs: AtomicU64,
+}
+
+/// The feeder's metrics, each with the counter it is the difference of.
+pub(crate) const METRICS: [common::emf::Metric<Counts>; 2] =
+    [("ObjectsEnqueued", |c| c.enqueued.load(Relaxed)), ("SecondsHeldBack", |c| c.held_back_secs.load(Relaxed))];
+
+/// The metrics' names, as the lines give them.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    METRICS.iter().map(|(name, _)| *name)
+}
 
 /// Without a terminal, one line this often.
 const EVERY: Duration = Duration::from_secs(60);

@@ -170,6 +170,15 @@ pub struct RunArgs {
     /// harmless: consumers find them done).
     #[arg(long, env = "RESTART", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", action = clap::ArgAction::Set)]
     pub restart: bool,
+
+    /// Publish CloudWatch metrics in this namespace through the logs while listing: once a
+    /// minute, one line on stdout in CloudWatch's embedded metric format (ObjectsEnqueued, and
+    /// SecondsHeldBack: time spent waiting on MAX_BACKLOG, since the last line), which
+    /// CloudWatch Logs turns into metrics with no API call. The stack sets
+    /// AvatarMigration/<stack>; its FeederStalled alarm fires when a feeder that writes these
+    /// lines neither enqueues nor waits on the backlog for 15 minutes. Unset: none.
+    #[arg(long, env = "CLOUDWATCH_NAMESPACE")]
+    pub cloudwatch_namespace: Option<String>,
 }
 
 impl Default for RunArgs {
@@ -183,6 +192,7 @@ impl Default for RunArgs {
             send_concurrency: NonZeroUsize::new(16).unwrap(),
             max_backlog: 12_000,
             restart: false,
+            cloudwatch_namespace: None,
         }
     }
 }

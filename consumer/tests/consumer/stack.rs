@@ -52,7 +52,12 @@ fn consumer_container(stack: &Stack) -> Value {
 
 /// The value the stack gives a consumer's environment variable; `Null` when it gives none.
 fn consumer_env(stack: &Stack, name: &str) -> Value {
-    let container = consumer_container(stack);
+    task_env(stack, "ConsumerTaskDefinition", name)
+}
+
+/// The value a task definition's container gets for an environment variable; `Null` when none.
+fn task_env(stack: &Stack, task: &str, name: &str) -> Value {
+    let container = resource(stack, task)["Properties"]["ContainerDefinitions"][0].clone();
     let variables = container["Environment"].as_array().cloned().unwrap_or_default();
     variables.into_iter().find(|e| e["Name"] == name).map_or(Value::Null, |e| e["Value"].clone())
 }
@@ -234,5 +239,23 @@ fn the_count_alarms_read_what_the_consumers_publish() {
         assert_eq!(properties["Namespace"], namespace, "{alarm}");
         let metric = properties["MetricName"].as_str().unwrap();
         assert!(published.contains(&metric), "{alarm} reads {metric}, which no consumer publishes: {published:?}");
+    }
+}
+
+/// The feeder's stall alarm reads what the feeder writes: the namespace its task gets, and
+/// metric names its lines carry.
+#[test]
+fn the_feeder_stall_alarm_reads_what_the_feeder_publishes() {
+    let stack = stack(&[]);
+    let namespace = task_env(&stack, "FeederTaskDefinition", "CLOUDWATCH_NAMESPACE");
+    assert_eq!(namespace, "AvatarMigration/avatar-migration");
+    let published: Vec<&str> = feeder::progress::names().collect();
+    let metrics = resource(&stack, "FeederStalled")["Properties"]["Metrics"].as_array().cloned().unwrap();
+    let read: Vec<Value> = metrics.iter().filter_map(|m| m.get("MetricStat").cloned()).collect();
+    assert_eq!(read.len(), 3, "{metrics:?}");
+    for stat in read {
+        assert_eq!(stat["Metric"]["Namespace"], namespace);
+        let metric = stat["Metric"]["MetricName"].as_str().unwrap();
+        assert!(published.contains(&metric), "FeederStalled reads {metric}, which the feeder does not publish");
     }
 }

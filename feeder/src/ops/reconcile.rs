@@ -83,7 +83,8 @@ pub async fn reconcile(cx: &Ops<'_>, args: &ReconcileArgs) -> anyhow::Result<Rec
         if messages.is_empty() {
             continue;
         }
-        crate::enqueue::wait_for_room(clients, queue_url, settings.run.max_backlog, shutdown).await?;
+        let held_back = Default::default();
+        crate::enqueue::wait_for_room(clients, queue_url, settings.run.max_backlog, &held_back, shutdown).await?;
         result.enqueued += crate::enqueue::enqueue(
             &clients.sqs,
             queue_url,

@@ -3,6 +3,7 @@
 
 mod inventory;
 mod listing;
+mod metrics;
 mod ranges;
 mod resume;
 mod setup;
