@@ -46,7 +46,8 @@ pub struct Settings {
     pub visibility_timeout: Duration,
 
     /// Long-poll wait of each receive (whole seconds, 0s to 20s; a bare number is seconds).
-    /// 20s keeps empty receives (and their cost) low.
+    /// 20s keeps empty receives (and their cost) low. With EXIT_WHEN_IDLE, at most a quarter
+    /// of it (and at least 1s), so that the exit is not late.
     #[arg(long, env = "WAIT_TIME_SECONDS", default_value = "20s", value_parser = parse_wait)]
     pub wait_time_seconds: Duration,
 
@@ -54,7 +55,8 @@ pub struct Settings {
     /// received for this long, nothing in flight here, and over that same time the queue's own
     /// counts (visible, in flight with any consumer, delayed) read 0 on every check (one every
     /// quarter of it, at most 5 s apart). The exit comes this long after the last object is
-    /// finished, give or take one check. A crashed
+    /// finished, give or take one check and one receive (long polls last a quarter of it, at
+    /// most WAIT_TIME_SECONDS). A crashed
     /// consumer's messages count as in flight until their visibility timeout brings them
     /// back, so they are waited for; so is a feeder that is sending for the listing (`feeder`,
     /// `reconcile`, `redrive` hold a lease in the database while they run, which outlives a
@@ -256,12 +258,15 @@ impl Settings {
 
     /// How the receive loop runs, with `concurrency` objects at once.
     pub(crate) fn receive_config(&self, concurrency: usize) -> ReceiveConfig {
-        // The long poll is shortened to the idle limit, so that an idle exit is not late.
-        let wait = self.exit_when_idle.map_or(self.wait_time_seconds, |idle| idle.min(self.wait_time_seconds));
+        // With an idle exit, the long poll is a quarter of the idle limit (at least 1 s): the
+        // exit waits for the receives in flight, so a 20 s poll would make it that much late.
+        let wait = self
+            .exit_when_idle
+            .map_or(self.wait_time_seconds, |idle| (idle / 4).max(Duration::from_secs(1)).min(self.wait_time_seconds));
         ReceiveConfig {
             queue_url: self.queue.queue_url.clone(),
             concurrency,
-            // SQS takes whole seconds: an idle limit under one second polls without waiting.
+            // SQS takes whole seconds.
             wait: Duration::from_secs(wait.as_secs()),
             visibility: self.visibility_timeout(),
             exit_when_idle: self.exit_when_idle,
