@@ -23,7 +23,12 @@ COPY --from=build /out/feeder /out/consumer /usr/local/bin/
 COPY add-ons/sre-challenge-addon1.sql /usr/share/avatar-migration/
 # Amazon RDS's CA bundle, for sslmode=verify-full against RDS: sqlx trusts only the roots
 # compiled into it, which do not hold RDS's CAs. DATABASE_URL=…?sslmode=verify-full&sslrootcert=/usr/share/avatar-migration/rds-global-bundle.pem
-ADD --chmod=644 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem /usr/share/avatar-migration/rds-global-bundle.pem
+# A build without access to AWS's site passes the bundle another way: a file in the build
+# context or a mirror's URL (`--build-arg RDS_CA_BUNDLE=…`).
+ARG RDS_CA_BUNDLE=https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem
+# A URL by default, which ADD fetches and COPY cannot:
+# hadolint ignore=DL3020
+ADD --chmod=644 ${RDS_CA_BUNDLE} /usr/share/avatar-migration/rds-global-bundle.pem
 USER 10001
 ENV LOG_FORMAT=json
 # The consumer's /metrics, /live and /ready (`consumer --health-check` asks /live; the ECS
