@@ -72,6 +72,26 @@ pub(crate) fn message_count(objects: &[ObjectMessage], per_message: usize) -> us
     messages(objects, per_message).len()
 }
 
+/// What enqueueing these objects takes, as [`enqueue`] would send them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub(crate) messages: u64,
+    /// Messages of two objects or more (a consumer lists their destinations first with
+    /// `DESTINATION_CHECK=before-copy`).
+    pub(crate) shared: u64,
+    /// `SendMessageBatch` requests.
+    pub(crate) batches: u64,
+}
+
+pub(crate) fn shape(objects: &[ObjectMessage], per_message: usize) -> Shape {
+    let messages = messages(objects, per_message);
+    Shape {
+        messages: messages.len() as u64,
+        shared: messages.iter().filter(|m| m.objects >= 2).count() as u64,
+        batches: batches(&messages).len() as u64,
+    }
+}
+
 /// Groups messages into batches of at most [`BATCH`] entries and [`BATCH_BYTES`].
 fn batches<'a, 'o>(messages: &'a [Outgoing<'o>]) -> Vec<&'a [Outgoing<'o>]> {
     runs(messages, BATCH, BATCH_BYTES, 0, |m| m.body.len())

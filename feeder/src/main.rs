@@ -44,6 +44,7 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
     let done = match command {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
         Command::Status(args) => ops::status::status(&cx, &args).await.map(|_| true),
+        Command::Plan(args) => ops::plan::plan(&cx, &args).await.map(|_| true),
         Command::Verify(args) => ops::verify::verify(&cx, &args).await.map(|v| v.is_done()),
         Command::Reconcile(args) => ops::reconcile::reconcile(&cx, &args).await.map(|_| true),
         Command::Failures(args) => ops::failures::failures(&cx, &args).await.map(|_| true),

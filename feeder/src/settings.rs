@@ -47,6 +47,12 @@ pub enum Command {
     /// five minutes (from the rewrite journal) and an ETA. Rows are counted (one scan, also
     /// with --watch) up to --exact-max-rows, estimated past it unless --exact.
     Status(StatusArgs),
+    /// Estimate the migration before it runs, from a sample of the source prefix (or the whole
+    /// listing with --full, or INVENTORY_MANIFEST's report): objects, bytes, sizes (the share
+    /// copied in parts), requests by type, their cost at list prices, the WAL the row rewrites
+    /// write, and the time at a given rate; the same for the verify passes. Reads S3 and the
+    /// database's catalog; writes nothing.
+    Plan(PlanArgs),
     /// Check that the migration is done: every row's path names an existing object, and no
     /// row still points at the legacy prefix unless it was set aside with a reason. Rows
     /// pointing at a missing legacy object are recorded (reason row_object_missing); a row whose
@@ -238,6 +244,94 @@ pub struct ReconcileArgs {
     /// caused it: a grant, a restored archive, a resolved conflict).
     #[arg(long)]
     pub include_set_aside: bool,
+}
+
+/// How consumers look at a destination before copying, as `feeder plan` counts it.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlannedCheck {
+    /// A conditional copy alone (AWS): one request per object.
+    OnConflict,
+    /// A listing of each message's destinations first (servers that copy over existing keys).
+    BeforeCopy,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// List the whole prefix (one LIST request per PAGE_SIZE keys, LIST_RANGES at once) for
+    /// exact counts and sizes, instead of a sample.
+    #[arg(long)]
+    pub full: bool,
+
+    /// Without --full or INVENTORY_MANIFEST: look at this many objects, in runs of consecutive
+    /// keys from up to 16 points across the key space.
+    #[arg(long, default_value = "16000", value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample: u64,
+
+    /// With a sample: the number of objects under the prefix, when known (S3 Storage Lens,
+    /// an Inventory report's count). Default: the rows pointing at the source prefix (counted,
+    /// or the planner's estimate on a large table), which misses objects no row names.
+    #[arg(long)]
+    pub objects: Option<u64>,
+
+    /// Objects moved per second, for the time (the stack's S3CopiesPerSecond).
+    #[arg(long, default_value = "3500")]
+    pub rate: f64,
+
+    /// Verify passes to count (the runbook: verify, reconcile, verify, and one after cleanup).
+    #[arg(long, default_value = "3")]
+    pub verify_passes: u64,
+
+    /// Rows verify checks per second, for its time (VERIFY_RATE).
+    #[arg(long, env = "VERIFY_RATE", default_value = "1000")]
+    pub verify_rate: f64,
+
+    /// How the consumers look at destinations (the consumer's DESTINATION_CHECK: on AWS,
+    /// `auto` comes to on-conflict).
+    #[arg(long, value_enum, default_value = "on-conflict")]
+    pub destination_check: PlannedCheck,
+
+    /// The consumer's MULTIPART_THRESHOLD: larger objects are copied in parts.
+    #[arg(long, env = "MULTIPART_THRESHOLD", default_value = "5368709120")]
+    pub multipart_threshold: i64,
+
+    /// The consumer's MULTIPART_PART_SIZE.
+    #[arg(long, env = "MULTIPART_PART_SIZE", default_value = "536870912")]
+    pub multipart_part_size: i64,
+
+    /// The consumer's REWRITE_JOURNAL: a journal row written with each rewrite (in the WAL).
+    #[arg(long, env = "REWRITE_JOURNAL", value_parser = clap::builder::BoolishValueParser::new(), default_value = "true", action = clap::ArgAction::Set)]
+    pub rewrite_journal: bool,
+
+    /// The objects are encrypted with SSE-KMS: count the KMS requests S3 makes for them (a
+    /// copy decrypts its source and generates a data key; a HEAD in checksum mode decrypts).
+    #[arg(long)]
+    pub sse_kms: bool,
+
+    /// With --sse-kms: the buckets use S3 Bucket Keys, which cut those KMS requests by up to
+    /// 99 %; they are then not counted.
+    #[arg(long, requires = "sse_kms")]
+    pub bucket_keys: bool,
+
+    /// Price of 1,000 S3 PUT, COPY, POST or LIST requests, in dollars (default: us-east-1's
+    /// list price, docs/planning.md).
+    #[arg(long, default_value = "0.005")]
+    pub price_s3_write: f64,
+
+    /// Price of 1,000 S3 GET, HEAD and other requests, in dollars.
+    #[arg(long, default_value = "0.0004")]
+    pub price_s3_read: f64,
+
+    /// Price of 1,000,000 SQS requests (standard queue), in dollars.
+    #[arg(long, default_value = "0.40")]
+    pub price_sqs: f64,
+
+    /// Price of 10,000 KMS requests, in dollars.
+    #[arg(long, default_value = "0.03")]
+    pub price_kms: f64,
+
+    /// Also print the plan as one JSON object, as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

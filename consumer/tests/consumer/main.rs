@@ -13,6 +13,7 @@ mod identity;
 mod multipart;
 mod operations;
 mod pace;
+mod plan;
 mod reference;
 mod rows;
 mod seaweedfs;

@@ -5,6 +5,7 @@
 //! | command | reads | writes |
 //! |---|---|---|
 //! | [`status`] | checkpoint, queue depths, row counts, failure counts, the journal's counter | nothing |
+//! | [`plan`] | a sample of the source listing (or all of it, or an inventory report), row counts, the catalog | nothing |
 //! | [`verify`] | every row, a HEAD per legacy or modern row; with `--objects` ([`objects`]) the source listing, HEADs of each legacy object and its copy | failures: `row_object_missing`; the object check's position |
 //! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
 //! | [`control`] (`pause`, `resume`, `throttle`) | the control row | the control row |
@@ -20,6 +21,7 @@ pub mod control;
 pub mod failures;
 pub mod fence;
 pub mod objects;
+pub mod plan;
 pub mod reconcile;
 pub mod redrive;
 pub mod report;
