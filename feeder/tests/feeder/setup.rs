@@ -60,7 +60,7 @@ async fn setup_problems_exit_2_with_a_line_that_names_them() {
 fn env_sample_documents_every_setting() {
     testkit::assert_env_sample_matches_help(
         "feeder",
-        &["verify", "throttle", "status", "cleanup"],
+        &["verify", "throttle", "status", "cleanup", "plan"],
         concat!(env!("CARGO_MANIFEST_DIR"), "/env.sample"),
     );
 }
