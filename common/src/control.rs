@@ -39,7 +39,8 @@ pub const TABLES: &str = "
         copies      bigint NOT NULL,
         slowed_down bigint NOT NULL,
         in_flight   bigint NOT NULL DEFAULT 0
-    );";
+    );
+    ALTER TABLE avatar_migration_consumers ADD COLUMN IF NOT EXISTS held text;";
 
 /// What the operator set.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -87,6 +88,8 @@ pub struct Report {
     pub slowed_down: i64,
     /// Messages being worked on now.
     pub in_flight: i64,
+    /// Why the database's health holds it (`crate::health`); `None`: not held.
+    pub held: Option<String>,
 }
 
 /// Writes this consumer's report; returns how many consumers share the cap: those that
@@ -94,11 +97,11 @@ pub struct Report {
 pub async fn report(pool: &PgPool, r: &Report) -> sqlx::Result<u32> {
     let live: i64 = sqlx::query_scalar(
         "WITH mine AS (
-             INSERT INTO avatar_migration_consumers (consumer, paused, copy_rate, copies, slowed_down, in_flight)
-             VALUES ($1, $2, $3, $4, $5, $7)
+             INSERT INTO avatar_migration_consumers (consumer, paused, copy_rate, copies, slowed_down, in_flight, held)
+             VALUES ($1, $2, $3, $4, $5, $7, $8)
              ON CONFLICT (consumer) DO UPDATE SET reported_at = now(), paused = EXCLUDED.paused,
                  copy_rate = EXCLUDED.copy_rate, copies = EXCLUDED.copies, slowed_down = EXCLUDED.slowed_down,
-                 in_flight = EXCLUDED.in_flight
+                 in_flight = EXCLUDED.in_flight, held = EXCLUDED.held
          )
          SELECT count(*) + 1 FROM avatar_migration_consumers
          WHERE consumer <> $1 AND in_flight > 0 AND reported_at > now() - make_interval(secs => $6)",
@@ -110,6 +113,7 @@ pub async fn report(pool: &PgPool, r: &Report) -> sqlx::Result<u32> {
     .bind(r.slowed_down)
     .bind(LIVE.as_secs_f64())
     .bind(r.in_flight)
+    .bind(&r.held)
     .fetch_one(pool)
     .await?;
     Ok(live.max(1) as u32)
@@ -124,7 +128,7 @@ pub async fn forget(pool: &PgPool, consumer: &str) -> sqlx::Result<()> {
 /// The consumers that reported within [`LIVE`].
 pub async fn fleet(pool: &PgPool) -> sqlx::Result<Vec<Report>> {
     sqlx::query_as(
-        "SELECT consumer, paused, copy_rate, copies, slowed_down, in_flight FROM avatar_migration_consumers
+        "SELECT consumer, paused, copy_rate, copies, slowed_down, in_flight, held FROM avatar_migration_consumers
          WHERE reported_at > now() - make_interval(secs => $1) ORDER BY consumer",
     )
     .bind(LIVE.as_secs_f64())

@@ -8,6 +8,7 @@ pub mod db;
 pub mod deletion;
 pub mod emf;
 pub mod exit;
+pub mod health;
 pub mod host;
 pub mod identity;
 pub mod keys;

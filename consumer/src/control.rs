@@ -1,12 +1,15 @@
 //! The consumer's side of the fleet's control row (`common::control`): one reader per process,
 //! every `common::control::EVERY`, that pauses receiving, sets this consumer's share of the
-//! fleet's cap on its pace, and reports what it does.
+//! fleet's cap on its pace, and reports what it does. The one brake: the operator's pause and
+//! the database's health (`common::health`: replica lag and the other limits set) act through
+//! the same switch, and the report says which holds.
 //!
 //! Promises:
 //! - read once before the first receive: a paused fleet receives nothing, a cap holds from the
-//!   first copy;
-//! - while paused, no message is received; objects already received finish (their leases end
-//!   with them), and receiving resumes within seconds of `feeder resume`;
+//!   first copy, an unhealthy database holds it from the start;
+//! - while paused or held, no message is received; objects already received finish (their
+//!   leases end with them), and receiving resumes within seconds of `feeder resume` or of the
+//!   database's recovery;
 //! - a control row that cannot be read keeps the last known settings, with a warning;
 //! - the report row is removed when the consumer exits.
 
@@ -35,6 +38,9 @@ pub(crate) struct Controller {
     pace: Arc<Pace>,
     paused: watch::Sender<bool>,
     last: Control,
+    health: common::health::Health,
+    /// Why the database's health holds the fleet, as last read.
+    held: Option<String>,
     /// Whether the fleet has refusal records standing (`Reason::REFUSALS`): while it has, each
     /// object moved removes its own.
     refusal_records: Arc<std::sync::atomic::AtomicBool>,
@@ -47,11 +53,12 @@ impl Controller {
         stats: Arc<Stats>,
         pace: Arc<Pace>,
         refusal_records: Arc<std::sync::atomic::AtomicBool>,
+        health: common::health::Health,
     ) -> (Controller, watch::Receiver<bool>) {
         let (paused, watching) = watch::channel(false);
         let last = Control::default();
         let name = consumer_name();
-        let mut controller = Controller { name, db, stats, pace, paused, last, refusal_records };
+        let mut controller = Controller { name, db, stats, pace, paused, last, refusal_records, health, held: None };
         controller.tick().await;
         (controller, watching)
     }
@@ -86,11 +93,18 @@ impl Controller {
             );
         }
         self.last = control;
-        self.paused.send_replace(control.paused);
-        match common::db::failures::refusals_recorded(db).await {
+        let held = self.report_and_read_health(control).await;
+        self.paused.send_replace(control.paused || held);
+        match common::db::failures::refusals_recorded(&self.db).await {
             Ok(any) => self.refusal_records.store(any, std::sync::atomic::Ordering::Relaxed),
             Err(err) => tracing::warn!(error = %err, "cannot look for refusal records"),
         }
+    }
+
+    /// Reports (the report is also the heartbeat replicas are read by), then reads the
+    /// database's health; whether it holds the fleet.
+    async fn report_and_read_health(&mut self, control: Control) -> bool {
+        let db = &self.db;
         let stats = &self.stats;
         stats.paused.set(i64::from(control.paused));
         let pace = &self.pace;
@@ -101,6 +115,7 @@ impl Controller {
             copies: stats.copied.get() as i64,
             slowed_down: stats.copies_slowed_down.get() as i64,
             in_flight: stats.in_flight.get().max(0),
+            held: self.held.clone(),
         };
         match common::control::report(db, &report).await {
             Ok(live) => pace.set_cap(control.max_copies_per_second.map(|cap| cap / f64::from(live))),
@@ -111,5 +126,14 @@ impl Controller {
                 }
             }
         }
+        let held = if self.health.watches() { self.health.check(db).await } else { None };
+        match (&self.held, &held) {
+            (None, Some(why)) => tracing::warn!(why, "the database is unhealthy: taking no messages until it recovers"),
+            (Some(_), None) => tracing::info!("the database is healthy again: receiving"),
+            _ => {}
+        }
+        self.stats.database_held.set(i64::from(held.is_some()));
+        self.held = held;
+        self.held.is_some()
     }
 }

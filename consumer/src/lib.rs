@@ -94,8 +94,9 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
     );
     let worker = Arc::new(worker);
     // The operator's pause and cap, read before the first receive.
+    let health = common::health::Health::connect(&settings.health).await.setup()?;
     let (controller, paused) =
-        control::Controller::start(clients.db.clone(), stats.clone(), worker.pace(), refusal_records).await;
+        control::Controller::start(clients.db.clone(), stats.clone(), worker.pace(), refusal_records, health).await;
     let controlling = tokio::spawn(controller.run(endpoint.clone()));
     let emitting = settings
         .cloudwatch_namespace

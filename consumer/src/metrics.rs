@@ -73,6 +73,8 @@ pub struct Stats {
     pub copies_slowed_down: Counter,
     /// 1 while the operator has paused the fleet (`feeder pause`).
     pub paused: Gauge,
+    /// 1 while the database's health holds the fleet (replica lag, or another limit passed).
+    pub database_held: Gauge,
     /// 1 when the dependency answered the last check (a scrape runs one), 0 otherwise.
     dependency_up: Family<Labels, Gauge>,
 }
@@ -102,6 +104,7 @@ impl Default for Stats {
             copy_rate: Gauge::default(),
             copies_slowed_down: Counter::default(),
             paused: Gauge::default(),
+            database_held: Gauge::default(),
             dependency_up: Family::default(),
         }
     }
@@ -182,6 +185,7 @@ impl Stats {
             "copy_rate_limit", "Copies per second this consumer's pace allows now; 0 while not paced (no slow-down seen yet)", copy_rate;
             "copies_slowed_down", "Copies S3 asked to slow down (503, 429; either copy path), each tried again at the pace", copies_slowed_down;
             "paused", "1 while the operator has paused the fleet (feeder pause): nothing is received", paused;
+            "database_held", "1 while the database's health (replica lag or another limit set) holds the fleet: nothing is received", database_held;
             "dependency_up", "1 when the dependency (s3, sqs, postgres) answered the check of this scrape, 0 otherwise", dependency_up;
             "s3_slowdowns", "S3 answers asking to slow down (503, 429), retried ones included", s3_slowdowns;
         }

@@ -30,6 +30,9 @@ pub struct Settings {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
+    #[command(flatten)]
+    pub health: common::health::HealthArgs,
+
     /// Objects worked on at once by this process (each a CopyObject, then a row rewrite).
     /// Unset (the default): 128 where the copy goes first (`on-conflict`, what `auto` picks on
     /// AWS), 32 where each destination is looked at first (`before-copy`, where 128 measured

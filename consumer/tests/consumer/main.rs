@@ -8,6 +8,7 @@ mod done;
 mod end;
 mod errors;
 mod grants;
+mod health;
 mod helpers;
 mod identity;
 mod multipart;

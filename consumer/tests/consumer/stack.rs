@@ -259,3 +259,20 @@ fn the_feeder_stall_alarm_reads_what_the_feeder_publishes() {
         assert!(published.contains(&metric), "FeederStalled reads {metric}, which the feeder does not publish");
     }
 }
+
+/// Replicas given to the stack reach the consumers as a secret (REPLICA_URLS) the execution
+/// role may read, with the lag limit; without them, no such secret and no such grant.
+#[test]
+fn replicas_given_reach_the_consumers_as_a_secret_the_task_may_read() {
+    const REPLICAS: &str = "arn:aws:secretsmanager:us-east-1:000000000000:secret:replicas-AbCdEf";
+    for (given, expected) in [(false, None), (true, Some(REPLICAS))] {
+        let parameters: &[(&str, &str)] = if given { &[("ReplicaUrlsSecretArn", REPLICAS)] } else { &[] };
+        let stack = stack(parameters);
+        let secrets = consumer_container(&stack)["Secrets"].as_array().cloned().unwrap_or_default();
+        let replica = secrets.iter().find(|s| s["Name"] == "REPLICA_URLS").map(|s| s["ValueFrom"].clone());
+        assert_eq!(replica, expected.map(Value::from), "REPLICA_URLS, replicas given: {given}");
+        assert_eq!(consumer_env(&stack, "MAX_REPLICA_LAG"), "30s");
+        let policy = resource(&stack, "ExecutionRole")["Properties"]["Policies"].to_string();
+        assert_eq!(policy.contains(REPLICAS), given, "the execution role reads the secret only when given: {policy}");
+    }
+}

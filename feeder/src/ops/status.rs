@@ -89,6 +89,7 @@ impl Status {
             "consumers_reporting": self.fleet.len(),
             "copy_rate_limits": self.fleet.iter().map(|c| c.copy_rate.map(|r| r.round())).collect::<Vec<_>>(),
             "copies_slowed_down": self.fleet.iter().map(|c| c.slowed_down).sum::<i64>(),
+            "held_by_database": self.fleet.iter().filter_map(|c| c.held.clone()).collect::<Vec<_>>(),
         })
         .to_string()
     }
@@ -135,13 +136,18 @@ impl Status {
         println!("copies:   {}", self.copies_line());
     }
 
-    /// Who limits the copies: the operator (pause, cap) or S3 (the consumers' paces).
+    /// Who limits the copies: the operator (pause, cap), the database's health, or S3 (the
+    /// consumers' paces).
     fn copies_line(&self) -> String {
-        let control = match (self.control.paused, self.control.max_copies_per_second) {
+        let mut control = match (self.control.paused, self.control.max_copies_per_second) {
             (true, _) => "PAUSED by the operator (feeder resume)".to_owned(),
             (false, Some(cap)) => format!("capped at {cap} a second for the fleet (feeder throttle --clear)"),
             (false, None) => "no cap".to_owned(),
         };
+        let held: Vec<&str> = self.fleet.iter().filter_map(|c| c.held.as_deref()).collect();
+        if let Some(why) = held.first() {
+            control = format!("HELD by the database's health on {} consumers: {why}; {control}", held.len());
+        }
         let paced: Vec<String> = self.fleet.iter().filter_map(|c| c.copy_rate).map(|r| format!("{r:.0}")).collect();
         let slowed: i64 = self.fleet.iter().map(|c| c.slowed_down).sum();
         let paces =
