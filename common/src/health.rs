@@ -24,6 +24,7 @@ use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
 
 /// The limits, as settings.
 #[derive(Args, Debug, Clone, Default)]
@@ -134,6 +135,54 @@ impl Health {
         match self.primary(primary).await {
             Ok(held) => held,
             Err(err) => Some(format!("cannot read the primary's health: {err}")),
+        }
+    }
+
+    /// For a command that writes rows outside the consumers (`feeder rollback`): waits while
+    /// the database is unhealthy, reporting under `name` as a consumer does (the heartbeat the
+    /// replicas are read by, and what `feeder status` shows), and says why once. Its report
+    /// stays until [`Health::done`].
+    pub async fn wait_healthy(&mut self, db: &PgPool, name: &str, stop: &CancellationToken) -> anyhow::Result<()> {
+        if !self.watches() {
+            return Ok(());
+        }
+        let mut told = false;
+        loop {
+            let mut report = crate::control::Report {
+                consumer: name.to_owned(),
+                paused: false,
+                copy_rate: None,
+                copies: 0,
+                slowed_down: 0,
+                in_flight: 0,
+                held: None,
+            };
+            let held = self.check(db).await;
+            report.held.clone_from(&held);
+            crate::control::report(db, &report).await.context("reporting to avatar_migration_consumers")?;
+            let Some(why) = held else {
+                if told {
+                    tracing::info!("the database is healthy again: {name} goes on");
+                }
+                return Ok(());
+            };
+            if !told {
+                tracing::warn!(why, "the database is unhealthy: {name} waits until it recovers");
+                told = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(crate::control::EVERY) => {}
+                _ = stop.cancelled() => anyhow::bail!("stopped while waiting for the database to recover ({why})"),
+            }
+        }
+    }
+
+    /// Removes the report [`Health::wait_healthy`] wrote.
+    pub async fn done(&self, db: &PgPool, name: &str) {
+        if self.watches()
+            && let Err(err) = crate::control::forget(db, name).await
+        {
+            tracing::warn!(error = %err, "cannot remove {name}'s report");
         }
     }
 

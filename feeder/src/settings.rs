@@ -29,6 +29,10 @@ pub struct Settings {
     #[command(flatten)]
     pub run: RunArgs,
 
+    /// The database's health, which `rollback` waits on between pages.
+    #[command(flatten)]
+    pub health: common::health::HealthArgs,
+
     /// How long start-up waits, in all, for a service that is not available yet (PostgreSQL
     /// refusing connections, restarting or failing over; S3 or SQS not answering or answering
     /// 5xx), asking again with a warning each time; e.g. `60s`. 0 (the default, for commands

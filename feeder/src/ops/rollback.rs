@@ -112,9 +112,15 @@ pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollb
     let lease =
         if args.dry_run { None } else { Some(Lease::take(&clients.db, "feeder rollback", Mode::Exclusive).await?) };
     let mut result = Rollback { dry_run: args.dry_run, ..Rollback::default() };
+    // Rows are written page by page: each page waits while the database is unhealthy.
+    let mut health = common::health::Health::connect(&settings.health).await?;
+    let name = format!("feeder rollback on {}", common::host::name().unwrap_or_else(|| "this host".into()));
     let mut pages = Keyset::after(0);
     let journal = |after| crate::store::journal::journal_page(&clients.db, after, ROWS_PAGE, true);
     while let Some(page) = pages.next(journal, |e| e.journal_id).await? {
+        if !args.dry_run {
+            health.wait_healthy(&clients.db, &name, &cx.shutdown).await?;
+        }
         result.entries += page.len() as u64;
         let paths: Vec<&str> = page.iter().map(|e| e.old_path.as_str()).collect();
         let deleted = common::db::fence::tombstoned(&clients.db, &paths).await.context("reading the tombstones")?;
@@ -142,6 +148,7 @@ pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollb
         result.changed += done.changed;
         result.held += done.held;
     }
+    health.done(&clients.db, &name).await;
     result.print_summary();
     if args.json {
         println!("{}", result.json());
