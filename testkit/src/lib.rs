@@ -459,3 +459,24 @@ pub fn assert_env_sample_matches_help(program: &str, subcommands: &[&str], sampl
         help.split("[env: ").skip(1).map(|s| s.split(['=', ']']).next().unwrap().to_owned()).collect();
     assert_eq!(in_sample, in_help, "{sample_path} and `{program} --help` disagree");
 }
+
+/// The sums, by metric name, of a process's CloudWatch metric lines (`common::emf`) on
+/// `stdout`, after checking that there is at least one and that each is in `namespace`.
+pub fn emf_sums(stdout: &[u8], namespace: &str) -> std::collections::BTreeMap<String, u64> {
+    let text = String::from_utf8_lossy(stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("\"_aws\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty(), "no metric line: {text}");
+    let mut sums = std::collections::BTreeMap::new();
+    for line in &lines {
+        let metrics = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(metrics["Namespace"], namespace, "{line}");
+        for name in metrics["Metrics"].as_array().unwrap().iter().filter_map(|m| m["Name"].as_str()) {
+            *sums.entry(name.to_owned()).or_default() += line[name].as_u64().unwrap();
+        }
+    }
+    sums
+}

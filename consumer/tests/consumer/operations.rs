@@ -523,13 +523,7 @@ async fn cloudwatch_metrics_lines_add_up_to_the_run() {
     env.put(&env.destination_bucket, "avatar/conflict.png", b"a newer upload").await;
     feed(&env).await;
     let out = drain(&env, &[("CLOUDWATCH_NAMESPACE", "AvatarMigration/test")]).await;
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{') && l.contains("\"_aws\""))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(!lines.is_empty(), "no metric line: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(lines.iter().all(|l| l["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "AvatarMigration/test"));
-    let sum = |name: &str| lines.iter().map(|l| l[name].as_u64().unwrap()).sum::<u64>();
+    let sums = testkit::emf_sums(&out.stdout, "AvatarMigration/test");
+    let sum = |name: &str| sums[name];
     assert_eq!((sum("ObjectsMoved"), sum("RowsRewritten"), sum("ObjectsSetAside")), (3, 3, 1));
 }

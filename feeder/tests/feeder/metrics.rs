@@ -46,14 +46,8 @@ async fn the_feeder_metric_lines_count_what_it_enqueued_and_the_time_it_was_held
     drained.extend(env.drain().await);
     assert_eq!(keys_of(&drained).len(), keys.len());
 
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{') && l.contains("\"_aws\""))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(!lines.is_empty(), "no metric line: {}", String::from_utf8_lossy(&output.stdout));
-    assert!(lines.iter().all(|l| l["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "AvatarMigration/test"));
-    let sum = |name: &str| lines.iter().map(|l| l[name].as_u64().unwrap()).sum::<u64>();
+    let sums = testkit::emf_sums(&output.stdout, "AvatarMigration/test");
+    let sum = |name: &str| sums[name];
     assert_eq!(sum("ObjectsEnqueued"), keys.len() as u64);
-    assert!(sum("SecondsHeldBack") >= 1, "{lines:?}");
+    assert!(sum("SecondsHeldBack") >= 1, "{sums:?}");
 }
