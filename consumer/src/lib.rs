@@ -68,6 +68,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         settings.db_batch_max_wait(),
         settings.database_max_connections.max(2) as usize - 1,
         settings.rewrite_journal,
+        stats.clone(),
     );
     let (acker, acker_task) = ack::Acker::spawn(clients.sqs.clone(), settings.queue.queue_url.clone(), stats.clone());
     // SIGTERM, or an error that stops everything.

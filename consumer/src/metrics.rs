@@ -60,6 +60,10 @@ pub struct Stats {
     pub copy_seconds: Histogram,
     /// Seconds from asking for an object's row rewrite to its result (batching included).
     pub rewrite_seconds: Histogram,
+    /// Rewrite statements run, each its own transaction (a commit, a WAL flush).
+    pub rewrite_statements: Counter,
+    /// Rows asked for per rewrite statement.
+    pub rows_per_statement: Histogram,
     /// Copies decided by the direct path (`DIRECT_COPY`): copied, or refused with 412.
     pub direct_copies: Counter,
     /// Copies the direct path left to the SDK while it was on.
@@ -97,6 +101,8 @@ impl Default for Stats {
             in_flight: Gauge::default(),
             copy_seconds: seconds(),
             rewrite_seconds: seconds(),
+            rewrite_statements: Counter::default(),
+            rows_per_statement: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             direct_copies: Counter::default(),
             direct_handed_over: Counter::default(),
             direct_copy_off: Gauge::default(),
@@ -132,6 +138,15 @@ impl Stats {
             self.sources_deleted.get(),
             elapsed.as_secs_f64()
         );
+        let statements = self.rewrite_statements.get();
+        if statements > 0 {
+            println!(
+                "consumer: row rewrites in {statements} statements ({:.1} rows a statement, {:.0} commits per 10,000 \
+                 rows)",
+                self.rows_rewritten.get() as f64 / statements as f64,
+                statements as f64 * 10_000.0 / self.rows_rewritten.get().max(1) as f64
+            );
+        }
         let (direct, handed_over) = (self.direct_copies.get(), self.direct_handed_over.get());
         if direct + handed_over > 0 {
             println!("consumer: direct copies {direct}; sent again through the SDK {handed_over}");
@@ -179,6 +194,8 @@ impl Stats {
             "messages_in_flight", "Messages being worked on", in_flight;
             "s3_copy_seconds", "Seconds to put one object at its destination", copy_seconds;
             "db_rewrite_seconds", "Seconds from asking an object's row rewrite to its result", rewrite_seconds;
+            "db_rewrite_statements", "Rewrite statements run, each its own transaction (a commit)", rewrite_statements;
+            "db_rows_per_statement", "Rows asked for per rewrite statement", rows_per_statement;
             "s3_direct_copies", "Copies decided by the direct path (DIRECT_COPY): copied, or refused because the destination exists", direct_copies;
             "s3_direct_handed_over", "Copies the direct path left to the SDK (any other answer, or none)", direct_handed_over;
             "s3_direct_copy_off", "1 while the direct path (DIRECT_COPY) is off after failing where the SDK succeeded, 0 otherwise", direct_copy_off;

@@ -21,6 +21,7 @@ use common::db::Rewritten;
 use sqlx::PgPool;
 
 use crate::batch::Batcher;
+use crate::metrics::Stats;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum RewriteError {
@@ -55,10 +56,11 @@ impl Rewriter {
         max_wait: Duration,
         parallel: usize,
         journal: bool,
+        stats: Arc<Stats>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (batcher, handle) = Batcher::spawn(max, max_wait, parallel, move |pairs: Vec<Pair>| {
-            let pool = pool.clone();
-            async move { rewrite_batch(&pool, &pairs, journal).await }
+            let (pool, stats) = (pool.clone(), stats.clone());
+            async move { rewrite_batch(&pool, &pairs, journal, &stats).await }
         });
         (Self { batcher }, handle)
     }
@@ -69,7 +71,14 @@ impl Rewriter {
     }
 }
 
-async fn rewrite_batch(pool: &PgPool, pairs: &[Pair], journal: bool) -> Vec<Result<Rewritten, RewriteError>> {
+async fn rewrite_batch(
+    pool: &PgPool,
+    pairs: &[Pair],
+    journal: bool,
+    stats: &Stats,
+) -> Vec<Result<Rewritten, RewriteError>> {
+    stats.rewrite_statements.inc();
+    stats.rows_per_statement.observe(pairs.len() as f64);
     match common::db::rewrite_paths(pool, pairs, journal).await {
         Ok(mut done) => {
             // A path twice in one batch (a duplicate delivery) counts its rows once.
@@ -79,6 +88,7 @@ async fn rewrite_batch(pool: &PgPool, pairs: &[Pair], journal: bool) -> Vec<Resu
         // each row gets its own statement and the others go through.
         Err(err @ sqlx::Error::Database(_)) if pairs.len() > 1 => {
             tracing::warn!(error = %err, rows = pairs.len(), "batch rewrite failed; rewriting row by row");
+            stats.rewrite_statements.inc_by(pairs.len() as u64);
             let singles = pairs.iter().map(|pair| async move {
                 let result = common::db::rewrite_paths(pool, std::slice::from_ref(pair), journal).await;
                 result

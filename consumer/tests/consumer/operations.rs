@@ -214,6 +214,11 @@ async fn metrics_liveness_and_readiness_are_served_during_a_run() {
     expect("avatar_migration_messages_in_flight", 0.0);
     expect("avatar_migration_s3_copy_seconds_count", expected_deleted);
     expect("avatar_migration_db_rewrite_seconds_count", 30.0);
+    // Every statement counted, and the rows asked for in them add up to the rewrites.
+    let statements = sample(&scrape, "avatar_migration_db_rewrite_statements_total").unwrap();
+    assert!((1.0..=30.0).contains(&statements), "{statements} statements for 30 rows");
+    expect("avatar_migration_db_rows_per_statement_count", statements);
+    expect("avatar_migration_db_rows_per_statement_sum", 30.0);
     expect("avatar_migration_s3_slowdowns_total", 0.0);
     // DIRECT_COPY, the default: every copy decided by the direct path (and the start-up
     // probe's), none sent again, the path never off.
