@@ -134,6 +134,8 @@ struct Run {
     server_cpu: f64,
     requests: Option<u64>,
     throttled: Option<Throttled>,
+    /// Our consumers' row rewrite statements (each a commit), from their exit summaries.
+    statements: Option<u64>,
 }
 
 impl Run {
@@ -153,6 +155,8 @@ pub struct Summary {
     pub peak_rss_mib: f64,
     pub server_cpu_s_per_10k: f64,
     pub requests_per_object: Option<f64>,
+    /// Rewrite statements, each a commit, per 10,000 rows (ours only).
+    pub commits_per_10k_rows: Option<f64>,
     pub runs: usize,
     /// In the throttled mode: the medians of [`Throttled`]'s measures.
     pub goodput_of_limit: Option<f64>,
@@ -283,7 +287,7 @@ impl Timed {
             // Every endpoint here is plain HTTP on loopback; rclone refuses to start when the
             // machine's AWS_CA_BUNDLE is set at all.
             .env_remove("AWS_CA_BUNDLE")
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -291,8 +295,8 @@ impl Timed {
         Ok(Timed { child, report, what: what.to_owned() })
     }
 
-    /// Waits for the process; returns (CPU seconds, peak RSS MiB).
-    async fn finish(self) -> anyhow::Result<(f64, f64)> {
+    /// Waits for the process; returns (CPU seconds, peak RSS MiB, what it printed on stdout).
+    async fn finish(self) -> anyhow::Result<(f64, f64, String)> {
         let out = self.child.wait_with_output().await?;
         ensure!(
             out.status.success(),
@@ -305,7 +309,7 @@ impl Timed {
         let last = text.lines().last().unwrap_or_default();
         let f: Vec<f64> = last.split_whitespace().filter_map(|x| x.parse().ok()).collect();
         ensure!(f.len() == 3, "unexpected /usr/bin/time output for {}: {text:?}", self.what);
-        Ok((f[0] + f[1], f[2] / 1024.0))
+        Ok((f[0] + f[1], f[2] / 1024.0, String::from_utf8_lossy(&out.stdout).into_owned()))
     }
 }
 
@@ -477,9 +481,12 @@ async fn pipeline(
     let server_cpu = group_cpu(&server.groups) - before_cpu;
     let mut run = Run { wall, server_cpu, ..Run::default() };
     for p in procs {
-        let (cpu, rss) = p.finish().await?;
+        let (cpu, rss, printed) = p.finish().await?;
         run.cpus.push(cpu);
         run.rss.push(rss);
+        if let Some(n) = rewrite_statements(&printed) {
+            *run.statements.get_or_insert(0) += n;
+        }
     }
     run.requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
     run.throttled = route.throttled();
@@ -489,6 +496,12 @@ async fn pipeline(
     ensure!(env.failures().await.is_empty(), "objects were set aside in a clean run");
     ensure!(count_keys(&env, &env.destination_bucket).await? == keys.len(), "copies missing");
     Ok(run)
+}
+
+/// The rewrite statements a consumer's exit summary gives ("row rewrites in N statements").
+fn rewrite_statements(printed: &str) -> Option<u64> {
+    let line = printed.lines().find(|l| l.contains("row rewrites in "))?;
+    line.split("row rewrites in ").nth(1)?.split(' ').next()?.parse().ok()
 }
 
 /// How many rows point at their copy, counted exactly only once the journal says every row
@@ -581,7 +594,7 @@ async fn peer(config: &Config, tool: &str, server: &Server, source: &Env, counti
     let started = Instant::now();
     route.start();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (cpu, rss) = Timed::spawn(Path::new(&program), &args, &env, tool)?.finish().await?;
+    let (cpu, rss, _) = Timed::spawn(Path::new(&program), &args, &env, tool)?.finish().await?;
     let wall = started.elapsed().as_secs_f64();
     let server_cpu = group_cpu(&server.groups) - before_cpu;
     let requests = route.requests().zip(before_requests).map(|(a, b)| a - b);
@@ -589,7 +602,7 @@ async fn peer(config: &Config, tool: &str, server: &Server, source: &Env, counti
     route.show_kinds(tool);
     let copied = count_keys(source, &destination).await?;
     ensure!(copied == config.objects, "{tool} copied {copied} of {} objects", config.objects);
-    Ok(Run { wall, cpus: vec![cpu], rss: vec![rss], server_cpu, requests, throttled })
+    Ok(Run { wall, cpus: vec![cpu], rss: vec![rss], server_cpu, requests, throttled, statements: None })
 }
 
 /// Runs everything; returns a summary per (server, tool).
@@ -662,6 +675,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
                 peak_rss_mib: all.iter().flat_map(|r| r.rss.iter().copied()).fold(0.0, f64::max),
                 server_cpu_s_per_10k: median(timed.iter().map(|r| r.server_cpu * per_10k).collect()),
                 requests_per_object: requests,
+                commits_per_10k_rows: all[0].statements.map(|n| n as f64 * per_10k),
                 runs: timed.len(),
                 goodput_of_limit: throttled_median(timed, |t| Some(t.goodput_of_limit)),
                 refused_share: throttled_median(timed, |t| Some(t.refused_share)),
@@ -772,6 +786,7 @@ pub fn json(config: &Config, summaries: &[Summary], rewrites: Option<Rewrites>) 
             "peak_rss_mib": (s.peak_rss_mib * 10.0).round() / 10.0,
             "server_cpu_s_per_10k": (s.server_cpu_s_per_10k * 1000.0).round() / 1000.0,
             "requests_per_object": s.requests_per_object.map(|r| (r * 1000.0).round() / 1000.0),
+            "commits_per_10k_rows": s.commits_per_10k_rows.map(|r| r.round()),
             "runs": s.runs,
             "goodput_of_limit": s.goodput_of_limit.map(|r| (r * 1000.0).round() / 1000.0),
             "refused_share": s.refused_share.map(|r| (r * 10000.0).round() / 10000.0),
@@ -804,6 +819,7 @@ pub fn json(config: &Config, summaries: &[Summary], rewrites: Option<Rewrites>) 
         "peer_cpu_s_per_10k": best.map(|b| round(b.cpu_s_per_10k, 3)),
         "peak_rss_mib": ours.map(|o| round(o.peak_rss_mib, 1)),
         "requests_per_object": ours.and_then(|o| o.requests_per_object).map(|r| round(r, 3)),
+        "commits_per_10k_rows": ours.and_then(|o| o.commits_per_10k_rows).map(f64::round),
         "reps": config.reps,
         "consumers": config.consumers,
         "concurrency": config.concurrency,
