@@ -31,7 +31,7 @@ pub(crate) struct Acker {
 impl Acker {
     pub(crate) fn spawn(sqs: Sqs, queue_url: String, stats: Arc<Stats>) -> (Self, tokio::task::JoinHandle<()>) {
         // Ten is the most SQS takes per batch.
-        let (batcher, handle) = Batcher::spawn(BATCH_ENTRIES, LINGER, 4, move |items: Vec<(String, u64)>| {
+        let (batcher, handle) = Batcher::spawn(BATCH_ENTRIES, (LINGER, LINGER), 4, move |items: Vec<(String, u64)>| {
             let (sqs, queue_url, stats) = (sqs.clone(), queue_url.clone(), stats.clone());
             async move {
                 let n = items.len();

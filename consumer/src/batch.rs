@@ -1,5 +1,6 @@
 //! A small batcher: callers submit one item and await its own result; a background task
-//! gathers items into batches of at most `max` (what arrived within `max_wait`, plus whatever
+//! gathers items into batches of at most `max` (what arrived within `max_wait`, as long as
+//! no gap of `quiet` came, plus whatever
 //! arrives while all `parallel` flush slots are busy) and runs up to `parallel` flushes at once. Used for the row rewrites (one `UPDATE` per batch)
 //! and the message deletes (one `DeleteMessageBatch` per ten).
 //!
@@ -26,8 +27,14 @@ impl<I, O> Clone for Batcher<I, O> {
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
-    /// `flush` gets a batch and returns one result per item, in order.
-    pub(crate) fn spawn<F, Fut>(max: usize, max_wait: Duration, parallel: usize, flush: F) -> (Self, JoinHandle<()>)
+    /// `flush` gets a batch and returns one result per item, in order. A batch lingers up to
+    /// `max_wait`, ending sooner when `quiet` passes with nothing new.
+    pub(crate) fn spawn<F, Fut>(
+        max: usize,
+        (max_wait, quiet): (Duration, Duration),
+        parallel: usize,
+        flush: F,
+    ) -> (Self, JoinHandle<()>)
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
@@ -39,7 +46,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             let mut tasks = tokio::task::JoinSet::new();
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
-                // Linger up to `max_wait` for company (0: take only what is already waiting).
+                // Linger up to `max_wait` for company (0: take only what is already waiting),
+                // while company keeps coming: `quiet` with nothing new ends it (the last items
+                // of a run do not wait the whole of it).
                 let deadline = tokio::time::sleep(max_wait);
                 tokio::pin!(deadline);
                 let mut closed = false;
@@ -51,6 +60,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                             None => { closed = true; break }
                         },
                         _ = &mut deadline => break,
+                        _ = tokio::time::sleep(quiet) => break,
                     }
                 }
                 // While every flush slot is busy, keep gathering: batches grow with the load
@@ -109,10 +119,11 @@ mod tests {
     async fn each_item_gets_its_own_result_in_batches_of_at_most_max() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let (batcher, handle) = Batcher::spawn(4, Duration::from_millis(10), 2, move |items: Vec<u32>| {
-            seen.lock().unwrap().push(items.len());
-            async move { items.into_iter().map(|i| i * 10).collect::<Vec<_>>() }
-        });
+        let (batcher, handle) =
+            Batcher::spawn(4, (Duration::from_millis(10), Duration::from_millis(10)), 2, move |items: Vec<u32>| {
+                seen.lock().unwrap().push(items.len());
+                async move { items.into_iter().map(|i| i * 10).collect::<Vec<_>>() }
+            });
         let results = futures::future::join_all((0..10).map(|i| {
             let b = batcher.clone();
             async move { b.submit(i).await }
@@ -131,7 +142,7 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
         let (release, gate) = tokio::sync::watch::channel(false);
-        let (batcher, handle) = Batcher::spawn(100, Duration::ZERO, 1, move |items: Vec<u32>| {
+        let (batcher, handle) = Batcher::spawn(100, (Duration::ZERO, Duration::ZERO), 1, move |items: Vec<u32>| {
             seen.lock().unwrap().push(items.len());
             let mut gate = gate.clone();
             async move {
@@ -164,10 +175,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lone_item_is_flushed_after_max_wait() {
-        let (batcher, _h) = Batcher::spawn(100, Duration::from_secs(1), 1, |items: Vec<u8>| async move { items });
+    async fn a_lone_item_is_flushed_once_a_quarter_of_max_wait_brings_nothing() {
+        let (batcher, _h) =
+            Batcher::spawn(100, (Duration::from_secs(1), Duration::from_millis(250)), 1, |items: Vec<u8>| async move {
+                items
+            });
         let start = tokio::time::Instant::now();
         assert_eq!(batcher.submit(7).await, Some(7));
-        assert!(start.elapsed() >= Duration::from_secs(1));
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(1), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_arriving_steadily_share_a_statement_for_up_to_max_wait() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let (batcher, handle) =
+            Batcher::spawn(100, (Duration::from_secs(1), Duration::from_millis(250)), 1, move |items: Vec<u32>| {
+                seen.lock().unwrap().push(items.len());
+                async move { items }
+            });
+        // One item every 100 ms for 3 s: a batch a second, of about ten.
+        let mut waiting = Vec::new();
+        for i in 0..30 {
+            let b = batcher.clone();
+            waiting.push(tokio::spawn(async move { b.submit(i).await }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (i, w) in waiting.into_iter().enumerate() {
+            assert_eq!(w.await.unwrap(), Some(i as u32));
+        }
+        drop(batcher);
+        handle.await.unwrap();
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 30);
+        assert!(sizes.len() <= 4 && sizes.iter().all(|&n| n <= 11), "{sizes:?}");
     }
 }

@@ -24,6 +24,7 @@ use crate::ack::Acker;
 use crate::copy::{Copied, Copier, CopyError, Lookahead};
 use crate::lease::Lease;
 use crate::metrics::{InFlight, Stats};
+use crate::receive::Slot;
 use crate::record::Rewriter;
 use crate::refusals::{HALT_AFTER, QUIET, Refusal, Refusals, Verdict, WINDOW};
 
@@ -191,7 +192,7 @@ impl Outcome {
 }
 
 impl Worker {
-    pub(crate) async fn handle(&self, message: Message) {
+    pub(crate) async fn handle(&self, message: Message, slot: Slot) {
         self.stats.received.inc();
         let _in_flight = InFlight::start(&self.stats.in_flight);
         let id = message.message_id().unwrap_or_default().to_owned();
@@ -214,7 +215,9 @@ impl Worker {
                 };
                 (self.settle(outcome).instrument(tracing::info_span!("message", message_id = %id)).await, 1)
             }
-            Ok(objects) => (self.move_objects(&id, &objects, receive_count(&message)).await, objects.len() as u64),
+            Ok(objects) => {
+                (self.move_objects(&id, &objects, receive_count(&message), slot).await, objects.len() as u64)
+            }
         };
         drop(lease);
         if deletable {
@@ -227,11 +230,12 @@ impl Worker {
     /// every object is done or recorded; otherwise it comes back whole and those already done
     /// are found done.
     ///
-    /// Each object's last steps (its rows, or the verdict on its refusal) run alongside the
-    /// next objects' copies: the rows of the message's copied objects are rewritten together
-    /// (one batch rather than a round trip per object between two copies), and all of it is
-    /// awaited before the message may go.
-    async fn move_objects(&self, id: &str, objects: &[ObjectMessage], receipts: u32) -> bool {
+    /// Each object's last steps (its rows, or the verdict on its refusal) run once the
+    /// message's copies are done, all together: the rows of its copied objects share a batch
+    /// (rather than a round trip per object between two copies), and all of it is awaited
+    /// before the message may go. Meanwhile the message holds a finishing place, not its copy
+    /// permit ([`Slot`]): the next message's copies go on while these rows linger for company.
+    async fn move_objects(&self, id: &str, objects: &[ObjectMessage], receipts: u32, slot: Slot) -> bool {
         let mut deletable = true;
         let mut pending: Vec<futures::future::BoxFuture<'_, bool>> = Vec::new();
         let lookahead = self.copier.look_ahead(objects).await;
@@ -263,6 +267,8 @@ impl Worker {
                 }
             }
         }
+        // The copies are done: the permit goes to the next message while the rows are written.
+        let _finishing = slot.copies_done().await;
         for settled in futures::future::join_all(pending).await {
             deletable &= settled;
         }

@@ -3,7 +3,10 @@
 //!
 //! Promises:
 //! - the permits for a receive are taken *before* the receive, so a process never holds
-//!   messages it has no room to work on (they would sit invisible);
+//!   messages it has no room to work on (they would sit invisible); a message whose copies
+//!   are done gives its permit back for a finishing place while its rows are rewritten (at
+//!   most `FINISHING_PER_PERMIT` x CONCURRENCY such messages: slow rewrites hold the next
+//!   copies back);
 //! - an idle exit (`EXIT_WHEN_IDLE`) happens only when the *queue* is empty: nothing visible,
 //!   in flight (held by any consumer, dead or alive) or delayed, on every check over the idle
 //!   window; an empty receive alone proves nothing (a crashed consumer's messages are
@@ -100,6 +103,7 @@ pub(crate) async fn run(
     paused: watch::Receiver<bool>,
 ) -> Ended {
     let permits = Arc::new(Semaphore::new(config.concurrency));
+    let finishing = Arc::new(Semaphore::new(config.concurrency * FINISHING_PER_PERMIT));
     let tracker = TaskTracker::new();
     let activity = Arc::new(Activity::new());
     // A drain (idle exit) lets receives already waiting finish and works on what they bring:
@@ -120,6 +124,7 @@ pub(crate) async fn run(
             config: config.clone(),
             worker: worker.clone(),
             permits: permits.clone(),
+            finishing: finishing.clone(),
             tracker: tracker.clone(),
             activity: activity.clone(),
             abandon: abandon.clone(),
@@ -172,6 +177,30 @@ async fn grace(tracker: &TaskTracker, grace: Duration, abandon: &CancellationTok
     Ended::Abandoned(unfinished)
 }
 
+/// Messages that may be finishing (their rows being rewritten, their delete handed over) per
+/// CONCURRENCY permit: a bound, so that slow rewrites hold the next copies back rather than
+/// pile up.
+const FINISHING_PER_PERMIT: usize = 4;
+
+/// A message's place: one of the CONCURRENCY permits while its objects are copied, then one
+/// of the finishing places while its rows are rewritten (lingering for company, `crate::record`)
+/// and its delete handed over, so that the next message's copies do not wait on this one's
+/// rows.
+pub(crate) struct Slot {
+    permit: OwnedSemaphorePermit,
+    finishing: Arc<Semaphore>,
+}
+
+impl Slot {
+    /// The copies are done: takes a finishing place (waiting for one while they are all
+    /// taken), then gives the copy permit back. The place is held until it is dropped.
+    pub(crate) async fn copies_done(self) -> Option<OwnedSemaphorePermit> {
+        let place = self.finishing.acquire_owned().await.ok();
+        drop(self.permit);
+        place
+    }
+}
+
 /// One long-polling loop.
 struct Receiver {
     config: ReceiveConfig,
@@ -179,6 +208,8 @@ struct Receiver {
     per_receive: usize,
     worker: Arc<Worker>,
     permits: Arc<Semaphore>,
+    /// Places for messages whose copies are done and whose rows and delete are finishing.
+    finishing: Arc<Semaphore>,
     tracker: TaskTracker,
     activity: Arc<Activity>,
     abandon: CancellationToken,
@@ -251,13 +282,13 @@ impl Receiver {
                 break;
             };
             let (worker, activity, abandon) = (self.worker.clone(), self.activity.clone(), self.abandon.clone());
+            let slot = Slot { permit, finishing: self.finishing.clone() };
             self.tracker.spawn(async move {
                 tokio::select! {
-                    _ = worker.handle(message) => {}
+                    _ = worker.handle(message, slot) => {}
                     _ = abandon.cancelled() => {}
                 }
                 activity.touch();
-                drop(permit);
             });
         }
     }

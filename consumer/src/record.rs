@@ -1,5 +1,8 @@
 //! Record stage: rewrites the rows that point at a copied object, compare-and-set (I4),
-//! batched into one `UPDATE` per batch.
+//! batched into one `UPDATE` per batch: a rewrite lingers up to `DB_BATCH_MAX_WAIT_MS` (1 s)
+//! for company while company keeps coming, up to `DB_BATCH_SIZE` rows, so that a fleet at a
+//! trickle commits tens of rows at a time rather than a message's ten (each commit is a WAL
+//! flush on the primary). The message's copy permit is not held meanwhile (`receive::Slot`).
 //!
 //! Promises:
 //! - a row is rewritten only while its path is still the old one, so a row the live service
@@ -58,7 +61,7 @@ impl Rewriter {
         journal: bool,
         stats: Arc<Stats>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (batcher, handle) = Batcher::spawn(max, max_wait, parallel, move |pairs: Vec<Pair>| {
+        let (batcher, handle) = Batcher::spawn(max, (max_wait, max_wait / 4), parallel, move |pairs: Vec<Pair>| {
             let (pool, stats) = (pool.clone(), stats.clone());
             async move { rewrite_batch(&pool, &pairs, journal, &stats).await }
         });

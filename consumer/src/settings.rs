@@ -89,11 +89,14 @@ pub struct Settings {
     #[arg(long, env = "DB_BATCH_SIZE", default_value = "100")]
     pub db_batch_size: NonZeroUsize,
 
-    /// How long a rewrite lingers for others to share its UPDATE (e.g. `20ms`; a bare number
-    /// is milliseconds). 0 (the default): no lingering; batches still grow with the load, since
-    /// rewrites gather while every connection is busy. Raise it for fewer, larger UPDATEs at
-    /// the cost of latency.
-    #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "0ms", value_parser = common::settings::duration_millis)]
+    /// How long a rewrite lingers for others to share its UPDATE (e.g. `1s`; a bare number is
+    /// milliseconds), as long as others keep coming: a quarter of it with none ends the
+    /// linger. Each UPDATE is a commit, a WAL flush on the primary: at a trickle (a fleet of
+    /// consumers at S3's rate) rows otherwise go a message at a time. A message's copy permit
+    /// is not held meanwhile (the next message's copies go on), so lingering costs a row up to
+    /// this long at its legacy path, not throughput. 0: no lingering (batches still grow while
+    /// every connection is busy).
+    #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "1s", value_parser = common::settings::duration_millis)]
     pub db_batch_max_wait_ms: Duration,
 
     /// Largest object, in bytes, read and compared byte by byte when a destination already

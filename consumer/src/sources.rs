@@ -56,7 +56,7 @@ impl SourceDeleter {
         }
         let lease = Arc::new(Lease::take(&deleter.db, "consumer (DELETE_SOURCE)", Mode::Shared).await?);
         let held = lease.clone();
-        let (batcher, task) = Batcher::spawn(BATCH, LINGER, 2, move |batch: Vec<Tombstone>| {
+        let (batcher, task) = Batcher::spawn(BATCH, (LINGER, LINGER), 2, move |batch: Vec<Tombstone>| {
             let (deleter, lease, stats) = (deleter.clone(), held.clone(), stats.clone());
             async move {
                 let n = batch.len();

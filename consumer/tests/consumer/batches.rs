@@ -50,3 +50,22 @@ async fn a_message_of_several_objects_is_deleted_only_when_every_one_is_done() {
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert_eq!(failures[0].0, "malformed_message", "an empty batch is recorded, not retried forever");
 }
+
+/// At a trickle (a fleet cap well under what one consumer could do), rewrites linger for
+/// company across messages: statements of several messages' rows, not one a message.
+#[tokio::test]
+async fn at_a_trickle_rewrites_of_several_messages_share_a_statement() {
+    let env = Env::new().await;
+    let (keys, _) = env.seed_legacy(0..300).await;
+    crate::helpers::feed(&env).await;
+    crate::helpers::feeder(&env, &["throttle", "--rate", "60"]);
+    // Messages of ten objects come about every 170 ms: well within the linger's quiet
+    // quarter (500 ms), so each statement gathers up to 2 s of them.
+    let out = crate::helpers::drain(&env, &[("DB_BATCH_MAX_WAIT_MS", "2000")]).await;
+    let summary = stdout(&out);
+    let line = summary.lines().find(|l| l.contains("row rewrites in")).unwrap_or_else(|| panic!("{summary}"));
+    let statements: u64 =
+        line.split("row rewrites in ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    assert_eq!(env.count_rows_with_prefix("avatar/").await, keys.len() as i64);
+    assert!(statements * 25 <= keys.len() as u64, "at least 25 rows a statement: {line}");
+}
