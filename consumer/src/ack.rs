@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::aws::Sqs;
 use common::aws::queue::{BATCH_ENTRIES, delete_batch};
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Shape};
 use crate::metrics::Stats;
 
 /// How long a delete waits for nine others. Messages stay invisible for the visibility
@@ -31,30 +31,31 @@ pub(crate) struct Acker {
 impl Acker {
     pub(crate) fn spawn(sqs: Sqs, queue_url: String, stats: Arc<Stats>) -> (Self, tokio::task::JoinHandle<()>) {
         // Ten is the most SQS takes per batch.
-        let (batcher, handle) = Batcher::spawn(BATCH_ENTRIES, (LINGER, LINGER), 4, move |items: Vec<(String, u64)>| {
-            let (sqs, queue_url, stats) = (sqs.clone(), queue_url.clone(), stats.clone());
-            async move {
-                let n = items.len();
-                let handles: Vec<&str> = items.iter().map(|(handle, _)| handle.as_str()).collect();
-                let entries = match delete_batch(&sqs, &queue_url, &handles).await {
-                    Ok(entries) => entries,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "messages not deleted: they come back, harmlessly");
-                        return vec![(); n];
-                    }
-                };
-                for (entry, (_, objects)) in entries.into_iter().zip(&items) {
-                    match entry {
-                        Ok(()) => {
-                            stats.deleted.inc();
-                            stats.acked.inc_by(*objects);
+        let (batcher, handle) =
+            Batcher::spawn(Shape::fixed(BATCH_ENTRIES, LINGER, 4), move |items: Vec<(String, u64)>| {
+                let (sqs, queue_url, stats) = (sqs.clone(), queue_url.clone(), stats.clone());
+                async move {
+                    let n = items.len();
+                    let handles: Vec<&str> = items.iter().map(|(handle, _)| handle.as_str()).collect();
+                    let entries = match delete_batch(&sqs, &queue_url, &handles).await {
+                        Ok(entries) => entries,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "messages not deleted: they come back, harmlessly");
+                            return vec![(); n];
                         }
-                        Err(why) => tracing::warn!(error = %why, "message not deleted: it comes back, harmlessly"),
+                    };
+                    for (entry, (_, objects)) in entries.into_iter().zip(&items) {
+                        match entry {
+                            Ok(()) => {
+                                stats.deleted.inc();
+                                stats.acked.inc_by(*objects);
+                            }
+                            Err(why) => tracing::warn!(error = %why, "message not deleted: it comes back, harmlessly"),
+                        }
                     }
+                    vec![(); n]
                 }
-                vec![(); n]
-            }
-        });
+            });
         (Self { batcher }, handle)
     }
 

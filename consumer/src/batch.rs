@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -26,25 +27,46 @@ impl<I, O> Clone for Batcher<I, O> {
     }
 }
 
+/// How batches are made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    /// Items in a batch at most.
+    pub(crate) max: usize,
+    /// How long the first item of a batch waits for company at most.
+    pub(crate) max_wait: Duration,
+    /// A gap this long with nothing new ends the wait.
+    pub(crate) quiet: Duration,
+    /// A flush that takes longer halves the batches (down to one item); one that takes under
+    /// half of it lets them grow back by a tenth of `max`. `None`: batches of `max`.
+    pub(crate) flush_target: Option<Duration>,
+    /// Flushes at once.
+    pub(crate) parallel: usize,
+}
+
+impl Shape {
+    /// Batches of `max`, each waiting `linger` for company, none quiet, any flush time.
+    pub(crate) fn fixed(max: usize, linger: Duration, parallel: usize) -> Shape {
+        Shape { max, max_wait: linger, quiet: linger, flush_target: None, parallel }
+    }
+}
+
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
-    /// `flush` gets a batch and returns one result per item, in order. A batch lingers up to
-    /// `max_wait`, ending sooner when `quiet` passes with nothing new.
-    pub(crate) fn spawn<F, Fut>(
-        max: usize,
-        (max_wait, quiet): (Duration, Duration),
-        parallel: usize,
-        flush: F,
-    ) -> (Self, JoinHandle<()>)
+    /// `flush` gets a batch and returns one result per item, in order.
+    pub(crate) fn spawn<F, Fut>(shape: Shape, flush: F) -> (Self, JoinHandle<()>)
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<Entry<I, O>>(max * parallel.max(1) * 2);
+        let Shape { max: most, max_wait, quiet, flush_target, parallel } = shape;
+        let (tx, mut rx) = mpsc::channel::<Entry<I, O>>(most * parallel.max(1) * 2);
         let flush = Arc::new(flush);
         let slots = Arc::new(Semaphore::new(parallel.max(1)));
+        // The batch size now: `most`, or less while flushes take longer than their target.
+        let size = Arc::new(AtomicUsize::new(most));
         let handle = tokio::spawn(async move {
             let mut tasks = tokio::task::JoinSet::new();
             while let Some(first) = rx.recv().await {
+                let max = size.load(Relaxed).clamp(1, most);
                 let mut batch = vec![first];
                 // Linger up to `max_wait` for company (0: take only what is already waiting),
                 // while company keeps coming: `quiet` with nothing new ends it (the last items
@@ -78,10 +100,23 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         },
                     }
                 };
-                let flush = flush.clone();
+                let (flush, size) = (flush.clone(), size.clone());
                 tasks.spawn(async move {
                     let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
+                    let started = tokio::time::Instant::now();
                     let results = flush(items).await;
+                    if let Some(target) = flush_target {
+                        let took = started.elapsed();
+                        let now = size.load(Relaxed);
+                        let next = if took > target {
+                            (now / 2).max(1)
+                        } else if took < target / 2 {
+                            (now + most.div_ceil(10)).min(most)
+                        } else {
+                            now
+                        };
+                        size.store(next, Relaxed);
+                    }
                     debug_assert_eq!(results.len(), replies.len());
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result); // the submitter may have given up; fine
@@ -113,6 +148,17 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Up to 100 items, a 1 s linger ended by 250 ms of quiet, one flush at a time.
+    fn lingering() -> Shape {
+        Shape {
+            max: 100,
+            max_wait: Duration::from_secs(1),
+            quiet: Duration::from_millis(250),
+            flush_target: None,
+            parallel: 1,
+        }
+    }
     use std::sync::Mutex;
 
     #[tokio::test(start_paused = true)]
@@ -120,7 +166,7 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
         let (batcher, handle) =
-            Batcher::spawn(4, (Duration::from_millis(10), Duration::from_millis(10)), 2, move |items: Vec<u32>| {
+            Batcher::spawn(Shape::fixed(4, Duration::from_millis(10), 2), move |items: Vec<u32>| {
                 seen.lock().unwrap().push(items.len());
                 async move { items.into_iter().map(|i| i * 10).collect::<Vec<_>>() }
             });
@@ -142,7 +188,7 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
         let (release, gate) = tokio::sync::watch::channel(false);
-        let (batcher, handle) = Batcher::spawn(100, (Duration::ZERO, Duration::ZERO), 1, move |items: Vec<u32>| {
+        let (batcher, handle) = Batcher::spawn(Shape::fixed(100, Duration::ZERO, 1), move |items: Vec<u32>| {
             seen.lock().unwrap().push(items.len());
             let mut gate = gate.clone();
             async move {
@@ -176,10 +222,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lone_item_is_flushed_once_a_quarter_of_max_wait_brings_nothing() {
-        let (batcher, _h) =
-            Batcher::spawn(100, (Duration::from_secs(1), Duration::from_millis(250)), 1, |items: Vec<u8>| async move {
-                items
-            });
+        let (batcher, _h) = Batcher::spawn(lingering(), |items: Vec<u8>| async move { items });
         let start = tokio::time::Instant::now();
         assert_eq!(batcher.submit(7).await, Some(7));
         let waited = start.elapsed();
@@ -190,11 +233,10 @@ mod tests {
     async fn items_arriving_steadily_share_a_statement_for_up_to_max_wait() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let (batcher, handle) =
-            Batcher::spawn(100, (Duration::from_secs(1), Duration::from_millis(250)), 1, move |items: Vec<u32>| {
-                seen.lock().unwrap().push(items.len());
-                async move { items }
-            });
+        let (batcher, handle) = Batcher::spawn(lingering(), move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items.len());
+            async move { items }
+        });
         // One item every 100 ms for 3 s: a batch a second, of about ten.
         let mut waiting = Vec::new();
         for i in 0..30 {
@@ -210,5 +252,37 @@ mod tests {
         let sizes = sizes.lock().unwrap().clone();
         assert_eq!(sizes.iter().sum::<usize>(), 30);
         assert!(sizes.len() <= 4 && sizes.iter().all(|&n| n <= 11), "{sizes:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_flushes_make_smaller_batches_and_fast_ones_let_them_grow_back() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        // A flush takes 10 ms an item for the first 600 items, then 1 ms: at a target of
+        // 200 ms, batches of 100 shrink to 20 or fewer, then grow back to 100.
+        let done = Arc::new(AtomicUsize::new(0));
+        let shape = Shape { flush_target: Some(Duration::from_millis(200)), ..lingering() };
+        let (batcher, handle) = Batcher::spawn(shape, move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items.len());
+            let per_item = if done.fetch_add(items.len(), Relaxed) < 600 { 10 } else { 1 };
+            async move {
+                tokio::time::sleep(Duration::from_millis(per_item * items.len() as u64)).await;
+                items
+            }
+        });
+        let all = futures::future::join_all((0..2000).map(|i| {
+            let b = batcher.clone();
+            async move { b.submit(i).await }
+        }))
+        .await;
+        assert!(all.iter().enumerate().all(|(i, r)| *r == Some(i as u32)));
+        drop(batcher);
+        handle.await.unwrap();
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes[0], 100, "{sizes:?}");
+        let smallest = sizes.iter().copied().min().unwrap();
+        assert!(smallest <= 25, "slow flushes shrank the batches: {sizes:?}");
+        let low = sizes.iter().position(|&n| n == smallest).unwrap();
+        assert!(sizes[low..].contains(&100), "fast ones grew them back: {sizes:?}");
     }
 }

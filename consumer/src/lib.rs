@@ -66,6 +66,7 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         clients.db.clone(),
         settings.db_batch_size.get(),
         settings.db_batch_max_wait(),
+        settings.db_batch_target,
         settings.database_max_connections.max(2) as usize - 1,
         settings.rewrite_journal,
         stats.clone(),

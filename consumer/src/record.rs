@@ -23,7 +23,7 @@ use std::time::Duration;
 use common::db::Rewritten;
 use sqlx::PgPool;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Shape};
 use crate::metrics::Stats;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -57,11 +57,13 @@ impl Rewriter {
         pool: PgPool,
         max: usize,
         max_wait: Duration,
+        flush_target: Duration,
         parallel: usize,
         journal: bool,
         stats: Arc<Stats>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (batcher, handle) = Batcher::spawn(max, (max_wait, max_wait / 4), parallel, move |pairs: Vec<Pair>| {
+        let shape = Shape { max, max_wait, quiet: max_wait / 4, flush_target: Some(flush_target), parallel };
+        let (batcher, handle) = Batcher::spawn(shape, move |pairs: Vec<Pair>| {
             let (pool, stats) = (pool.clone(), stats.clone());
             async move { rewrite_batch(&pool, &pairs, journal, &stats).await }
         });

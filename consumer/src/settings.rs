@@ -99,6 +99,12 @@ pub struct Settings {
     #[arg(long, env = "DB_BATCH_MAX_WAIT_MS", default_value = "1s", value_parser = common::settings::duration_millis)]
     pub db_batch_max_wait_ms: Duration,
 
+    /// How long one rewrite statement should take at most (e.g. `250ms`): a statement that
+    /// takes longer halves the next ones (down to one row: fewer row locks held at once on a
+    /// struggling database), one under half of it lets them grow back toward DB_BATCH_SIZE.
+    #[arg(long, env = "DB_BATCH_TARGET", default_value = "250ms", value_parser = common::settings::duration_millis)]
+    pub db_batch_target: Duration,
+
     /// Largest object, in bytes, read and compared byte by byte when a destination already
     /// exists and neither a common full-object checksum nor equal ETags prove it holds the
     /// source's bytes (AWS gives a copy a fresh ETag). Larger ones are recorded as

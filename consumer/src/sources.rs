@@ -19,7 +19,7 @@ use common::db::lease::{Lease, Mode};
 use common::deletion::Deleter;
 use tokio::task::JoinHandle;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Shape};
 use crate::metrics::Stats;
 
 /// Objects deleted in one protocol run at most.
@@ -56,7 +56,7 @@ impl SourceDeleter {
         }
         let lease = Arc::new(Lease::take(&deleter.db, "consumer (DELETE_SOURCE)", Mode::Shared).await?);
         let held = lease.clone();
-        let (batcher, task) = Batcher::spawn(BATCH, (LINGER, LINGER), 2, move |batch: Vec<Tombstone>| {
+        let (batcher, task) = Batcher::spawn(Shape::fixed(BATCH, LINGER, 2), move |batch: Vec<Tombstone>| {
             let (deleter, lease, stats) = (deleter.clone(), held.clone(), stats.clone());
             async move {
                 let n = batch.len();
