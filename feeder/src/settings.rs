@@ -29,7 +29,7 @@ pub struct Settings {
     #[command(flatten)]
     pub run: RunArgs,
 
-    /// The database's health, which `rollback` waits on between pages.
+    /// The database's health, which `rollback` and `cleanup` wait on between pages.
     #[command(flatten)]
     pub health: common::health::HealthArgs,
 

@@ -135,6 +135,37 @@ async fn a_probe_over_its_limit_holds_the_fleet_from_the_start_and_status_says_w
     assert_eq!(rewrites(&env).await, keys.len() as i64, "every row moved once the probe read under its limit");
 }
 
+/// Runs `feeder <args>` with a probe over its limit until it says it waits, checks that
+/// `feeder status` shows why, lets `before` check that nothing was done meanwhile, then brings
+/// the probe under its limit and waits for the command to finish.
+async fn held_then_released(env: &Env, args: &[&str], waiting_for: &'static str, before: impl AsyncFnOnce()) {
+    sqlx::query("CREATE TABLE IF NOT EXISTS health_probe AS SELECT 10::float8 AS v").execute(&env.db).await.unwrap();
+    sqlx::query("UPDATE health_probe SET v = 10").execute(&env.db).await.unwrap();
+    let mut command = env
+        .command("feeder")
+        .args(args)
+        .env("DB_HEALTH_PROBE", "SELECT v FROM health_probe")
+        .env("DB_HEALTH_PROBE_MAX", "5")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let [waiting] = helpers::count_each(&mut command, [waiting_for]);
+    wait_until("the command waiting", Duration::from_secs(30), || async {
+        waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    let (_, status) = helpers::feeder(env, &["status"]);
+    assert!(status.contains("HELD by the database's health on 1 consumers: DB_HEALTH_PROBE reads 10"), "{status}");
+    before().await;
+    sqlx::query("UPDATE health_probe SET v = 0").execute(&env.db).await.unwrap();
+    let status = wait_exit(&mut command, Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}");
+    let reports: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM avatar_migration_consumers").fetch_one(&env.db).await.unwrap();
+    assert_eq!(reports, 0, "its report is removed at the end");
+}
+
 /// `feeder rollback` waits on the same limits before each page of rows it points back, and
 /// says so in `feeder status`; once the probe reads under its limit, it goes on and finishes.
 #[tokio::test]
@@ -143,36 +174,32 @@ async fn rollback_waits_while_the_database_is_unhealthy() {
     let (keys, _) = env.seed_legacy(0..30).await;
     feed(&env).await;
     drain(&env, &[]).await;
-    sqlx::query("CREATE TABLE health_probe AS SELECT 10::float8 AS v").execute(&env.db).await.unwrap();
-    let mut rollback = env
-        .command("feeder")
-        .args(["rollback"])
-        .env("DB_HEALTH_PROBE", "SELECT v FROM health_probe")
-        .env("DB_HEALTH_PROBE_MAX", "5")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let [waiting] = helpers::count_each(&mut rollback, ["the database is unhealthy: feeder rollback"]);
-    wait_until("rollback waiting", Duration::from_secs(30), || async {
-        waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
-    })
-    .await;
-    let (_, status) = helpers::feeder(&env, &["status"]);
-    assert!(status.contains("HELD by the database's health on 1 consumers: DB_HEALTH_PROBE reads 10"), "{status}");
-    let back: i64 = sqlx::query_scalar("SELECT count(rolled_back_at) FROM avatar_migration_journal")
-        .fetch_one(&env.db)
-        .await
-        .unwrap();
-    assert_eq!(back, 0, "nothing pointed back while the database is unhealthy");
-
-    sqlx::query("UPDATE health_probe SET v = 0").execute(&env.db).await.unwrap();
-    let status = wait_exit(&mut rollback, Duration::from_secs(60)).await;
-    assert!(status.success(), "{status:?}");
+    let nothing_back = async || {
+        let back: i64 = sqlx::query_scalar("SELECT count(rolled_back_at) FROM avatar_migration_journal")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+        assert_eq!(back, 0, "nothing pointed back while the database is unhealthy");
+    };
+    held_then_released(&env, &["rollback"], "the database is unhealthy: feeder rollback", nothing_back).await;
     let legacy: i64 =
         sqlx::query_scalar("SELECT count(*) FROM avatars WHERE path LIKE 'image/%'").fetch_one(&env.db).await.unwrap();
     assert_eq!(legacy, keys.len() as i64, "every row pointed back once the database recovered");
-    let reports: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM avatar_migration_consumers").fetch_one(&env.db).await.unwrap();
-    assert_eq!(reports, 0, "its report is removed at the end");
+}
+
+/// `feeder cleanup --yes` waits on the same limits before each batch of tombstones and
+/// deletes; once the probe reads under its limit, it deletes what is safely moved.
+#[tokio::test]
+async fn cleanup_waits_while_the_database_is_unhealthy() {
+    let env = Env::new().await;
+    let (keys, _) = env.seed_legacy(0..30).await;
+    feed(&env).await;
+    drain(&env, &[]).await;
+    let (code, out) = helpers::feeder(&env, &["fence", "install"]);
+    assert_eq!(code, Some(0), "{out}");
+    let nothing_deleted = async || {
+        assert_eq!(env.keys(&env.source_bucket).await.len(), keys.len(), "nothing deleted meanwhile");
+    };
+    held_then_released(&env, &["cleanup", "--yes"], "the database is unhealthy: feeder cleanup", nothing_deleted).await;
+    assert_eq!(env.keys(&env.source_bucket).await, Vec::<String>::new(), "every moved legacy object deleted");
 }

@@ -123,6 +123,10 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
         prefix: prefix.to_owned(),
         page_size: 1000,
     });
+    // Tombstones are written and objects deleted batch by batch: each waits while the
+    // database is unhealthy.
+    let mut health = common::health::Health::connect(&cx.settings.health).await?;
+    let name = format!("feeder cleanup on {}", common::host::name().unwrap_or_else(|| "this host".into()));
     let started = Instant::now();
     let segment = (state.scan.last_key.clone(), None);
     let ended = scan::each_page(lister, segment, shutdown, async |page| {
@@ -136,6 +140,7 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
         } else if let Some(lease) = &lease
             && !doomed.is_empty()
         {
+            health.wait_healthy(&clients.db, &name, shutdown).await?;
             let out = deleter.delete(lease, &doomed).await?;
             counts.referenced += out.referenced.len() as i64;
             counts.failed += (out.failed.len() + out.elsewhere.len()) as i64;
@@ -155,6 +160,7 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
     if !dry_run {
         scans::save(&clients.db, ScanKind::Cleanup, bucket, prefix, &state.scan).await?;
     }
+    health.done(&clients.db, &name).await;
     state.print_summary();
     if args.json {
         println!("{}", state.json());
