@@ -42,7 +42,8 @@ async fn rewrites(env: &Env) -> i64 {
 /// With the replica's replay paused mid-run, its lag passes MAX_REPLICA_LAG and the consumer
 /// takes no more messages: once what was in flight is done, no row is rewritten while the
 /// replica stays behind. Replay resumed, the consumer goes on by itself and finishes: every
-/// row moved, the queue empty, nothing set aside.
+/// row moved, the queue empty, nothing set aside. A live writer updating its own row of
+/// `avatars` all along is never kept waiting.
 #[tokio::test]
 async fn a_lagging_replica_holds_the_rewrites_until_it_catches_up() {
     let env = Env::new().await;
@@ -56,6 +57,7 @@ async fn a_lagging_replica_holds_the_rewrites_until_it_catches_up() {
     feed(&env).await;
     // Slow enough that the run is far from done when the replica stops.
     helpers::feeder(&env, &["throttle", "--rate", "40"]);
+    let live = LiveWriter::start(&env).await;
     let url = replica_url(&env);
     let vars = [("REPLICA_URLS", url.as_str()), ("MAX_REPLICA_LAG", "1s"), ("CONCURRENCY", "4"), ("RUST_LOG", "info")];
     let mut child = consumer(&env, &vars).stdout(Stdio::null()).spawn().unwrap();
@@ -101,6 +103,43 @@ async fn a_lagging_replica_holds_the_rewrites_until_it_catches_up() {
     assert_eq!(legacy, 0, "every row moved");
     assert_eq!(env.depth(&env.queue_url).await, (0, 0), "the queue is empty");
     assert_eq!(rewrites(&env).await, keys.len() as i64);
+    let (writes, slowest) = live.stop().await;
+    assert!(writes > 50 && slowest < Duration::from_secs(2), "{writes} live writes, the slowest {slowest:?}");
+}
+
+/// The live service: one row of `avatars` of its own, updated every 20 ms, each write timed.
+struct LiveWriter {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<(u64, Duration)>,
+}
+
+impl LiveWriter {
+    async fn start(env: &Env) -> LiveWriter {
+        let id: i32 = sqlx::query_scalar("INSERT INTO avatars (path) VALUES ('other/live.png') RETURNING id")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+        let (db, stop) = (env.db.clone(), CancellationToken::new());
+        let until = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut writes, mut slowest) = (0, Duration::ZERO);
+            let mut every = tokio::time::interval(Duration::from_millis(20));
+            while !until.is_cancelled() {
+                every.tick().await;
+                let started = std::time::Instant::now();
+                sqlx::query("UPDATE avatars SET path = path WHERE id = $1").bind(id).execute(&db).await.unwrap();
+                (writes, slowest) = (writes + 1, slowest.max(started.elapsed()));
+            }
+            (writes, slowest)
+        });
+        LiveWriter { stop, task }
+    }
+
+    /// Its writes, and the slowest.
+    async fn stop(self) -> (u64, Duration) {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
 }
 
 /// A limit of the operator's own (DB_HEALTH_PROBE) passed at start-up holds the fleet before
