@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use common::setup::Clients;
 pub use metrics::Stats;
+pub use receive::FINISHING_PER_PERMIT;
 pub use settings::Settings;
 
 /// Connects to everything and checks it (see `common::setup::connect`); every problem here is a

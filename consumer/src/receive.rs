@@ -180,7 +180,7 @@ async fn grace(tracker: &TaskTracker, grace: Duration, abandon: &CancellationTok
 /// Messages that may be finishing (their rows being rewritten, their delete handed over) per
 /// CONCURRENCY permit: a bound, so that slow rewrites hold the next copies back rather than
 /// pile up.
-const FINISHING_PER_PERMIT: usize = 4;
+pub const FINISHING_PER_PERMIT: usize = 4;
 
 /// A message's place: one of the CONCURRENCY permits while its objects are copied, then one
 /// of the finishing places while its rows are rewritten (lingering for company, `crate::record`)

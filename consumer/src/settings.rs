@@ -33,8 +33,9 @@ pub struct Settings {
     #[command(flatten)]
     pub health: common::health::HealthArgs,
 
-    /// Objects worked on at once by this process (each a CopyObject, then a row rewrite).
-    /// Unset (the default): 128 where the copy goes first (`on-conflict`, what `auto` picks on
+    /// Objects copied at once by this process (each a CopyObject; its message then gives its
+    /// place to the next while its rows are rewritten, up to 4 x this many messages finishing
+    /// so). Unset (the default): 128 where the copy goes first (`on-conflict`, what `auto` picks on
     /// AWS), 32 where each destination is looked at first (`before-copy`, where 128 measured
     /// slower; docs/performance.md). Raise it until S3 answers SlowDown or the database is
     /// busy.

@@ -415,8 +415,12 @@ async fn status_watch_prints_readings_until_stopped() {
 /// while every rewrite waits on a lock, so that nothing finishes.
 #[tokio::test]
 async fn unset_concurrency_follows_what_auto_finds() {
-    for (env, expected) in [(Env::on_seaweedfs().await, 128.0), (Env::new().await, 32.0)] {
-        env.seed_legacy(0..200).await;
+    // With the rewrites stalled, a consumer holds CONCURRENCY messages being copied (or done
+    // copying and waiting for a finishing place) and FINISHING_PER_PERMIT x CONCURRENCY
+    // finishing: five times CONCURRENCY in all.
+    let in_all = |concurrency: f64| concurrency * (1 + consumer::FINISHING_PER_PERMIT) as f64;
+    for (env, expected) in [(Env::on_seaweedfs().await, in_all(128.0)), (Env::new().await, in_all(32.0))] {
+        env.seed_legacy(0..expected as usize + 60).await;
         feed_with(&env, &["--objects-per-message=1"]).await;
         let held = crate::helpers::stall_rewrites(&env).await;
         let addr = format!("127.0.0.1:{}", free_port());
@@ -435,7 +439,7 @@ async fn unset_concurrency_follows_what_auto_finds() {
             in_flight().await == Some(expected)
         })
         .await;
-        // Room for more (200 messages wait), and still no more than that.
+        // Room for more (60 messages wait), and still no more than that.
         for _ in 0..5 {
             assert_eq!(in_flight().await, Some(expected));
         }
