@@ -32,7 +32,7 @@ pub struct HealthArgs {
     /// Replicas whose lag holds the migration: PostgreSQL connection strings, comma-separated
     /// (secrets: only host and port are printed). Each is asked how old the newest consumer
     /// report it has replayed is.
-    #[arg(long, env = "REPLICA_URLS", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "REPLICA_URLS", hide_env_values = true, value_parser = crate::settings::parse_secret)]
     pub replica_urls: Option<SecretString>,
 
     /// Hold the fleet (take no messages; objects in flight finish) while a listed replica
@@ -64,10 +64,6 @@ pub struct HealthArgs {
     /// The limit of DB_HEALTH_PROBE.
     #[arg(long, env = "DB_HEALTH_PROBE_MAX", requires = "db_health_probe")]
     pub db_health_probe_max: Option<f64>,
-}
-
-fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
-    Ok(SecretString::from(s.to_owned()))
 }
 
 /// A listed replica: its pool and its printable name (host and port).
@@ -148,17 +144,16 @@ impl Health {
         }
         let mut told = false;
         loop {
-            let mut report = crate::control::Report {
+            let held = self.check(db).await;
+            let report = crate::control::Report {
                 consumer: name.to_owned(),
                 paused: false,
                 copy_rate: None,
                 copies: 0,
                 slowed_down: 0,
                 in_flight: 0,
-                held: None,
+                held: held.clone(),
             };
-            let held = self.check(db).await;
-            report.held.clone_from(&held);
             crate::control::report(db, &report).await.context("reporting to avatar_migration_consumers")?;
             let Some(why) = held else {
                 if told {

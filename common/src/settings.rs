@@ -126,7 +126,8 @@ pub struct DatabaseArgs {
     pub db_statement_timeout: Duration,
 }
 
-fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
+/// A setting that is a secret: kept out of `Debug` and logs.
+pub(crate) fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(s.to_owned()))
 }
 
