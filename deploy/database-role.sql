@@ -10,9 +10,8 @@
 -- trust no other CA for PostgreSQL; without sslrootcert they refuse RDS's certificate).
 \set ON_ERROR_STOP on
 
--- The index the compare-and-set rewrite needs, built online by the owner. The binaries build it
--- themselves only when they own the table; logged in as this role they find it and go on
--- (without it they stop at start-up with an error naming the index).
+-- The index the compare-and-set rewrite needs, built online by the owner. Without it the binaries
+-- stop at start-up and print this statement (MISSING_INDEX=refuse, their default).
 -- An interrupted concurrent build leaves an INVALID index that `IF NOT EXISTS` would skip:
 -- drop it first (\gexec runs the statement outside a transaction, as CONCURRENTLY needs), and
 -- check at the end that the index is valid.

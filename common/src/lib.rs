@@ -15,6 +15,7 @@ pub mod keys;
 pub mod listing;
 pub mod message;
 pub mod reason;
+pub mod references;
 pub mod settings;
 pub mod setup;
 pub mod shutdown;

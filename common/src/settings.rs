@@ -11,7 +11,9 @@ use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 
+use crate::db::{MissingIndex, Schema};
 use crate::keys::{KeyMapping, Prefix};
+use crate::references::References;
 
 /// Loads `.env` from the working directory when there is one. A malformed `.env` is an error
 /// naming the file and line; a missing one is not.
@@ -104,7 +106,7 @@ fn parse_queue_url(s: &str) -> anyhow::Result<String> {
     Ok(s.to_owned())
 }
 
-/// The PostgreSQL database holding `avatars`.
+/// The PostgreSQL database holding the references.
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
     /// PostgreSQL connection string, e.g. postgres://user:password@host:5432/proddatabase.
@@ -124,6 +126,26 @@ pub struct DatabaseArgs {
     /// counts (`feeder status`) are exempt.
     #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub db_statement_timeout: Duration,
+
+    /// The columns whose values name the moved objects, comma-separated or the flag repeated:
+    /// `[schema.]table.column[=FORM]`, e.g. `public.users.avatar_url=https://cdn.example.com/{key},posts.cover_key`.
+    /// Names fold to lower case unless double-quoted (`"Users"."Avatar URL"`). FORM is how a
+    /// value names an object: `key` (the default: the key itself, `image/a.png`), `s3`
+    /// (`s3://{bucket}/{key}`), or a template holding `{key}` once and `{bucket}` at most once
+    /// (the source bucket in legacy values, the destination bucket in new ones); in a template
+    /// starting with `http://` or `https://` the key is percent-encoded as URLs carry it. Each
+    /// table needs a primary key of one column (of any type) and an index on the column (see
+    /// MISSING_INDEX). Values of another form, NULLs and keys outside SOURCE_PREFIX are left
+    /// alone.
+    #[arg(long = "references", env = "REFERENCES", default_value = "avatars.path", action = clap::ArgAction::Append)]
+    pub references: Vec<References>,
+
+    /// What start-up does when a referencing column has no index serving lookups by value
+    /// (each lookup would scan the whole table): `refuse` stops and prints the `CREATE INDEX
+    /// CONCURRENTLY` to run; `build` builds it (concurrently: the table's reads and writes go
+    /// on; only the table's owner may); `scan` goes on without (small tables only).
+    #[arg(long, env = "MISSING_INDEX", value_enum, default_value_t = MissingIndex::Refuse)]
+    pub missing_index: MissingIndex,
 }
 
 /// A setting that is a secret: kept out of `Debug` and logs.
@@ -132,6 +154,13 @@ pub(crate) fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infall
 }
 
 impl DatabaseArgs {
+    /// The references (every flag or list given, each column once) and the index policy.
+    pub fn schema(&self) -> anyhow::Result<Schema> {
+        let all = self.references.iter().flat_map(References::iter).cloned().collect();
+        let references = References::new(all).map_err(anyhow::Error::msg)?;
+        Ok(Schema { references, missing_index: self.missing_index })
+    }
+
     /// Parses the connection string without ever echoing it (it may hold a password).
     pub fn connect_options(&self) -> anyhow::Result<PgConnectOptions> {
         let url = self.database_url.expose_secret();
@@ -210,6 +239,8 @@ mod tests {
             database_url: SecretString::from(url),
             db_lock_timeout: Duration::from_millis(200),
             db_statement_timeout: Duration::from_secs(30),
+            references: vec![References::default()],
+            missing_index: MissingIndex::Refuse,
         }
     }
 

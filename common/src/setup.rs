@@ -27,11 +27,13 @@ pub struct Clients {
     pub s3_config: aws_config::SdkConfig,
     pub sqs: Sqs,
     pub db: PgPool,
+    /// The references (`REFERENCES`), resolved in the catalog.
+    pub targets: crate::db::Targets,
 }
 
 /// Validates the settings, connects, checks both buckets and the queue, then prepares the
-/// database (bookkeeping tables; a valid index on `avatars(path)`, built concurrently when
-/// missing, before any row may be rewritten). Every problem is a setup failure; a service that
+/// database (bookkeeping tables; every reference looked up and checked, with its index, before
+/// any row may be rewritten). Every problem is a setup failure; a service that
 /// is not available yet is waited for, up to `wait` in all (see the module documentation).
 pub async fn connect(
     storage: &StorageArgs,
@@ -41,6 +43,7 @@ pub async fn connect(
     wait: Duration,
 ) -> Result<Clients, Failure> {
     storage.mapping().setup()?;
+    let schema = database.schema().setup()?;
     let db_options = database.connect_options().setup()?;
     let config = crate::aws::sdk_config().await.setup()?;
     let s3 = crate::aws::s3_client(&config, storage.s3_force_path_style, storage.s3_request_timeout);
@@ -56,11 +59,11 @@ pub async fn connect(
         .await
         .setup()?;
     waiting.until_available(|| crate::aws::check_queue(&sqs, &queue.queue_url)).await.setup()?;
-    waiting
-        .until_available(|| async { crate::db::prepare(&db).await.context("preparing the database") })
+    let targets = waiting
+        .until_available(|| async { crate::db::prepare(&db, &schema).await.context("preparing the database") })
         .await
         .setup()?;
-    Ok(Clients { s3, s3_config: config, sqs, db })
+    Ok(Clients { s3, s3_config: config, sqs, db, targets })
 }
 
 /// The start-up wait: one deadline for every service, so the longest start-up is `wait` (plus

@@ -16,6 +16,7 @@ mod receive;
 mod record;
 pub mod refusals;
 pub mod settings;
+mod slot;
 mod sources;
 
 use std::sync::Arc;
@@ -63,13 +64,18 @@ pub async fn run(settings: Settings, clients: Clients, shutdown: CancellationTok
         };
         metrics::serve(addr, stats.clone(), health, endpoint.clone()).await.setup()?;
     }
+    let rewrites = record::Rewrites {
+        targets: clients.targets.clone(),
+        mapping: mapping.clone(),
+        journal: settings.rewrite_journal,
+    };
     let (rewriter, rewriter_task) = record::Rewriter::spawn(
         clients.db.clone(),
+        rewrites,
         settings.db_batch_size.get(),
         settings.db_batch_max_wait(),
         settings.db_batch_target,
         settings.database_max_connections.max(2) as usize - 1,
-        settings.rewrite_journal,
         stats.clone(),
     );
     let (acker, acker_task) = ack::Acker::spawn(clients.sqs.clone(), settings.queue.queue_url.clone(), stats.clone());
@@ -131,6 +137,7 @@ async fn source_deleter(
     if !settings.delete_source || settings.dry_run {
         return Ok((None, None));
     }
+    clients.targets.require_avatars_path("DELETE_SOURCE").setup()?;
     let deleter = common::deletion::Deleter {
         db: clients.db.clone(),
         s3: clients.s3.clone(),

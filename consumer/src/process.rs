@@ -24,14 +24,16 @@ use crate::ack::Acker;
 use crate::copy::{Copied, Copier, CopyError, Lookahead};
 use crate::lease::Lease;
 use crate::metrics::{InFlight, Stats};
-use crate::receive::Slot;
 use crate::record::Rewriter;
 use crate::refusals::{HALT_AFTER, QUIET, Refusal, Refusals, Verdict, WINDOW};
+use crate::slot::Slot;
 
 /// Works on one message at a time, each on a task of its own: built once, by [`Worker::new`].
 pub(crate) struct Worker {
     sqs: Sqs,
     db: PgPool,
+    /// The references, for a dry run's counts.
+    targets: common::db::Targets,
     queue_url: String,
     copier: Copier,
     rewriter: Rewriter,
@@ -96,6 +98,7 @@ impl Worker {
         Worker {
             sqs: clients.sqs.clone(),
             db: clients.db.clone(),
+            targets: clients.targets.clone(),
             queue_url: config.queue_url,
             copier,
             rewriter,
@@ -413,7 +416,9 @@ impl Worker {
                     continue;
                 }
             };
-            match common::db::count_at_path(&self.db, &msg.key).await {
+            match common::db::count_all_naming(&self.db, &self.targets, &self.copier.mapping.source_bucket, &msg.key)
+                .await
+            {
                 Ok(rows) => {
                     self.stats.rows_rewritten.inc_by(rows);
                     println!("dry run: {}: {verdict}; would rewrite {rows} row(s)", msg.key);

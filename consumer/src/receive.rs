@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::types::Message;
 use common::aws::{AwsError, Call, ErrorClass, Sqs, queue_depth};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::slot::Slot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -182,25 +184,6 @@ async fn grace(tracker: &TaskTracker, grace: Duration, abandon: &CancellationTok
 /// pile up.
 pub const FINISHING_PER_PERMIT: usize = 4;
 
-/// A message's place: one of the CONCURRENCY permits while its objects are copied, then one
-/// of the finishing places while its rows are rewritten (lingering for company, `crate::record`)
-/// and its delete handed over, so that the next message's copies do not wait on this one's
-/// rows.
-pub(crate) struct Slot {
-    permit: OwnedSemaphorePermit,
-    finishing: Arc<Semaphore>,
-}
-
-impl Slot {
-    /// The copies are done: takes a finishing place (waiting for one while they are all
-    /// taken), then gives the copy permit back. The place is held until it is dropped.
-    pub(crate) async fn copies_done(self) -> Option<OwnedSemaphorePermit> {
-        let place = self.finishing.acquire_owned().await.ok();
-        drop(self.permit);
-        place
-    }
-}
-
 /// One long-polling loop.
 struct Receiver {
     config: ReceiveConfig,
@@ -282,7 +265,7 @@ impl Receiver {
                 break;
             };
             let (worker, activity, abandon) = (self.worker.clone(), self.activity.clone(), self.abandon.clone());
-            let slot = Slot { permit, finishing: self.finishing.clone() };
+            let slot = Slot::new(permit, self.finishing.clone());
             self.tracker.spawn(async move {
                 tokio::select! {
                     _ = worker.handle(message, slot) => {}

@@ -41,6 +41,16 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
         None
     };
     let cx = ops::Ops::new(&settings, &clients, shutdown.clone()).setup()?;
+    let reads_avatars_path = match &command {
+        Command::Status(_) => Some("feeder status"),
+        Command::Plan(_) => Some("feeder plan"),
+        Command::Cleanup(_) => Some("feeder cleanup"),
+        Command::Fence(_) => Some("feeder fence"),
+        _ => None,
+    };
+    if let Some(what) = reads_avatars_path {
+        clients.targets.require_avatars_path(what).setup()?;
+    }
     let done = match command {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
         Command::Status(args) => ops::status::status(&cx, &args).await.map(|_| true),

@@ -699,16 +699,17 @@ pub async fn rewrites(
     journal: bool,
 ) -> anyhow::Result<(f64, Option<f64>)> {
     let env = Env::with(&server.s3, &server.sqs, 60).await;
-    common::db::prepare(&env.db).await?;
+    let targets = common::db::prepare(&env.db, &common::db::Schema::building_indexes()).await?;
     let keys: Vec<String> = (0..rows).map(key).collect();
     for chunk in keys.chunks(50_000) {
         env.insert_rows(chunk).await;
     }
     sqlx::raw_sql("VACUUM ANALYZE avatars").execute(&env.db).await?;
     let pairs: Vec<(String, String)> = keys.iter().map(|k| (k.clone(), k.replacen("image/", "avatar/", 1))).collect();
+    let (target, mapping) = (targets.iter().next().expect("one reference"), env.mapping());
     let started = Instant::now();
     let mut done = futures::stream::iter(pairs.chunks(batch))
-        .map(|chunk| common::db::rewrite_paths(&env.db, chunk, journal))
+        .map(|chunk| common::db::rewrite_paths(&env.db, target, &mapping, chunk, journal))
         .buffer_unordered(parallel);
     let mut rewritten = 0;
     while let Some(result) = done.next().await {

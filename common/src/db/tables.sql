@@ -26,9 +26,13 @@ CREATE TABLE IF NOT EXISTS avatar_migration_ranges (
 );
 CREATE TABLE IF NOT EXISTS avatar_migration_journal (
     journal_id     bigserial PRIMARY KEY,
+    -- REFERENCES' column, as `schema.table.column` (NULL: `avatars.path`, by earlier versions).
+    reference      text,
     row_id         text NOT NULL,
     old_path       text NOT NULL,
     new_path       text NOT NULL,
+    -- The legacy object's key (NULL: `old_path`, a bare key).
+    legacy_key     text,
     rewritten_at   timestamptz NOT NULL DEFAULT now(),
     rolled_back_at timestamptz
 );

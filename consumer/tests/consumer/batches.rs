@@ -14,11 +14,11 @@ use crate::helpers::{consumer, stdout, wait_exit};
 async fn a_message_of_several_objects_is_deleted_only_when_every_one_is_done() {
     let env = Env::new().await;
     let (keys, ids) = env.seed_legacy(0..40).await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     let mut args = env.args("feeder");
     args.push("--objects-per-message=7".into());
     let settings = feeder::Settings::try_parse_from(args).unwrap();
-    let clients = env.clients();
+    let clients = env.clients().await;
     let fed = feeder::feed(&settings, &settings.run, &clients, CancellationToken::new()).await.unwrap();
     assert_eq!(fed.enqueued, 40, "objects enqueued");
     assert_eq!(env.depth(&env.queue_url).await, (6, 0), "40 objects in messages of 7: 6 messages");

@@ -39,7 +39,7 @@ async fn an_idle_exit_waits_for_messages_a_crashed_consumer_held() {
 async fn an_idle_exit_waits_while_a_feeder_is_sending() {
     use std::sync::atomic::Ordering::SeqCst;
     let env = Env::new().await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     let (keys, _) = env.seed_legacy(0..3).await;
     // The lease `feeder` holds while it runs; the queue is empty.
     let lease = common::db::FeederLease::hold(&env.db, &env.source_bucket, "image/").await.unwrap();

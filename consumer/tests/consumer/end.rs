@@ -140,7 +140,7 @@ async fn the_pipeline_runs_as_the_least_privilege_database_role() {
 async fn a_failure_record_counts_only_while_it_still_holds() {
     let env = Env::new().await;
     let (keys, _) = env.seed_legacy(0..3).await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     let record = |key: String, reason| {
         let db = env.db.clone();
         async move { common::db::record_failure(&db, &key, reason, "recorded earlier").await.unwrap() }
@@ -228,7 +228,7 @@ async fn an_interrupted_verify_goes_on_from_where_it_stopped() {
 
     let (code, out) = feeder(&env, &["verify", "--json"]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("went on after row id"), "{out}");
+    assert!(out.contains("went on after row "), "{out}");
     let whole = crate::helpers::last_json(&out);
     assert_eq!((whole["rows_checked"].as_u64(), whole["rows_modern"].as_u64()), (Some(2500), Some(2500)), "{out}");
     // A finished pass is not resumed: the next run checks every row again.

@@ -192,7 +192,7 @@ async fn a_hung_server_holds_no_object_and_no_message_for_good() {
 async fn a_refusal_record_goes_when_its_object_moves_through_any_message() {
     let env = Env::new().await;
     let (keys, _) = env.seed_legacy(0..3).await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     common::db::record_failure(&env.db, &keys[1], common::db::Reason::AccessDenied, "refused before").await.unwrap();
     // An object refused once, whose source is gone by its next delivery: decided
     // source_missing, and the refusal no longer stands either.

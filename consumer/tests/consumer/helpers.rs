@@ -17,11 +17,10 @@ pub async fn feed(env: &Env) -> u64 {
 /// The feeder with further arguments, e.g. `--objects-per-message=1` where a test counts
 /// messages as objects.
 pub async fn feed_with(env: &Env, args: &[&str]) -> u64 {
-    common::db::prepare(&env.db).await.unwrap();
     let mut all = env.args("feeder");
     all.extend(args.iter().map(|a| a.to_string()));
     let settings = feeder::Settings::try_parse_from(all).unwrap();
-    let clients = env.clients();
+    let clients = env.clients().await;
     feeder::feed(&settings, &settings.run, &clients, CancellationToken::new()).await.unwrap().enqueued
 }
 
@@ -128,7 +127,7 @@ pub async fn hold_like_a_crashed_consumer(env: &Env, n: usize, visibility: i32) 
 /// Installs a trigger that makes every rewrite wait for advisory lock 4242, which the returned
 /// connection holds until it is dropped or unlocks.
 pub async fn stall_rewrites(env: &Env) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     sqlx::raw_sql(
         "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;

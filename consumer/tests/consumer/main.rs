@@ -17,6 +17,7 @@ mod pace;
 mod plan;
 mod reference;
 mod rows;
+mod schemas;
 mod seaweedfs;
 mod secrets;
 mod stack;
@@ -153,11 +154,11 @@ async fn the_mixed_state_ends_with_legacy_rows_rewritten_and_the_rest_untouched(
         objects: true,
         sample: None,
     };
+    let clients = env.clients().await;
     let verify = |args: feeder::settings::VerifyArgs| {
-        let settings = settings.clone();
-        let clients = env.clients();
+        let (settings, clients) = (settings.clone(), &clients);
         async move {
-            let cx = feeder::ops::Ops::new(&settings, &clients, CancellationToken::new()).unwrap();
+            let cx = feeder::ops::Ops::new(&settings, clients, CancellationToken::new()).unwrap();
             feeder::ops::verify::verify(&cx, &args).await.unwrap()
         }
     };
@@ -410,7 +411,8 @@ async fn sigterm_lets_in_flight_objects_finish_and_exits_0() {
 async fn processes_starting_together_prepare_the_database_once() {
     let env = Env::new().await;
     env.insert_rows(&legacy_keys(0..1000)).await;
-    let prepares = (0..4).map(|_| common::db::prepare(&env.db));
+    let schema = common::db::Schema::building_indexes();
+    let prepares = (0..4).map(|_| common::db::prepare(&env.db, &schema));
     for result in futures::future::join_all(prepares).await {
         result.unwrap();
     }
@@ -424,17 +426,18 @@ async fn processes_starting_together_prepare_the_database_once() {
     .iter()
     .map(|r| (r.get(0), r.get(1)))
     .collect();
-    assert_eq!(indexes, vec![(common::db::PATH_INDEX.to_owned(), true)]);
+    assert_eq!(indexes, vec![("avatars_path_idx".to_owned(), true)]);
 
     // An index left invalid by an interrupted build is rebuilt.
     sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1::regclass")
-        .bind(common::db::PATH_INDEX)
+        .bind("avatars_path_idx")
         .execute(&env.db)
         .await
         .unwrap();
-    common::db::prepare(&env.db).await.unwrap();
+    let targets = env.prepare().await;
     let mut conn = env.db.acquire().await.unwrap();
-    assert!(common::db::path_index_valid(&mut conn).await.unwrap());
+    let target = targets.iter().next().unwrap();
+    assert!(common::db::references::index_valid(&mut conn, target).await.unwrap());
 }
 
 /// A table loaded and never analyzed gets planner statistics when the processes prepare:
@@ -447,11 +450,14 @@ async fn preparing_gives_the_planner_statistics_so_rewrites_use_the_index() {
     env.insert_rows(&keys).await;
     let batch = &keys[5_000..5_100];
     let moved: Vec<String> = batch.iter().map(|k| modern(k)).collect();
+    let target = env.prepare().await.iter().next().unwrap().clone();
     let plan = || async {
-        let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", common::db::REWRITE_STATEMENT))
+        let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", common::db::rewrite_statement(&target)))
             .bind(batch)
             .bind(&moved)
             .bind(true)
+            .bind(batch)
+            .bind(target.label())
             .fetch_all(&env.db)
             .await
             .unwrap();
@@ -459,10 +465,9 @@ async fn preparing_gives_the_planner_statistics_so_rewrites_use_the_index() {
     };
     let statistics = || async {
         let mut conn = env.db.acquire().await.unwrap();
-        common::db::has_path_statistics(&mut conn).await.unwrap()
+        common::db::references::has_statistics(&mut conn, &target).await.unwrap()
     };
 
-    common::db::prepare(&env.db).await.unwrap();
     assert!(statistics().await);
     let analyzed = plan().await;
     assert!(!analyzed.contains("Seq Scan on avatars"), "{analyzed}");
@@ -472,7 +477,7 @@ async fn preparing_gives_the_planner_statistics_so_rewrites_use_the_index() {
     let blind = plan().await;
     assert!(blind.contains("Seq Scan on avatars"), "without statistics the rewrite scans the table: {blind}");
 
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     assert!(statistics().await, "preparing again analyzes the table");
     let analyzed = plan().await;
     assert!(!analyzed.contains("Seq Scan on avatars"), "{analyzed}");
@@ -520,7 +525,7 @@ async fn transient_failures_come_back_later_and_end_in_the_dead_letter_queue() {
     let env = Env::with_visibility(&std::env::var("AWS_ENDPOINT_URL").unwrap(), 1).await;
     env.put(&env.source_bucket, "image/flaky.png", b"png").await;
     let ids = env.insert_rows(&["image/flaky.png".into()]).await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     sqlx::raw_sql(
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN RAISE EXCEPTION 'database refuses writes for now'; END $$;

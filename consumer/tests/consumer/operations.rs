@@ -46,7 +46,7 @@ async fn status_and_report_tell_what_was_moved_and_set_aside() {
     let (code, csv) = feeder(&env, &["report", "--csv"]);
     assert_eq!(code, Some(0), "{csv}");
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "kind,row_id,old_path,new_path,at,reason,detail");
+    assert_eq!(lines[0], "kind,row_id,old_path,new_path,at,reason,detail,reference");
     assert_eq!(lines.iter().filter(|l| l.starts_with("moved,")).count(), 12);
     let set_aside: Vec<&&str> = lines.iter().filter(|l| l.starts_with("set_aside,")).collect();
     assert_eq!(set_aside.len(), 2);
@@ -354,7 +354,7 @@ async fn cleanup_deletes_only_what_is_safely_moved() {
 async fn delete_source_deletes_only_moved_sources() {
     let env = Env::new().await;
     let (keys, ids) = env.seed_legacy(0..4).await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     sqlx::raw_sql(
         "CREATE FUNCTION readd() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN INSERT INTO avatars (path) VALUES (OLD.path); RETURN NULL; END $$;
@@ -493,7 +493,7 @@ async fn a_message_delivered_again_after_its_sources_were_deleted_finds_its_obje
 async fn status_estimates_past_a_size_and_never_queues_behind_a_lock() {
     let env = Env::new().await;
     let (keys, _) = env.seed_legacy(0..4).await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     common::db::record_failure(&env.db, &keys[0], common::db::Reason::AccessDenied, "denied").await.unwrap();
     common::db::record_failure(&env.db, "message 1", common::db::Reason::MalformedMessage, "bad").await.unwrap();
     common::db::record_failure(&env.db, "image/no-row.png", common::db::Reason::SourceMissing, "gone").await.unwrap();

@@ -39,7 +39,7 @@ async fn a_row_held_by_the_live_service_does_not_stall_the_rest_of_its_batch() {
 async fn a_row_the_database_refuses_fails_only_its_own_object() {
     let env = Env::new().await;
     let (keys, ids) = env.seed_legacy(0..50).await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN IF OLD.path = 'image/avatar-7.png' THEN RAISE EXCEPTION 'this row is refused'; END IF;

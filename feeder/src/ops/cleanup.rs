@@ -182,7 +182,8 @@ async fn deletable(
     let Ops { clients, mapping, .. } = cx;
     let checks: Vec<(bool, Verdict, String)> = futures::stream::iter(page.iter().map(|o| async move {
         let (destination, copy) = copy_verdict(clients, mapping, &o.key).await?;
-        let referenced = common::db::count_at_path(&clients.db, &o.key).await? > 0;
+        let referenced =
+            common::db::count_all_naming(&clients.db, &clients.targets, &mapping.source_bucket, &o.key).await? > 0;
         anyhow::Ok((referenced, copy, destination))
     }))
     .buffered(args.concurrency.get())

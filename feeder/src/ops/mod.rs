@@ -30,7 +30,8 @@ pub mod standing;
 pub mod status;
 pub mod verify;
 
-use common::keys::KeyMapping;
+use common::keys::{KeyMapping, Prefix};
+use common::references::Form;
 use tokio_util::sync::CancellationToken;
 
 use common::setup::Clients;
@@ -67,13 +68,18 @@ pub enum Side {
     Other,
 }
 
-/// Classifies a row's path (a null path is `Other`).
-pub fn classify(path: Option<&str>, mapping: &KeyMapping) -> Side {
-    match path {
-        Some(p) if p.starts_with(mapping.destination_prefix.as_str()) => Side::Modern,
-        Some(p) if p.starts_with(mapping.source_prefix.as_str()) => Side::Legacy,
-        _ => Side::Other,
+/// Classifies a row's value of `form`: which side it names, and the key it names there (a
+/// NULL, a value of another form or naming another prefix is `Other`, without a key).
+pub fn classify(value: Option<&str>, form: &Form, mapping: &KeyMapping) -> (Side, Option<String>) {
+    let Some(value) = value else { return (Side::Other, None) };
+    let under = |bucket: &str, prefix: &Prefix| form.key_in(bucket, value).filter(|k| k.starts_with(prefix.as_str()));
+    if let Some(key) = under(&mapping.destination_bucket, &mapping.destination_prefix) {
+        return (Side::Modern, Some(key));
     }
+    if let Some(key) = under(&mapping.source_bucket, &mapping.source_prefix) {
+        return (Side::Legacy, Some(key));
+    }
+    (Side::Other, None)
 }
 
 #[cfg(test)]
@@ -89,10 +95,24 @@ mod tests {
             "avatar/".parse().unwrap(),
         )
         .unwrap();
-        assert_eq!(classify(Some("image/a.png"), &m), Side::Legacy);
-        assert_eq!(classify(Some("avatar/a.png"), &m), Side::Modern);
+        let key = Form::Key;
+        assert_eq!(classify(Some("image/a.png"), &key, &m), (Side::Legacy, Some("image/a.png".into())));
+        assert_eq!(classify(Some("avatar/a.png"), &key, &m), (Side::Modern, Some("avatar/a.png".into())));
         for other in [Some("imagex/a.png"), Some("Image/a.png"), Some("image"), Some(""), None] {
-            assert_eq!(classify(other, &m), Side::Other, "{other:?}");
+            assert_eq!(classify(other, &key, &m), (Side::Other, None), "{other:?}");
+        }
+        let cdn: Form = "https://{bucket}.example.com/{key}".parse().unwrap();
+        assert_eq!(
+            classify(Some("https://legacy-s3.example.com/image/a%20b.png"), &cdn, &m),
+            (Side::Legacy, Some("image/a b.png".into()))
+        );
+        assert_eq!(
+            classify(Some("https://production-s3.example.com/avatar/a.png"), &cdn, &m),
+            (Side::Modern, Some("avatar/a.png".into()))
+        );
+        for other in ["https://production-s3.example.com/image/a.png", "image/a.png", "https://legacy-s3.example.com/x"]
+        {
+            assert_eq!(classify(Some(other), &cdn, &m), (Side::Other, None), "{other:?}");
         }
     }
 }

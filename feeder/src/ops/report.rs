@@ -74,20 +74,21 @@ pub async fn report(cx: &Ops<'_>, args: &ReportArgs) -> anyhow::Result<Report> {
 async fn csv(clients: &Clients) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = csv::Writer::from_writer(stdout.lock());
-    out.write_record(["kind", "row_id", "old_path", "new_path", "at", "reason", "detail"])?;
+    out.write_record(["kind", "row_id", "old_path", "new_path", "at", "reason", "detail", "reference"])?;
     let mut pages = Keyset::after(0);
     let journal = |after| journal_page(&clients.db, after, ROWS_PAGE, false);
     while let Some(page) = pages.next(journal, |e| e.journal_id).await? {
         for e in &page {
             let kind = if e.rolled_back { "rolled_back" } else { "moved" };
-            out.write_record([kind, &e.row_id, &e.old_path, &e.new_path, &e.rewritten_at, "", ""])?;
+            let reference = e.reference.as_deref().unwrap_or("avatars.path");
+            out.write_record([kind, &e.row_id, &e.old_path, &e.new_path, &e.rewritten_at, "", "", reference])?;
         }
     }
     let mut pages = Keyset::after(None);
     let failures = |after| failures_after(&clients.db, None, after, ROWS_PAGE);
     while let Some(page) = pages.next(failures, FailureRecord::position).await? {
         for f in &page {
-            out.write_record(["set_aside", "", &f.subject, "", "", &f.reason, &f.detail])?;
+            out.write_record(["set_aside", "", &f.subject, "", "", &f.reason, &f.detail, ""])?;
         }
     }
     out.flush()?;

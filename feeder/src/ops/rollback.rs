@@ -89,13 +89,14 @@ impl Rollback {
 /// What the objects of one journal entry allow.
 async fn check(cx: &Ops<'_>, entry: &JournalEntry) -> anyhow::Result<Check> {
     let Ops { clients, mapping, .. } = cx;
-    let source = (mapping.source_bucket.as_str(), entry.old_path.as_str());
+    let source = (mapping.source_bucket.as_str(), entry.key());
     if head_etag(&clients.s3, source.0, source.1).await?.is_none() {
         return Ok(Check::LegacyMissing);
     }
     // The copy the row names must still hold the legacy bytes: a new upload at the same key
     // (the live service's write) is never undone.
-    let copy = verdict(clients, source, (mapping.destination_bucket.as_str(), &entry.new_path)).await?;
+    let Some(copy) = mapping.destination_key(entry.key()) else { return Ok(Check::CopyReplaced) };
+    let copy = verdict(clients, source, (mapping.destination_bucket.as_str(), &copy)).await?;
     Ok(if matches!(copy, Verdict::Conflict | Verdict::Unproven) { Check::CopyReplaced } else { Check::Back })
 }
 
@@ -112,6 +113,28 @@ pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollb
     let lease =
         if args.dry_run { None } else { Some(Lease::take(&clients.db, "feeder rollback", Mode::Exclusive).await?) };
     let mut result = Rollback { dry_run: args.dry_run, ..Rollback::default() };
+    // The lease is given back whatever happened (held on, it would keep cleanup and
+    // DELETE_SOURCE waiting out its expiry).
+    let rolled = roll_back_pages(cx, args, lease.as_ref(), &mut result).await;
+    if let Some(lease) = lease {
+        lease.end().await;
+    }
+    rolled?;
+    result.print_summary();
+    if args.json {
+        println!("{}", result.json());
+    }
+    Ok(result)
+}
+
+/// The journal, page by page.
+async fn roll_back_pages(
+    cx: &Ops<'_>,
+    args: &RollbackArgs,
+    lease: Option<&Lease>,
+    result: &mut Rollback,
+) -> anyhow::Result<()> {
+    let Ops { settings, clients, .. } = cx;
     // Rows are written page by page: each page waits while the database is unhealthy.
     let mut health = common::health::Health::connect(&settings.health).await?;
     let name = format!("feeder rollback on {}", common::host::name().unwrap_or_else(|| "this host".into()));
@@ -122,39 +145,54 @@ pub async fn rollback(cx: &Ops<'_>, args: &RollbackArgs) -> anyhow::Result<Rollb
             health.wait_healthy(&clients.db, &name, &cx.shutdown).await?;
         }
         result.entries += page.len() as u64;
-        let paths: Vec<&str> = page.iter().map(|e| e.old_path.as_str()).collect();
-        let deleted = common::db::fence::tombstoned(&clients.db, &paths).await.context("reading the tombstones")?;
-        let checks = futures::stream::iter(page.iter().filter(|e| !deleted.contains(&e.old_path)))
+        if let Some(e) = page.iter().find(|e| clients.targets.by_label(e.reference.as_deref()).is_none()) {
+            anyhow::bail!(
+                "the journal holds rewrites of {}, which REFERENCES does not name: run rollback with REFERENCES \
+                 naming every column the migration rewrote",
+                e.reference.as_deref().unwrap_or("avatars.path")
+            );
+        }
+        let keys: Vec<&str> = page.iter().map(JournalEntry::key).collect();
+        let deleted = common::db::fence::tombstoned(&clients.db, &keys).await.context("reading the tombstones")?;
+        let checks = futures::stream::iter(page.iter().filter(|e| !deleted.contains(e.key())))
             .map(|e| async move { Ok::<_, anyhow::Error>((e.journal_id, check(cx, e).await?)) })
             .buffer_unordered(args.concurrency.get())
             .collect::<Vec<_>>()
             .await;
         result.legacy_missing += (page.len() - checks.len()) as u64;
         anyhow::ensure!(
-            lease.as_ref().is_none_or(Lease::valid),
+            lease.is_none_or(Lease::valid),
             "the lease on the legacy objects could not be renewed in time (the database is out of reach?): stopped; \
              run rollback again"
         );
-        let mut ids = Vec::with_capacity(page.len());
+        let mut ids = std::collections::HashSet::with_capacity(page.len());
         for check in checks {
             match check? {
-                (id, Check::Back) => ids.push(id),
+                (id, Check::Back) => {
+                    ids.insert(id);
+                }
                 (_, Check::LegacyMissing) => result.legacy_missing += 1,
                 (_, Check::CopyReplaced) => result.copy_replaced += 1,
             }
         }
-        let done = crate::store::journal::roll_back(&clients.db, &ids, args.dry_run).await?;
-        result.rows += done.rows;
-        result.changed += done.changed;
-        result.held += done.held;
+        // One statement per reference.
+        for target in clients.targets.iter() {
+            let ids: Vec<i64> = page
+                .iter()
+                .filter(|e| {
+                    ids.contains(&e.journal_id) && clients.targets.by_label(e.reference.as_deref()) == Some(target)
+                })
+                .map(|e| e.journal_id)
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let done = crate::store::journal::roll_back(&clients.db, target, &ids, args.dry_run).await?;
+            result.rows += done.rows;
+            result.changed += done.changed;
+            result.held += done.held;
+        }
     }
     health.done(&clients.db, &name).await;
-    result.print_summary();
-    if args.json {
-        println!("{}", result.json());
-    }
-    if let Some(lease) = lease {
-        lease.end().await;
-    }
-    Ok(result)
+    Ok(())
 }

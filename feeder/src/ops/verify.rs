@@ -1,22 +1,24 @@
-//! `feeder verify`: is the migration done? Every row must resolve (name an object that
-//! exists), and no row may still point at the legacy prefix unless it was set aside with a
-//! reason (`feeder failures`).
+//! `feeder verify`: is the migration done? Every row of every reference (`REFERENCES`) must
+//! resolve (name an object that exists), and no row may still name a legacy object unless it
+//! was set aside with a reason (`feeder failures`).
 //!
-//! Promises: rows are read in id order in pages (no long transaction, no lock) and objects are
-//! only HEADed. A pass is resumable: its position (the last row id decided) and its counts are
-//! saved after each page, and a run after an interrupted pass goes on from there; a run after
-//! a finished pass starts a new one. An interrupted pass is never "done". Writes only failure
-//! records: every row whose legacy object is missing is recorded (`row_object_missing`) so
-//! the operator can list it. The answer is "done" only when
-//! nothing unresolved and nothing pending is left; a sample of pending rows is printed.
+//! Promises: rows are read reference by reference, in key order, in pages (no long
+//! transaction, no lock), and objects are only HEADed. A pass is resumable: its position (the
+//! reference and the last row key decided) and its counts are saved after each page, and a run
+//! after an interrupted pass goes on from there; a run after a finished pass starts a new one.
+//! An interrupted pass is never "done". Writes only failure records: every row whose legacy
+//! object is missing is recorded (`row_object_missing`) so the operator can list it. The
+//! answer is "done" only when nothing unresolved and nothing pending is left; a sample of
+//! pending rows is printed. A value of another form, a NULL or another prefix is counted as
+//! "another prefix", not checked.
 
 use futures::{StreamExt, TryStreamExt};
 
 use super::Ops;
 use super::{ROWS_PAGE, Side, classify};
 use crate::settings::VerifyArgs;
-use common::db::Reason;
 use common::db::keyset::Keyset;
+use common::db::{Reason, Target, Targets};
 use common::identity::head_etag;
 
 use crate::store::scans::{self, ScanKind, ScanPosition};
@@ -42,23 +44,23 @@ pub struct Verification {
     /// (a lost or expired message, a row written after its key was processed). `feeder
     /// reconcile` enqueues them.
     pub legacy_pending: u64,
-    /// Some of the pending rows: (id, path).
-    pub pending_sample: Vec<(i64, String)>,
+    /// Some of the pending rows: (reference and row key, value).
+    pub pending_rows: Vec<(String, String)>,
     /// Rows whose object could not be looked at (a HEAD refused or failing: an SSE-KMS object
     /// without the grant, say): counted and sampled, not the end of the run; they are neither
     /// resolved nor unresolved, and the run is not done while any is left.
     pub errors: u64,
-    /// Some of them: (id, path, error).
-    pub error_sample: Vec<(i64, String, String)>,
+    /// Some of them: (reference and row key, value, error).
+    pub error_rows: Vec<(String, String, String)>,
     /// With `--objects`: what the object check found.
     #[serde(skip)]
     pub objects: Option<super::objects::ObjectCheck>,
     /// The pass went through every row (not stopped by a signal).
     #[serde(skip)]
     pub complete: bool,
-    /// The row id this run resumed after (an interrupted pass), if it did.
+    /// The row this run resumed after (an interrupted pass), if it did: reference and key.
     #[serde(skip)]
-    pub resumed_after: Option<i64>,
+    pub resumed_after: Option<String>,
 }
 
 impl Verification {
@@ -104,51 +106,62 @@ impl Verification {
     }
 }
 
-/// One row's check: where it points, and whether that object exists (not looked up for
-/// another prefix), or why that could not be told.
-type RowCheck = (i64, String, Side, Result<bool, String>);
+/// One row's check: where its value points, and whether that object exists (not looked up
+/// for another prefix or form), or why that could not be told.
+struct RowCheck {
+    /// The row's key and reference, as printed: `row 42 of public.avatars.path`.
+    row: String,
+    value: String,
+    /// The key the value names (legacy or modern side).
+    key: Option<String>,
+    side: Side,
+    exists: Result<bool, String>,
+}
 
 /// Checks one row. An error about every object (a bucket gone, credentials refused) ends the
 /// run; one about this object (refused, failing after the SDK's retries) is the row's answer.
-async fn resolve(cx: &Ops<'_>, id: i64, path: Option<String>) -> anyhow::Result<RowCheck> {
+async fn resolve(cx: &Ops<'_>, target: &Target, row_key: String, value: Option<String>) -> anyhow::Result<RowCheck> {
     let Ops { clients, mapping, .. } = cx;
-    let side = classify(path.as_deref(), mapping);
-    let bucket = match side {
-        Side::Modern => &mapping.destination_bucket,
-        Side::Legacy => &mapping.source_bucket,
-        Side::Other => return Ok((id, path.unwrap_or_default(), side, Ok(false))),
+    let (side, key) = classify(value.as_deref(), &target.reference.form, mapping);
+    let row = format!("row {row_key} of {target}");
+    let value = value.unwrap_or_default();
+    let (bucket, object) = match (side, &key) {
+        (Side::Modern, Some(key)) => (&mapping.destination_bucket, key),
+        (Side::Legacy, Some(key)) => (&mapping.source_bucket, key),
+        _ => return Ok(RowCheck { row, value, key, side: Side::Other, exists: Ok(false) }),
     };
-    let path = path.unwrap_or_default();
-    let exists = match head_etag(&clients.s3, bucket, &path).await {
+    let exists = match head_etag(&clients.s3, bucket, object).await {
         Ok(etag) => Ok(etag.is_some()),
         Err(err) if err.for_object() == common::aws::ErrorClass::Fatal => return Err(err.into()),
         Err(err) => Err(err.to_string()),
     };
-    Ok((id, path, side, exists))
+    Ok(RowCheck { row, value, key, side, exists })
 }
 
 impl Verification {
-    /// Counts one row's check; `recorded`: the legacy paths a failure record stands for. A
+    /// Counts one row's check; `recorded`: the legacy keys a failure record stands for. A
     /// legacy row whose object is missing is recorded (`row_object_missing`).
     async fn count(
         &mut self,
         cx: &Ops<'_>,
-        (id, path, side, exists): &RowCheck,
+        check: &RowCheck,
         recorded: &std::collections::HashSet<String>,
     ) -> anyhow::Result<()> {
         let Ops { clients, mapping, .. } = cx;
+        let RowCheck { row, value, key, side, exists } = check;
         self.rows += 1;
         let exists = match exists {
             Ok(exists) => exists,
             Err(why) => {
                 self.errors += 1;
-                tracing::warn!(id, path, error = %why, "cannot look at the row's object");
-                if self.error_sample.len() < SAMPLE {
-                    self.error_sample.push((*id, path.clone(), why.clone()));
+                tracing::warn!(row, value, error = %why, "cannot look at the row's object");
+                if self.error_rows.len() < SAMPLE {
+                    self.error_rows.push((row.clone(), value.clone(), why.clone()));
                 }
                 return Ok(());
             }
         };
+        let key = key.as_deref().unwrap_or_default();
         match side {
             Side::Modern => self.modern += 1,
             Side::Legacy => self.legacy += 1,
@@ -159,25 +172,25 @@ impl Verification {
             (Side::Modern, true) => {}
             (Side::Modern, false) => {
                 self.unresolved += 1;
-                tracing::warn!(id, path, "row does not resolve to an object");
+                tracing::warn!(row, value, "row does not resolve to an object");
             }
             (Side::Legacy, false) => {
                 self.unresolved += 1;
                 self.legacy_missing += 1;
-                tracing::warn!(id, path, "row does not resolve to an object");
+                tracing::warn!(row, value, "row does not resolve to an object");
                 common::db::record_failure(
                     &clients.db,
-                    path,
+                    key,
                     Reason::RowObjectMissing,
-                    &format!("row id {id} points at s3://{}/{path}, which does not exist", mapping.source_bucket),
+                    &format!("{row} points at s3://{}/{key}, which does not exist", mapping.source_bucket),
                 )
                 .await?;
             }
-            (Side::Legacy, true) if recorded.contains(path) => self.legacy_set_aside += 1,
+            (Side::Legacy, true) if recorded.contains(key) => self.legacy_set_aside += 1,
             (Side::Legacy, true) => {
                 self.legacy_pending += 1;
-                if self.pending_sample.len() < SAMPLE {
-                    self.pending_sample.push((*id, path.clone()));
+                if self.pending_rows.len() < SAMPLE {
+                    self.pending_rows.push((row.clone(), value.clone()));
                 }
             }
         }
@@ -209,7 +222,28 @@ impl Spacing {
     }
 }
 
-/// Checks every row; see the module documentation.
+/// Where a pass stands, as saved: the reference and the last row key decided.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Position {
+    reference: String,
+    after: String,
+}
+
+/// The reference (its index) and row key a saved pass goes on after; an earlier version saved
+/// the row id of `avatars.path` alone. A reference no longer named starts the pass over.
+fn position(targets: &Targets, saved: Option<&str>) -> (usize, Option<String>) {
+    let Some(saved) = saved else { return (0, None) };
+    let (label, key) = match serde_json::from_str::<Position>(saved) {
+        Ok(Position { reference, after }) => (Some(reference), after),
+        Err(_) => (None, saved.to_owned()),
+    };
+    match targets.iter().position(|t| Some(t) == targets.by_label(label.as_deref())) {
+        Some(i) => (i, Some(key)),
+        None => (0, None),
+    }
+}
+
+/// Checks every row of every reference; see the module documentation.
 pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verification> {
     let Ops { clients, mapping, shutdown, .. } = cx;
     let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
@@ -217,40 +251,46 @@ pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verificat
         Some(saved) if !saved.finished => saved,
         _ => ScanPosition::default(),
     };
-    let after = pass.last_key.as_deref().and_then(|id| id.parse::<i64>().ok());
-    let mut result = std::mem::take(&mut pass.counts);
-    result.resumed_after = after;
-    let mut pages = Keyset::after(after.unwrap_or(i64::MIN));
-    let table = |after| crate::store::rows::rows_after(&clients.db, after, ROWS_PAGE);
+    let (first, after) = position(&clients.targets, pass.last_key.as_deref());
+    let mut result = if after.is_some() { std::mem::take(&mut pass.counts) } else { Verification::default() };
+    let targets: Vec<&Target> = clients.targets.iter().collect();
+    result.resumed_after = after.as_ref().map(|key| format!("row {key} of {}", targets[first]));
     result.complete = true;
     let spacing = args.rate.map(Spacing::new);
-    while let Some(rows) = pages.next(table, |&(id, _)| id).await? {
-        let last = rows.last().map(|&(id, _)| id);
-        let spacing = spacing.as_ref();
-        let checks = futures::stream::iter(rows.into_iter().map(|(id, path)| async move {
-            if let Some(spacing) = spacing {
-                spacing.wait().await;
+    let mut after = after;
+    'targets: for target in &targets[first..] {
+        let mut pages = Keyset::after(after.take());
+        let table = |after| crate::store::rows::rows_after(&clients.db, target, after, ROWS_PAGE);
+        while let Some(rows) = pages.next(table, |(key, _)| Some(key.clone())).await? {
+            let last = rows.last().map(|(key, _)| key.clone());
+            let spacing = spacing.as_ref();
+            let checks = futures::stream::iter(rows.into_iter().map(|(key, value)| async move {
+                if let Some(spacing) = spacing {
+                    spacing.wait().await;
+                }
+                resolve(cx, target, key, value).await
+            }))
+            .buffer_unordered(args.concurrency.get())
+            .try_collect::<Vec<_>>()
+            .await?;
+            let legacy_keys: Vec<&str> = checks
+                .iter()
+                .filter(|c| c.side == Side::Legacy && c.exists == Ok(true))
+                .filter_map(|c| c.key.as_deref())
+                .collect();
+            let recorded = super::standing::standing(clients, mapping, &legacy_keys, args.concurrency.get()).await?;
+            for check in &checks {
+                result.count(cx, check, &recorded).await?;
             }
-            resolve(cx, id, path).await
-        }))
-        .buffer_unordered(args.concurrency.get())
-        .try_collect::<Vec<_>>()
-        .await?;
-        let legacy_paths: Vec<&str> = checks
-            .iter()
-            .filter(|(_, _, side, exists)| *side == Side::Legacy && exists == &Ok(true))
-            .map(|c| c.1.as_str())
-            .collect();
-        let recorded = super::standing::standing(clients, mapping, &legacy_paths, args.concurrency.get()).await?;
-        for check in &checks {
-            result.count(cx, check, &recorded).await?;
-        }
-        pass.last_key = last.map(|id| id.to_string());
-        pass.counts = result.clone();
-        scans::save(&clients.db, ScanKind::VerifyRows, bucket, prefix, &pass).await?;
-        if shutdown.is_cancelled() {
-            result.complete = false;
-            break;
+            pass.last_key = last.map(|after| {
+                serde_json::to_string(&Position { reference: target.label(), after }).expect("strings serialize")
+            });
+            pass.counts = result.clone();
+            scans::save(&clients.db, ScanKind::VerifyRows, bucket, prefix, &pass).await?;
+            if shutdown.is_cancelled() {
+                result.complete = false;
+                break 'targets;
+            }
         }
     }
     if result.complete {
@@ -269,8 +309,8 @@ pub async fn verify(cx: &Ops<'_>, args: &VerifyArgs) -> anyhow::Result<Verificat
 }
 
 fn print_report(r: &Verification) {
-    if let Some(id) = r.resumed_after {
-        println!("verify: went on after row id {id}, where an interrupted pass stopped (its counts included)");
+    if let Some(row) = &r.resumed_after {
+        println!("verify: went on after {row}, where an interrupted pass stopped (its counts included)");
     }
     println!(
         "verify: {} rows: {} modern, {} legacy, {} with another prefix (not checked); {} resolve, {} do not \
@@ -287,13 +327,13 @@ fn print_report(r: &Verification) {
         "verify: legacy rows: {} set aside with a reason (feeder failures), {} not migrated yet",
         r.legacy_set_aside, r.legacy_pending
     );
-    for (id, path) in &r.pending_sample {
-        println!("verify: not migrated yet: row {id} {path:?}");
+    for (row, value) in &r.pending_rows {
+        println!("verify: not migrated yet: {row} {value:?}");
     }
     if r.errors > 0 {
         println!("verify: {} rows whose object could not be looked at (not counted above):", r.errors);
-        for (id, path, why) in &r.error_sample {
-            println!("verify: cannot look at row {id} {path:?}: {why}");
+        for (row, value, why) in &r.error_rows {
+            println!("verify: cannot look at {row} {value:?}: {why}");
         }
     }
     if !r.complete {

@@ -3,18 +3,32 @@
 
 use std::time::Duration;
 
+use common::db::Target;
 use sqlx::PgPool;
 
 /// One rewrite the journal recorded.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct JournalEntry {
     pub journal_id: i64,
+    /// The reference's label (`schema.table.column`); `None`: `avatars.path`, by an earlier
+    /// version.
+    pub reference: Option<String>,
     pub row_id: String,
+    /// The values: as the row held it, as the rewrite wrote it.
     pub old_path: String,
     pub new_path: String,
+    /// The legacy object's key; `None`: `old_path` is the key.
+    pub legacy_key: Option<String>,
     /// RFC 3339, UTC.
     pub rewritten_at: String,
     pub rolled_back: bool,
+}
+
+impl JournalEntry {
+    /// The legacy object's key.
+    pub fn key(&self) -> &str {
+        self.legacy_key.as_deref().unwrap_or(&self.old_path)
+    }
 }
 
 /// Journal entries after `after_id`, in order, at most `limit`; with `pending_only`, only
@@ -26,7 +40,7 @@ pub async fn journal_page(
     pending_only: bool,
 ) -> sqlx::Result<Vec<JournalEntry>> {
     sqlx::query_as(
-        "SELECT journal_id, row_id, old_path, new_path,
+        "SELECT journal_id, reference, row_id, old_path, new_path, legacy_key,
                 to_char(rewritten_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS rewritten_at,
                 rolled_back_at IS NOT NULL AS rolled_back
          FROM avatar_migration_journal
@@ -97,32 +111,31 @@ pub struct RolledBack {
     pub held: u64,
 }
 
-/// Points the rows of these journal entries back at their old path, compare-and-set: only a
-/// row whose path is still the one the entry wrote, with the entry's id, and never at a legacy
-/// path with a tombstone (its object is being or was deleted: see [`fence`]); held rows are
-/// skipped (`SKIP LOCKED`). Rolled-back entries are marked in the same statement. `dry`:
-/// counts only, writes nothing.
-pub async fn roll_back(pool: &PgPool, journal_ids: &[i64], dry: bool) -> sqlx::Result<RolledBack> {
-    let (entries, at_new, back): (i64, i64, i64) = sqlx::query_as(
+/// Points the rows of these journal entries (all of `target`) back at their old value,
+/// compare-and-set: only a row whose value is still the one the entry wrote, with the entry's
+/// key, and never at a legacy object with a tombstone (it is being or was deleted: see
+/// [`fence`]); held rows are skipped (`SKIP LOCKED`). Rolled-back entries are marked in the
+/// same statement. `dry`: counts only, writes nothing.
+pub async fn roll_back(pool: &PgPool, target: &Target, journal_ids: &[i64], dry: bool) -> sqlx::Result<RolledBack> {
+    let (table, column, key, key_type) = (target.table(), target.column(), target.key(), &target.key_type);
+    let statement = format!(
         "WITH j AS (SELECT journal_id, row_id, old_path, new_path FROM avatar_migration_journal
                     WHERE journal_id = ANY($1) AND rolled_back_at IS NULL
-                      AND NOT EXISTS (SELECT 1 FROM avatar_migration_tombstones t WHERE t.legacy_path = old_path)),
-         at_new AS (SELECT a.id, j.journal_id, j.old_path, j.new_path
-                    FROM avatars a JOIN j ON a.path = j.new_path AND a.id::text = j.row_id),
-         held AS (SELECT a.id, at_new.journal_id, at_new.old_path, at_new.new_path
-                  FROM avatars a JOIN at_new ON a.id = at_new.id
-                  WHERE NOT $2 ORDER BY a.id FOR UPDATE OF a SKIP LOCKED),
-         back AS (UPDATE avatars a SET path = held.old_path FROM held
-                  WHERE a.id = held.id AND a.path = held.new_path
+                      AND NOT EXISTS (SELECT 1 FROM avatar_migration_tombstones t
+                                      WHERE t.legacy_path = coalesce(legacy_key, old_path))),
+         at_new AS (SELECT a.{key} AS row_key, j.journal_id, j.old_path, j.new_path
+                    FROM {table} a JOIN j ON a.{column} = j.new_path AND a.{key} = j.row_id::{key_type}),
+         held AS (SELECT at_new.* FROM {table} a JOIN at_new ON a.{key} = at_new.row_key
+                  WHERE NOT $2 ORDER BY a.{key} FOR UPDATE OF a SKIP LOCKED),
+         back AS (UPDATE {table} a SET {column} = held.old_path FROM held
+                  WHERE a.{key} = held.row_key AND a.{column} = held.new_path
                   RETURNING held.journal_id),
          mark AS (UPDATE avatar_migration_journal SET rolled_back_at = now()
                   WHERE journal_id IN (SELECT journal_id FROM back))
-         SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM at_new), (SELECT count(*) FROM back)",
-    )
-    .bind(journal_ids)
-    .bind(dry)
-    .fetch_one(pool)
-    .await?;
+         SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM at_new), (SELECT count(*) FROM back)"
+    );
+    let (entries, at_new, back): (i64, i64, i64) =
+        sqlx::query_as(&statement).bind(journal_ids).bind(dry).fetch_one(pool).await?;
     let (entries, at_new, back) = (entries as u64, at_new as u64, back as u64);
     Ok(if dry {
         RolledBack { rows: at_new, changed: entries - at_new, held: 0 }

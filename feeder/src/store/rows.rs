@@ -1,18 +1,44 @@
-//! Reading `avatars` for the operator's commands: pages in id order, counts, the planner's
-//! estimate.
+//! Reading the referencing tables for the operator's commands: pages in key order, counts,
+//! the planner's estimate.
 
 use std::time::Duration;
 
+use common::db::Target;
 use sqlx::PgPool;
 
-/// One page of `avatars` in id order, after `after_id`: (id, path). Keyset pagination on the
-/// primary key: no long transaction, no lock, flat memory over any table size.
-pub async fn rows_after(pool: &PgPool, after_id: i64, limit: i64) -> sqlx::Result<Vec<(i64, Option<String>)>> {
-    sqlx::query_as("SELECT id::bigint, path FROM avatars WHERE id > $1 ORDER BY id LIMIT $2")
-        .bind(after_id)
-        .bind(limit)
-        .fetch_all(pool)
-        .await
+/// One page of a reference's rows in key order, after the row whose key (as text) is `after`
+/// (`None`: from the first): (key as text, value). Keyset pagination on the primary key, in
+/// its own type's order: no long transaction, no lock, flat memory over any table size.
+pub async fn rows_after(
+    pool: &PgPool,
+    target: &Target,
+    after: Option<String>,
+    limit: i64,
+) -> sqlx::Result<Vec<(String, Option<String>)>> {
+    let (table, column, key, key_type) = (target.table(), target.column(), target.key(), &target.key_type);
+    // Ordered by the table's column (`a.`), not by the output's text of the same name. Two
+    // statements rather than `$1 IS NULL OR ...`, which a generic plan cannot turn into a
+    // range scan of the primary key.
+    match after {
+        None => {
+            sqlx::query_as(&format!(
+                "SELECT a.{key}::text AS row_key, a.{column}::text AS value FROM {table} a ORDER BY a.{key} LIMIT $1"
+            ))
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+        }
+        Some(after) => {
+            sqlx::query_as(&format!(
+                "SELECT a.{key}::text AS row_key, a.{column}::text AS value FROM {table} a
+                 WHERE a.{key} > $1::text::{key_type} ORDER BY a.{key} LIMIT $2"
+            ))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+        }
+    }
 }
 
 /// Rows by where their path points.

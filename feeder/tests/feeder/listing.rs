@@ -78,7 +78,7 @@ async fn a_listing_that_does_not_say_it_ended_is_never_taken_as_finished() {
     ] {
         let env = Env::new().await;
         env.put(&env.source_bucket, "image/a.png", b"png").await;
-        common::db::prepare(&env.db).await.unwrap();
+        env.prepare().await;
         let (code, stderr, cp) = feed_through(&env, answer).await;
         assert_eq!(code, Some(1), "{stderr}");
         assert!(stderr.contains(expected) && stderr.contains("listing s3://"), "{stderr}");

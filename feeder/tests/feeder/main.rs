@@ -18,8 +18,7 @@ use testkit::{Env, binary, keys_of, wait_until};
 use tokio_util::sync::CancellationToken;
 
 pub(crate) async fn clients(env: &Env) -> Clients {
-    common::db::prepare(&env.db).await.unwrap();
-    env.clients()
+    env.clients().await
 }
 
 pub(crate) fn settings(env: &Env) -> Settings {

@@ -76,13 +76,13 @@ async fn sigterm_stops_the_feeder_at_a_checkpoint_with_exit_0() {
 #[tokio::test]
 async fn preparing_adds_the_lease_to_an_older_checkpoint_table() {
     let env = Env::new().await;
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     sqlx::raw_sql("ALTER TABLE avatar_migration_checkpoint DROP COLUMN feeder_alive_until")
         .execute(&env.db)
         .await
         .unwrap();
     assert!(common::db::listing_state(&env.db, &env.source_bucket, "image/").await.is_err(), "no column yet");
-    common::db::prepare(&env.db).await.unwrap();
+    env.prepare().await;
     let lease = common::db::FeederLease::hold(&env.db, &env.source_bucket, "image/").await.unwrap();
     let held = common::db::listing_state(&env.db, &env.source_bucket, "image/").await.unwrap();
     assert!(held.feeder_running && held.started && !held.finished, "{held:?}");

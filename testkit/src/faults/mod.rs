@@ -49,7 +49,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let env = Arc::new(Env::new().await);
     let seeded = seed(&env, config.objects).await?;
     say(begun, format!("seeded {} legacy objects in the mixed state", seeded.legacy.len()));
-    common::db::prepare(&env.db).await?;
+    common::db::prepare(&env.db, &common::db::Schema::building_indexes()).await?;
     let s3 = FaultProxy::start(&env.s3_endpoint).await?;
     let sqs = FaultProxy::start(&env.sqs_endpoint).await?;
     for proxy in [&s3, &sqs] {
