@@ -53,6 +53,8 @@ pub struct Deleter {
     pub db: PgPool,
     pub s3: S3,
     pub bucket: String,
+    /// The references whose rows may name the objects.
+    pub targets: crate::db::Targets,
     /// How long step 2 may wait (`DELETE_WAIT`).
     pub wait: Duration,
 }
@@ -68,7 +70,8 @@ impl Deleter {
         // A referenced object gets no tombstone at all (while it had one, the fence would write
         // its copy's path for it: the same bytes, but not what the writer asked for).
         let paths: Vec<&str> = batch.iter().map(|t| t.legacy.as_str()).collect();
-        let referenced = fence::referenced(&self.db, &paths).await.context("checking references")?;
+        let referenced =
+            fence::referenced(&self.db, &self.targets, &self.bucket, &paths).await.context("checking references")?;
         let (referenced, batch): (Vec<&Tombstone>, Vec<&Tombstone>) =
             batch.iter().partition(|t| referenced.contains(&t.legacy));
         out.referenced = referenced.into_iter().map(|t| t.legacy.clone()).collect();
@@ -81,7 +84,9 @@ impl Deleter {
         // one left behind only makes the fence write the copy's path, the same bytes).
         let checked = async {
             fence::wait_for_older_transactions(&self.db, self.wait).await?;
-            let referenced = fence::referenced(&self.db, &keys).await.context("checking references again")?;
+            let referenced = fence::referenced(&self.db, &self.targets, &self.bucket, &keys)
+                .await
+                .context("checking references again")?;
             anyhow::ensure!(
                 lease.valid(),
                 "the lease on the legacy objects could not be renewed in time (the database is out of reach?): \

@@ -18,6 +18,8 @@ use std::str::FromStr;
 
 use percent_encoding::percent_decode_str;
 
+use crate::keys::KeyMapping;
+
 /// One column whose values name objects, and their form.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reference {
@@ -96,6 +98,23 @@ impl References {
     pub fn iter(&self) -> std::slice::Iter<'_, Reference> {
         self.0.iter()
     }
+
+    /// Refuses a form that cannot tell a legacy value from a new one: without `{bucket}`, the
+    /// values of both buckets look alike, so the prefixes must not overlap.
+    pub fn check(&self, mapping: &KeyMapping) -> Result<(), String> {
+        let (source, destination) = (mapping.source_prefix.as_str(), mapping.destination_prefix.as_str());
+        if !(source.starts_with(destination) || destination.starts_with(source)) {
+            return Ok(());
+        }
+        match self.iter().find(|r| !r.form.names_bucket()) {
+            Some(r) => Err(format!(
+                "REFERENCES {r}: its values do not name the bucket, and SOURCE_PREFIX {source:?} and \
+                 DESTINATION_PREFIX {destination:?} overlap: a legacy value and its new one could not be told \
+                 apart. Use a form holding {{bucket}} (s3, or a URL template), or prefixes that do not overlap"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Default for References {
@@ -142,6 +161,11 @@ const BUCKET: &str = "{bucket}";
 const S3_URI: &str = "s3://{bucket}/{key}";
 
 impl Form {
+    /// Whether values of this form name the bucket.
+    pub fn names_bucket(&self) -> bool {
+        matches!(self, Form::Template(t) if t.contains(BUCKET))
+    }
+
     /// Whether the key is percent-encoded in values of this form.
     pub fn encodes(&self) -> bool {
         matches!(self, Form::Template(t) if t.starts_with("http://") || t.starts_with("https://"))
@@ -388,6 +412,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn forms_without_the_bucket_need_prefixes_that_do_not_overlap() {
+        let mapping = |from: &str, to: &str| {
+            KeyMapping::new("legacy-s3".into(), from.parse().unwrap(), "production-s3".into(), to.parse().unwrap())
+                .unwrap()
+        };
+        let bare: References = "avatars.path".parse().unwrap();
+        let s3: References = "avatars.path=s3".parse().unwrap();
+        assert!(bare.check(&mapping("image/", "avatar/")).is_ok());
+        let err = bare.check(&mapping("image/", "image/")).unwrap_err();
+        assert!(err.contains("could not be told apart"), "{err}");
+        assert!(bare.check(&mapping("image/", "image/moved/")).is_err());
+        assert!(s3.check(&mapping("image/", "image/")).is_ok());
     }
 
     #[test]

@@ -42,8 +42,9 @@ pub async fn connect(
     max_connections: u32,
     wait: Duration,
 ) -> Result<Clients, Failure> {
-    storage.mapping().setup()?;
+    let mapping = storage.mapping().setup()?;
     let schema = database.schema().setup()?;
+    schema.references.check(&mapping).map_err(anyhow::Error::msg).setup()?;
     let db_options = database.connect_options().setup()?;
     let config = crate::aws::sdk_config().await.setup()?;
     let s3 = crate::aws::s3_client(&config, storage.s3_force_path_style, storage.s3_request_timeout);

@@ -137,11 +137,11 @@ async fn source_deleter(
     if !settings.delete_source || settings.dry_run {
         return Ok((None, None));
     }
-    clients.targets.require_avatars_path("DELETE_SOURCE").setup()?;
     let deleter = common::deletion::Deleter {
         db: clients.db.clone(),
         s3: clients.s3.clone(),
         bucket: source_bucket.to_owned(),
+        targets: clients.targets.clone(),
         wait: settings.delete_wait,
     };
     let (sources, task) =

@@ -40,7 +40,7 @@ impl SourceDeleter {
         legacy_writes_stopped: bool,
         stats: Arc<Stats>,
     ) -> anyhow::Result<(Self, JoinHandle<()>)> {
-        if common::db::fence::protects(&deleter.db).await? {
+        if common::db::fence::protects(&deleter.db, &deleter.targets).await? {
             tracing::info!("DELETE_SOURCE: the fence is installed");
         } else if legacy_writes_stopped {
             tracing::warn!(

@@ -23,6 +23,10 @@ async fn main() -> ExitCode {
 
 /// Returns false when `verify` found the migration not done.
 async fn start(settings: Settings) -> Result<bool, Failure> {
+    if let Some(Command::Grants(args)) = &settings.command {
+        // Before the role has its grants: the database alone, nothing prepared.
+        return ops::grants::grants(&settings, args).await.setup().map(|()| true);
+    }
     let shutdown = common::shutdown::on_signals().map_err(anyhow::Error::from).setup()?;
     let clients = feeder::connect(&settings).await?;
     let command = settings.command.clone().unwrap_or(Command::Run);
@@ -41,16 +45,6 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
         None
     };
     let cx = ops::Ops::new(&settings, &clients, shutdown.clone()).setup()?;
-    let reads_avatars_path = match &command {
-        Command::Status(_) => Some("feeder status"),
-        Command::Plan(_) => Some("feeder plan"),
-        Command::Cleanup(_) => Some("feeder cleanup"),
-        Command::Fence(_) => Some("feeder fence"),
-        _ => None,
-    };
-    if let Some(what) = reads_avatars_path {
-        clients.targets.require_avatars_path(what).setup()?;
-    }
     let done = match command {
         Command::Run => feeder::feed(&settings, &settings.run, &clients, shutdown).await.map(|_| true),
         Command::Status(args) => ops::status::status(&cx, &args).await.map(|_| true),
@@ -66,6 +60,7 @@ async fn start(settings: Settings) -> Result<bool, Failure> {
         Command::Pause => ops::control::pause(&cx, true).await.map(|_| true),
         Command::Resume => ops::control::pause(&cx, false).await.map(|_| true),
         Command::Throttle(args) => ops::control::throttle(&cx, &args).await.map(|_| true),
+        Command::Grants(args) => ops::grants::grants(&settings, &args).await.map(|()| true),
     };
     if let Some(lease) = lease {
         lease.end().await;

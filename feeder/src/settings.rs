@@ -89,8 +89,8 @@ pub enum Command {
     /// and no consumer deleting sources meanwhile). Without --yes, a dry run that lists and
     /// counts.
     Cleanup(CleanupArgs),
-    /// The fence that keeps deletes safe while the live service writes avatars.path: install,
-    /// remove, status.
+    /// The fence that keeps deletes safe while the live service writes the references
+    /// (REFERENCES): install, remove, status.
     #[command(subcommand)]
     Fence(FenceCommand),
     /// Stop every consumer taking messages, within seconds (objects in flight finish; their
@@ -106,6 +106,21 @@ pub enum Command {
     /// Move the dead-letter queue's messages back to the queue, once what made them fail is
     /// fixed (their keys' retries_exhausted records are forgotten as they are retried).
     Redrive(RedriveArgs),
+    /// Print, for each reference (REFERENCES), the SQL that gives the migration's role what it
+    /// needs: the index on the column where there is none, planner statistics, and the grants
+    /// (the schema, reading the column and the key, updating the column, the fence's trigger).
+    /// Run it with psql as the tables' owner, after deploy/database-role.sql has made the role.
+    /// Reads the catalog and writes nothing; connects to the database only (no bucket or queue
+    /// is looked at).
+    Grants(GrantsArgs),
+}
+
+/// Options of `grants`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GrantsArgs {
+    /// The role the feeder and the consumers log in as.
+    #[arg(long, default_value = "avatar_migrator")]
+    pub role: String,
 }
 
 /// Options of `throttle`.

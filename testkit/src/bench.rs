@@ -686,22 +686,32 @@ pub async fn run(config: &Config) -> anyhow::Result<Vec<Summary>> {
     Ok(summaries)
 }
 
+/// The CDN URL form the rewrite benchmark measures beside bare keys.
+pub const URL_FORM: &str = "https://cdn.example.com/{key}";
+
 /// Row rewrites per second through the consumer's own statement (`common::db::rewrite_paths`):
 /// `rows` rows in a fresh database with the index the binaries build, rewritten in batches of
 /// `batch` by `parallel` connections at once (the consumer's defaults: 100 and 3), with or
-/// without the rewrite journal.
+/// without the rewrite journal; values are bare keys, or with `url` CDN URLs ([`URL_FORM`]).
 /// Returns rows/s and, with the journal, its bytes on disk per row (table and index).
 pub async fn rewrites(
     server: &Server,
     rows: usize,
-    batch: usize,
-    parallel: usize,
+    (batch, parallel): (usize, usize),
     journal: bool,
+    url: bool,
 ) -> anyhow::Result<(f64, Option<f64>)> {
     let env = Env::with(&server.s3, &server.sqs, 60).await;
-    let targets = common::db::prepare(&env.db, &common::db::Schema::building_indexes()).await?;
+    let mut schema = common::db::Schema::building_indexes();
+    let form: common::references::Form =
+        if url { URL_FORM.parse().map_err(anyhow::Error::msg)? } else { common::references::Form::Key };
+    if url {
+        schema.references = format!("avatars.path={URL_FORM}").parse().map_err(anyhow::Error::msg)?;
+    }
+    let targets = common::db::prepare(&env.db, &schema).await?;
     let keys: Vec<String> = (0..rows).map(key).collect();
-    for chunk in keys.chunks(50_000) {
+    let values: Vec<String> = keys.iter().map(|k| form.value(&env.source_bucket, k)).collect();
+    for chunk in values.chunks(50_000) {
         env.insert_rows(chunk).await;
     }
     sqlx::raw_sql("VACUUM ANALYZE avatars").execute(&env.db).await?;
@@ -763,6 +773,8 @@ pub fn table(summaries: &[Summary]) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Rewrites {
     pub journal_per_s: f64,
+    /// With the journal, values as CDN URLs ([`URL_FORM`]).
+    pub url_per_s: f64,
     pub plain_per_s: f64,
     pub journal_bytes_per_row: f64,
 }
@@ -832,6 +844,7 @@ pub fn json(config: &Config, summaries: &[Summary], rewrites: Option<Rewrites>) 
         "pipeline_refused_share": ours.and_then(|o| o.refused_share).map(|r| round(r, 4)),
         "pipeline_follow_s": ours.and_then(|o| o.follow_s).map(|r| round(r, 1)),
         "rewrites_per_s": rewrites.map(|r| r.journal_per_s.round()),
+        "rewrites_url_per_s": rewrites.map(|r| r.url_per_s.round()),
         "rewrites_without_journal_per_s": rewrites.map(|r| r.plain_per_s.round()),
         "journal_bytes_per_row": rewrites.map(|r| r.journal_bytes_per_row.round()),
     })

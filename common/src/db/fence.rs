@@ -25,11 +25,14 @@
 //!   holder whose lease ran out is taken over; a tombstone is withdrawn only when its object is
 //!   known not to have been deleted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::PgPool;
+
+use super::references::{Target, Targets};
+use crate::keys::KeyMapping;
 
 /// The tables, created by `db::prepare`.
 pub const TABLES: &str = "
@@ -46,9 +49,6 @@ pub const TABLES: &str = "
         id   boolean PRIMARY KEY DEFAULT true CHECK (id),
         mode text NOT NULL CHECK (mode IN ('rewrite', 'reject', 'off'))
     );";
-
-/// The trigger's name on `avatars`.
-pub const TRIGGER: &str = "avatar_migration_fence";
 
 /// What the fence does with a row written with a tombstoned legacy path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,9 +82,9 @@ pub struct Status {
     pub rewrites: i64,
 }
 
-/// The fence's state as it is installed now.
-pub async fn status(pool: &PgPool) -> sqlx::Result<Status> {
-    let (mode, disabled): (Option<Mode>, bool) = match installed(pool).await? {
+/// The fence's state as it is installed now on every reference.
+pub async fn status(pool: &PgPool, targets: &Targets) -> sqlx::Result<Status> {
+    let (mode, disabled): (Option<Mode>, bool) = match installed(pool, targets).await? {
         Some((mode, enabled)) => (Some(mode), !enabled),
         None => (None, false),
     };
@@ -98,73 +98,51 @@ pub async fn status(pool: &PgPool) -> sqlx::Result<Status> {
     Ok(Status { mode, disabled, pending, deleted, rewrites })
 }
 
-/// The fence's mode and whether its trigger is enabled; `None` when there is no trigger, or
-/// it was turned off (`remove` by a role that may not drop it leaves it doing nothing).
-pub async fn installed(pool: &PgPool) -> sqlx::Result<Option<(Mode, bool)>> {
-    let row: Option<(String, String)> = sqlx::query_as(
-        "SELECT f.mode, t.tgenabled::text FROM pg_trigger t, avatar_migration_fence f
-         WHERE t.tgrelid = 'avatars'::regclass AND t.tgname = $1 AND f.id",
-    )
-    .bind(TRIGGER)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.and_then(|(mode, enabled)| {
-        let mode = match mode.as_str() {
-            "rewrite" => Mode::Rewrite,
-            "reject" => Mode::Reject,
-            _ => return None,
-        };
-        Some((mode, enabled != "D"))
-    }))
+/// The fence's mode and whether its trigger is enabled on every reference; `None` when a
+/// reference has no trigger, or the fence was turned off (`remove` by a role that may not drop
+/// it leaves it doing nothing).
+pub async fn installed(pool: &PgPool, targets: &Targets) -> sqlx::Result<Option<(Mode, bool)>> {
+    let mode: Option<String> =
+        sqlx::query_scalar("SELECT mode FROM avatar_migration_fence WHERE id").fetch_optional(pool).await?;
+    let mode = match mode.as_deref() {
+        Some("rewrite") => Mode::Rewrite,
+        Some("reject") => Mode::Reject,
+        _ => return Ok(None),
+    };
+    let mut all_enabled = true;
+    for target in targets.iter() {
+        match trigger(pool, target).await? {
+            None => return Ok(None),
+            Some(enabled) => all_enabled &= enabled,
+        }
+    }
+    Ok(Some((mode, all_enabled)))
 }
 
-/// Whether deletes are protected: the fence is installed, on, and its trigger enabled.
-pub async fn protects(pool: &PgPool) -> sqlx::Result<bool> {
-    Ok(matches!(installed(pool).await?, Some((_, true))))
+/// Whether deletes are protected: the fence is installed, on, and its trigger enabled on every
+/// reference.
+pub async fn protects(pool: &PgPool, targets: &Targets) -> sqlx::Result<bool> {
+    Ok(matches!(installed(pool, targets).await?, Some((_, true))))
 }
 
 /// How many times a trigger change tries for its lock, [`LOCK_WAIT`] each.
 const LOCK_TRIES: u32 = 20;
 const LOCK_WAIT: &str = "2s";
 
-/// Installs the fence (or changes its mode); nothing to do when it is installed as asked.
-/// Returns whether anything changed. The mode is a row of the migration's own table, read by
-/// the trigger: changing it takes no lock on `avatars`, and needs no right on it.
-pub async fn install(pool: &PgPool, mode: Mode) -> anyhow::Result<bool> {
-    let before = installed(pool).await?;
+/// Installs the fence on every reference (or changes its mode); nothing to do when it is
+/// installed as asked. Returns whether anything changed. The mode is a row of the migration's
+/// own table, read by the triggers: changing it takes no lock on the referencing tables, and
+/// needs no right on them.
+pub async fn install(pool: &PgPool, targets: &Targets, mapping: &KeyMapping, mode: Mode) -> anyhow::Result<bool> {
+    let before = installed(pool, targets).await?;
     let schema: String = sqlx::query_scalar("SELECT quote_ident(current_schema())").fetch_one(pool).await?;
-    // Replacing the function takes no lock on `avatars`.
-    sqlx::raw_sql(&format!(
-        "CREATE OR REPLACE FUNCTION {schema}.{TRIGGER}() RETURNS trigger
-         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fence$
-         DECLARE
-             moved text;
-             fence text;
-         BEGIN
-             SELECT t.new_path INTO moved FROM {schema}.avatar_migration_tombstones t WHERE t.legacy_path = NEW.path;
-             IF NOT FOUND THEN
-                 RETURN NEW;
-             END IF;
-             SELECT f.mode INTO fence FROM {schema}.avatar_migration_fence f WHERE f.id;
-             IF fence IS DISTINCT FROM 'rewrite' AND fence IS DISTINCT FROM 'reject' THEN
-                 RETURN NEW;
-             END IF;
-             IF fence = 'reject' THEN
-                 RAISE EXCEPTION 'avatars.path % names a legacy object that the avatar migration deletes',
-                     quote_literal(NEW.path)
-                     USING ERRCODE = 'check_violation',
-                           DETAIL = format('Its copy, with the same bytes, is %s.', quote_literal(moved)),
-                           HINT = 'Write the new path (feeder fence status shows the fence).';
-             END IF;
-             PERFORM nextval('{schema}.avatar_migration_fence_rewrites');
-             NEW.path := moved;
-             RETURN NEW;
-         END
-         $fence$"
-    ))
-    .execute(pool)
-    .await
-    .context("creating the fence's function")?;
+    for target in targets.iter() {
+        // Replacing the function takes no lock on the table.
+        sqlx::raw_sql(&function(&schema, target, mapping))
+            .execute(pool)
+            .await
+            .with_context(|| format!("creating the fence's function for {target}"))?;
+    }
     sqlx::query(
         "INSERT INTO avatar_migration_fence (id, mode) VALUES (true, $1)
          ON CONFLICT (id) DO UPDATE SET mode = EXCLUDED.mode",
@@ -172,23 +150,89 @@ pub async fn install(pool: &PgPool, mode: Mode) -> anyhow::Result<bool> {
     .bind(mode.as_str())
     .execute(pool)
     .await?;
-    let trigger = has_trigger(pool).await?;
-    if !trigger {
-        let statement = format!(
-            "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OF path ON avatars
-                 FOR EACH ROW WHEN (NEW.path IS NOT NULL) EXECUTE FUNCTION {schema}.{TRIGGER}()"
-        );
-        change_trigger(pool, &statement).await.context("installing the fence on avatars")?;
+    for target in targets.iter() {
+        if trigger(pool, target).await?.is_none() {
+            let (name, column) = (target.fence_name(), target.column());
+            let statement = format!(
+                "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE OF {column} ON {}
+                     FOR EACH ROW WHEN (NEW.{column} IS NOT NULL) EXECUTE FUNCTION {schema}.{name}()",
+                target.table()
+            );
+            change_trigger(pool, target, &statement)
+                .await
+                .with_context(|| format!("installing the fence on {target}"))?;
+        }
     }
     Ok(before != Some((mode, true)))
 }
 
-/// Whether the fence's trigger exists on `avatars` (whatever its mode).
-async fn has_trigger(pool: &PgPool) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'avatars'::regclass AND tgname = $1)")
-        .bind(TRIGGER)
-        .fetch_one(pool)
-        .await
+/// The fence's function for one reference: the legacy key a written value names (in the
+/// reference's form), looked up among the tombstones; a tombstoned one is written as its
+/// copy's value (`rewrite`) or refused (`reject`).
+fn function(schema: &str, target: &Target, mapping: &KeyMapping) -> String {
+    let form = &target.reference.form;
+    let (lead, tail) = form.around(&mapping.source_bucket);
+    let (new_lead, new_tail) = form.around(&mapping.destination_bucket);
+    let (lead, tail, new_lead, new_tail) = (literal(&lead), literal(&tail), literal(&new_lead), literal(&new_tail));
+    let (decode, encode) = if form.encodes() {
+        (format!("{schema}.avatar_migration_url_decode"), format!("{schema}.avatar_migration_url_encode"))
+    } else {
+        (String::new(), String::new())
+    };
+    let (name, column, label) = (target.fence_name(), target.column(), literal(&target.label()));
+    format!(
+        "CREATE OR REPLACE FUNCTION {schema}.{name}() RETURNS trigger
+         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fence$
+         DECLARE
+             written text := NEW.{column};
+             legacy text;
+             moved text;
+             fence text;
+         BEGIN
+             IF NOT starts_with(written, {lead}) OR right(written, length({tail})) <> {tail}
+                OR length(written) < length({lead}) + length({tail}) THEN
+                 RETURN NEW;
+             END IF;
+             legacy := {decode}(substr(written, length({lead}) + 1, length(written) - length({lead}) - length({tail})));
+             SELECT t.new_path INTO moved FROM {schema}.avatar_migration_tombstones t WHERE t.legacy_path = legacy;
+             IF NOT FOUND THEN
+                 RETURN NEW;
+             END IF;
+             SELECT f.mode INTO fence FROM {schema}.avatar_migration_fence f WHERE f.id;
+             IF fence IS DISTINCT FROM 'rewrite' AND fence IS DISTINCT FROM 'reject' THEN
+                 RETURN NEW;
+             END IF;
+             moved := {new_lead} || {encode}(moved) || {new_tail};
+             IF fence = 'reject' THEN
+                 RAISE EXCEPTION '% % names a legacy object that the avatar migration deletes',
+                     {label}, quote_literal(written)
+                     USING ERRCODE = 'check_violation',
+                           DETAIL = format('Its copy, with the same bytes, is %s.', quote_literal(moved)),
+                           HINT = 'Write the new value (feeder fence status shows the fence).';
+             END IF;
+             PERFORM nextval('{schema}.avatar_migration_fence_rewrites');
+             NEW.{column} := moved;
+             RETURN NEW;
+         END
+         $fence$"
+    )
+}
+
+/// A string as an SQL literal (standard-conforming: only `'` doubles).
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Whether the fence's trigger is on a reference's table: `None` without it, else whether it
+/// is enabled.
+async fn trigger(pool: &PgPool, target: &Target) -> sqlx::Result<Option<bool>> {
+    let enabled: Option<String> =
+        sqlx::query_scalar("SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = $1::int8::oid AND tgname = $2")
+            .bind(i64::from(target.oid))
+            .bind(target.fence_name())
+            .fetch_optional(pool)
+            .await?;
+    Ok(enabled.map(|e| e != "D"))
 }
 
 /// What [`remove`] did.
@@ -203,38 +247,43 @@ pub enum Removed {
     TurnedOff,
 }
 
-/// Turns the fence off and drops its trigger when this role may.
-pub async fn remove(pool: &PgPool) -> anyhow::Result<Removed> {
-    let was = installed(pool).await?;
+/// Turns the fence off and drops its triggers where this role may.
+pub async fn remove(pool: &PgPool, targets: &Targets) -> anyhow::Result<Removed> {
+    let was = installed(pool, targets).await?;
     sqlx::query("UPDATE avatar_migration_fence SET mode = 'off' WHERE id").execute(pool).await?;
-    let trigger = has_trigger(pool).await?;
-    if !trigger {
-        return Ok(if was.is_some() { Removed::Dropped } else { Removed::NotInstalled });
+    let mut removed = if was.is_some() { Removed::Dropped } else { Removed::NotInstalled };
+    for target in targets.iter() {
+        if trigger(pool, target).await?.is_none() {
+            continue;
+        }
+        let statement = format!("DROP TRIGGER IF EXISTS {} ON {}", target.fence_name(), target.table());
+        match change_trigger(pool, target, &statement).await {
+            Ok(()) if removed != Removed::TurnedOff => removed = Removed::Dropped,
+            Ok(()) => {}
+            Err(ChangeError::NotAllowed(..)) => removed = Removed::TurnedOff,
+            Err(err) => return Err(anyhow::Error::new(err).context(format!("removing the fence from {target}"))),
+        }
     }
-    match change_trigger(pool, &format!("DROP TRIGGER IF EXISTS {TRIGGER} ON avatars")).await {
-        Ok(()) => Ok(Removed::Dropped),
-        Err(ChangeError::NotAllowed(_)) => Ok(Removed::TurnedOff),
-        Err(err) => Err(anyhow::Error::new(err).context("removing the fence from avatars")),
-    }
+    Ok(removed)
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ChangeError {
     #[error(
-        "this role may not change triggers on avatars ({0}): grant it TRIGGER on avatars (deploy/database-role.sql \
-         does), or run the command as the table's owner"
+        "this role may not change triggers on {1} ({0}): grant it TRIGGER on the table (deploy/database-role.sql \
+         does for avatars; `feeder grants` prints the grants), or run the command as the table's owner"
     )]
-    NotAllowed(sqlx::Error),
-    #[error("a transaction kept avatars locked for {LOCK_TRIES} tries of {LOCK_WAIT}: try again later")]
-    Locked,
+    NotAllowed(sqlx::Error, String),
+    #[error("a transaction kept {0} locked for {LOCK_TRIES} tries of {LOCK_WAIT}: try again later")]
+    Locked(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
 
 /// Runs a trigger change in one transaction under a short `lock_timeout`, trying again when
-/// the lock is not had in time (a long transaction on `avatars`), so that the live service's
+/// the lock is not had in time (a long transaction on the table), so that the live service's
 /// writes never queue long behind it.
-async fn change_trigger(pool: &PgPool, statement: &str) -> Result<(), ChangeError> {
+async fn change_trigger(pool: &PgPool, target: &Target, statement: &str) -> Result<(), ChangeError> {
     for attempt in 1..=LOCK_TRIES {
         let mut tx = pool.begin().await?;
         sqlx::raw_sql(&format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'")).execute(&mut *tx).await?;
@@ -244,15 +293,17 @@ async fn change_trigger(pool: &PgPool, statement: &str) -> Result<(), ChangeErro
                 return Ok(());
             }
             Err(err) if sql_state(&err).as_deref() == Some("55P03") => {
-                tracing::warn!(attempt, "a transaction on avatars holds its lock; trying again");
+                tracing::warn!(attempt, table = %target.table_name, "a transaction on the table holds its lock; trying again");
                 tx.rollback().await?;
                 tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt.min(6)))).await;
             }
-            Err(err) if sql_state(&err).as_deref() == Some("42501") => return Err(ChangeError::NotAllowed(err)),
+            Err(err) if sql_state(&err).as_deref() == Some("42501") => {
+                return Err(ChangeError::NotAllowed(err, target.table_name.clone()));
+            }
             Err(err) => return Err(err.into()),
         }
     }
-    Err(ChangeError::Locked)
+    Err(ChangeError::Locked(target.table_name.clone()))
 }
 
 fn sql_state(err: &sqlx::Error) -> Option<String> {
@@ -330,13 +381,28 @@ pub async fn tombstoned(pool: &PgPool, keys: &[&str]) -> sqlx::Result<HashSet<St
     Ok(rows.into_iter().collect())
 }
 
-/// Which of these paths some row references (through the index on `path`).
-pub async fn referenced(pool: &PgPool, paths: &[&str]) -> sqlx::Result<HashSet<String>> {
-    let rows: Vec<String> = sqlx::query_scalar("SELECT DISTINCT path FROM avatars WHERE path = ANY($1)")
-        .bind(paths)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().collect())
+/// Which of these legacy keys (of `bucket`) some row of some reference names (through each
+/// column's index).
+pub async fn referenced(
+    pool: &PgPool,
+    targets: &Targets,
+    bucket: &str,
+    keys: &[&str],
+) -> sqlx::Result<HashSet<String>> {
+    let mut named = HashSet::new();
+    for target in targets.iter() {
+        let form = &target.reference.form;
+        let values: HashMap<String, &str> = keys.iter().map(|k| (form.value(bucket, k), *k)).collect();
+        let wanted: Vec<&str> = values.keys().map(String::as_str).collect();
+        let statement = format!(
+            "SELECT DISTINCT {column}::text FROM {} WHERE {column} = ANY($1)",
+            target.table(),
+            column = target.column()
+        );
+        let rows: Vec<String> = sqlx::query_scalar(&statement).bind(&wanted).fetch_all(pool).await?;
+        named.extend(rows.iter().filter_map(|v| values.get(v)).map(|k| (*k).to_owned()));
+    }
+    Ok(named)
 }
 
 /// A transaction the delete protocol waits for.

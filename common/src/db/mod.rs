@@ -137,6 +137,10 @@ async fn prepare_locked(conn: &mut PgConnection, schema: &Schema) -> anyhow::Res
         .context("cannot create the migration's control tables")?;
     sqlx::raw_sql(lease::TABLES).execute(&mut *conn).await.context("cannot create the migration's lease table")?;
     sqlx::raw_sql(fence::TABLES).execute(&mut *conn).await.context("cannot create the migration's tombstones")?;
+    sqlx::raw_sql(references::FUNCTIONS)
+        .execute(&mut *conn)
+        .await
+        .context("cannot create the migration's URL-encoding functions")?;
     // Tables made by earlier versions lack columns: the feeder's lease; the journal's
     // reference and legacy key (`NULL`: `avatars.path`, whose value was the key).
     for (table, column, kind) in [

@@ -20,7 +20,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use sqlx::PgConnection;
 
-use crate::references::{Form, Reference, References, quote_ident, sql_ident};
+use crate::references::{Reference, References, quote_ident, sql_ident};
+
+/// SQL functions that encode and decode keys in URLs as [`Form`] does (`forms.sql`), for the
+/// statements that meet values rather than keys.
+pub const FUNCTIONS: &str = include_str!("forms.sql");
 
 /// What start-up does about a reference whose column has no index serving lookups by value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -60,8 +64,9 @@ pub struct Target {
     pub key_name: String,
     /// The primary key's type, as `format_type` writes it (`integer`, `uuid`, `text`).
     pub key_type: String,
-    /// The table's oid.
+    /// The table's oid, and the column's number in it.
     pub oid: u32,
+    pub attnum: i16,
     /// The index serving lookups by value, when there is one.
     pub index: Option<String>,
 }
@@ -91,6 +96,17 @@ impl Target {
     /// The primary key's column, as statements write it.
     pub fn key(&self) -> String {
         sql_ident(&self.key_name)
+    }
+
+    /// The name of the fence's trigger on this column, and of its function: the take-home's
+    /// `avatar_migration_fence` on `avatars.path` (as earlier versions installed it), one per
+    /// table and column otherwise.
+    pub fn fence_name(&self) -> String {
+        if self.table_name == "avatars" && self.column_name == "path" {
+            "avatar_migration_fence".to_owned()
+        } else {
+            format!("avatar_migration_fence_{}_{}", self.oid, self.attnum)
+        }
     }
 
     /// The name of the index the migration builds when the column has none: PostgreSQL's own
@@ -147,23 +163,6 @@ impl Targets {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-
-    /// Refuses `what` unless the references are the take-home's `avatars.path` alone, as bare
-    /// keys: `what` reads that column only (it does not follow `REFERENCES` yet), and run on
-    /// other columns it would judge, or delete, by the wrong one.
-    pub fn require_avatars_path(&self, what: &str) -> anyhow::Result<()> {
-        let only = match &*self.0 {
-            [one] => one.table_name == "avatars" && one.column_name == "path" && one.reference.form == Form::Key,
-            _ => false,
-        };
-        anyhow::ensure!(
-            only,
-            "{what} reads avatars.path only and does not follow REFERENCES yet ({}): run it with the default \
-             REFERENCES=avatars.path, or do without it for these columns",
-            self.iter().map(Target::label).collect::<Vec<_>>().join(", ")
-        );
-        Ok(())
     }
 
     /// The target a journal entry's reference names; entries of earlier versions name none
@@ -262,15 +261,15 @@ pub async fn find(conn: &mut PgConnection, reference: &Reference) -> anyhow::Res
         return Err(ReferenceError::NotATable(name, relation).into());
     }
     let oid = oid as u32;
-    let column: Option<(String, bool)> = sqlx::query_as(
-        "SELECT format_type(atttypid, atttypmod), atttypid IN ('text'::regtype, 'varchar'::regtype)
+    let column: Option<(String, bool, i16)> = sqlx::query_as(
+        "SELECT format_type(atttypid, atttypmod), atttypid IN ('text'::regtype, 'varchar'::regtype), attnum
          FROM pg_attribute WHERE attrelid = $1::int8::oid AND attname = $2 AND attnum > 0 AND NOT attisdropped",
     )
     .bind(i64::from(oid))
     .bind(&reference.column)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((column_type, textual)) = column else {
+    let Some((column_type, textual, attnum)) = column else {
         return Err(ReferenceError::NoColumn(name, relation, reference.column.clone()).into());
     };
     if !textual {
@@ -301,6 +300,7 @@ pub async fn find(conn: &mut PgConnection, reference: &Reference) -> anyhow::Res
         key_name,
         key_type,
         oid,
+        attnum,
         index: None,
     };
     let (select, update): (bool, bool) = if usage {

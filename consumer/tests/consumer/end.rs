@@ -52,7 +52,7 @@ async fn verify_finds_what_the_first_pass_missed_and_reconcile_finishes_it() {
 /// Applies `deploy/database-role.sql` to this test's database (as its owner) with this
 /// password and these further psql arguments; returns the `DATABASE_URL` of the
 /// least-privilege role.
-fn least_privilege_url(env: &Env, password: &str, extra: &[&str]) -> String {
+pub(crate) fn least_privilege_url(env: &Env, password: &str, extra: &[&str]) -> String {
     let psql = std::env::var("PSQL").expect("PSQL is set by scripts/local-services env");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/database-role.sql");
     let out = std::process::Command::new(psql)

@@ -120,6 +120,16 @@ async fn a_second_schema_migrates_in_its_own_forms_and_rolls_back() {
     assert_eq!(verified["rows_other"], untouched_urls.len() + 3, "{out}");
     assert_eq!(verified["rows_legacy"], 0, "{out}");
 
+    // Status counts every reference's rows by what their values name.
+    let (code, out) = feeder_with(&env, &["status", "--json"], &references);
+    assert_eq!(code, Some(0), "{out}");
+    let status = last_json(&out);
+    assert_eq!(
+        (status["rows_modern"].as_i64(), status["rows_legacy"].as_i64(), status["rows_other"].as_i64()),
+        (Some(users_moved + posts_moved), Some(0), Some(untouched_urls.len() as i64 + 3)),
+        "{out}"
+    );
+
     // The report lists every rewrite with its reference.
     let (code, csv) = feeder_with(&env, &["report", "--csv"], &references);
     assert_eq!(code, Some(0), "{csv}");
@@ -144,6 +154,15 @@ async fn a_second_schema_migrates_in_its_own_forms_and_rolls_back() {
     let (code, out) = feeder_with(&env, &["verify", "--json"], &references);
     assert_eq!(code, Some(3), "{out}");
     assert_eq!(last_json(&out)["rows_legacy_pending"], users_moved + posts_moved, "{out}");
+    // A key set aside is counted so by status, whichever form names it (this one: a URL with
+    // percent-encoding, and a bare key).
+    common::db::record_failure(&env.db, &keys[40], common::db::Reason::DestinationConflict, "test").await.unwrap();
+    let (_, out) = feeder_with(&env, &["status", "--json"], &references);
+    let status = last_json(&out);
+    assert_eq!(status["rows_legacy"], users_moved + posts_moved, "{out}");
+    assert_eq!(status["rows_legacy_set_aside"], 2, "the rows naming {:?}: {out}", keys[40]);
+    let reason = common::db::Reason::DestinationConflict;
+    common::db::clear_failures(&env.db, &[keys[40].clone()], reason).await.unwrap();
     let (code, out) = feeder_with(&env, &["reconcile"], &references);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(&format!("{} messages enqueued", users_moved + posts_moved)), "{out}");
@@ -151,13 +170,14 @@ async fn a_second_schema_migrates_in_its_own_forms_and_rolls_back() {
     assert_eq!(values(&env).await, after);
 }
 
-/// `feeder <args>` with more settings.
+/// `feeder <args>` with more settings: its exit code, and its stderr then its stdout (whose
+/// last line stays last).
 fn feeder_with(env: &Env, args: &[&str], extra: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut command = env.command("feeder");
     command.args(args).envs(extra.iter().copied());
     let out = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    (out.status.code(), format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
+    (out.status.code(), format!("{stderr}{}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// What start-up refuses, each with what to do: a column without an index (and the statement
@@ -210,4 +230,192 @@ async fn start_up_refuses_references_it_cannot_follow_and_says_what_to_do() {
     .await
     .unwrap();
     assert!(valid);
+}
+
+/// The SQL functions that meet URL values (status's counts, the fence) encode and decode keys
+/// exactly as the forms do in Rust, and refuse what is not an encoding.
+#[tokio::test]
+async fn sql_url_encoding_matches_the_forms() {
+    let env = Env::new().await;
+    env.prepare().await;
+    let encode = |s: &str| {
+        let db = env.db.clone();
+        let s = s.to_owned();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT avatar_migration_url_encode($1)")
+                .bind(s)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    let decode = |s: &str| {
+        let db = env.db.clone();
+        let s = s.to_owned();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>("SELECT avatar_migration_url_decode($1)")
+                .bind(s)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    for key in ["image/a.png", "image/with space+plus é.png", "image/%41~!*'();:@&=+$,?#[]\\\"", "image/日本/ü.png", ""]
+    {
+        let encoded = encode(key).await;
+        assert_eq!(encoded, common::keys::encode_path(key).to_string(), "{key:?}");
+        assert_eq!(decode(&encoded).await.as_deref(), Some(key), "{key:?}");
+    }
+    assert_eq!(decode("image%2Fa%7e.png").await.as_deref(), Some("image/a~.png"));
+    for bad in ["a%zz", "a%", "a%4", "%C3", "%FF%FE"] {
+        assert_eq!(decode(bad).await, None, "{bad:?}");
+    }
+}
+
+/// On the second schema, cleanup deletes a legacy object only when no reference names it in
+/// its form (a live write of a legacy URL keeps its object), and the fence, one trigger per
+/// referencing column, turns a later write of a deleted object's legacy value (a URL with its
+/// percent-encoding, a bare key) into its copy's value.
+#[tokio::test]
+async fn on_a_second_schema_cleanup_and_the_fence_follow_every_reference() {
+    let env = Env::new().await;
+    sqlx::raw_sql(SECOND_SCHEMA).execute(&env.db).await.unwrap();
+    let keys: Vec<String> =
+        (0..6).map(|i| format!("image/avatar-{i}.png")).chain(["image/with space+plus é.png".into()]).collect();
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    env.put(&env.source_bucket, "image/orphan.png", b"no row names it").await;
+    let cdn = |key: &str| format!("https://cdn.example.com/{}", common::keys::encode_path(key));
+    let urls: Vec<String> = [0, 1, 2, 3, 6].iter().map(|&i| cdn(&keys[i])).collect();
+    sqlx::query(r#"INSERT INTO "Users" ("Avatar URL") SELECT * FROM UNNEST($1::text[])"#)
+        .bind(&urls)
+        .execute(&env.db)
+        .await
+        .unwrap();
+    for (i, key) in keys.iter().enumerate().take(6).skip(2) {
+        sqlx::query("INSERT INTO posts (slug, cover_key) VALUES ($1, $2)")
+            .bind(format!("post-{i}"))
+            .bind(key)
+            .execute(&env.db)
+            .await
+            .unwrap();
+    }
+    feed(&env).await;
+    let references = [("REFERENCES", REFERENCES), ("MISSING_INDEX", "refuse")];
+    drain(&env, &references).await;
+
+    // The live service writes a legacy URL again: that object is named, and is kept.
+    let live = sqlx::query_scalar::<_, String>(
+        r#"UPDATE "Users" SET "Avatar URL" = $1 WHERE "Avatar URL" = $2 RETURNING uid::text"#,
+    )
+    .bind(cdn(&keys[1]))
+    .bind(cdn(&keys[1].replacen("image/", "avatar/", 1)))
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+
+    let (code, out) = feeder_with(&env, &["fence", "install"], &references);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(r#"public."Users"."Avatar URL", public.posts.cover_key"#), "{out}");
+    let (_, out) = feeder_with(&env, &["fence", "status", "--json"], &references);
+    assert_eq!(last_json(&out)["enabled"], true, "{out}");
+
+    let (code, out) = feeder_with(&env, &["cleanup", "--yes", "--json"], &references);
+    assert_eq!(code, Some(0), "{out}");
+    let cleaned = last_json(&out);
+    assert_eq!(cleaned["kept_referenced"], 1, "{out}");
+    assert_eq!(cleaned["deleted"], keys.len() as i64, "the others and the orphan: {out}");
+    let left = env.keys(&env.source_bucket).await;
+    assert_eq!(left, vec![keys[1].clone()], "only the object a row names is left");
+    let value: String = sqlx::query_scalar(r#"SELECT "Avatar URL" FROM "Users" WHERE uid::text = $1"#)
+        .bind(&live)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert_eq!(value, cdn(&keys[1]), "the live write is never undone");
+
+    // Written after the delete, a deleted object's legacy value names its copy instead.
+    let written: String =
+        sqlx::query_scalar(r#"INSERT INTO "Users" ("Avatar URL") VALUES ($1) RETURNING "Avatar URL""#)
+            .bind(cdn(&keys[6]))
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(written, cdn("avatar/with space+plus é.png"));
+    let written: String =
+        sqlx::query_scalar("INSERT INTO posts (slug, cover_key) VALUES ('late', $1) RETURNING cover_key::text")
+            .bind(&keys[5])
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(written, "avatar/avatar-5.png");
+    let (_, out) = feeder_with(&env, &["fence", "status", "--json"], &references);
+    assert_eq!(last_json(&out)["writes_rewritten"], 2, "{out}");
+
+    // Removed, the fence leaves no trigger on either table.
+    let (code, out) = feeder_with(&env, &["fence", "remove"], &references);
+    assert_eq!(code, Some(0), "{out}");
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'avatar_migration_fence%'")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(triggers, 0);
+}
+
+/// `feeder grants` prints what the migration's role needs on each reference of the second
+/// schema (the missing indexes, statistics, the grants); once the tables' owner has run it
+/// after `deploy/database-role.sql`, the migration runs logged in as that role.
+#[tokio::test]
+async fn the_grants_printed_for_the_references_are_all_the_role_needs() {
+    let env = Env::new().await;
+    let unindexed: String =
+        SECOND_SCHEMA.lines().filter(|l| !l.contains("CREATE INDEX")).collect::<Vec<_>>().join("\n");
+    sqlx::raw_sql(&unindexed).execute(&env.db).await.unwrap();
+    let keys: Vec<String> = (0..5).map(|i| format!("image/avatar-{i}.png")).collect();
+    env.put_many(&env.source_bucket, &keys, b"png").await;
+    let urls: Vec<String> = keys.iter().map(|k| format!("https://cdn.example.com/{k}")).collect();
+    sqlx::query(r#"INSERT INTO "Users" ("Avatar URL") SELECT * FROM UNNEST($1::text[])"#)
+        .bind(&urls)
+        .execute(&env.db)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO posts (slug, cover_key) SELECT 'post-' || k, k FROM UNNEST($1::text[]) AS k")
+        .bind(&keys)
+        .execute(&env.db)
+        .await
+        .unwrap();
+    let url = crate::end::least_privilege_url(&env, "grants pw", &[]);
+    let references = [("REFERENCES", REFERENCES), ("MISSING_INDEX", "refuse")];
+
+    let (code, script) = {
+        let out = env.command("feeder").args(["grants"]).envs(references).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(code, Some(0), "{script}");
+    assert!(script.contains(r#"CREATE INDEX CONCURRENTLY IF NOT EXISTS "Users_Avatar URL_idx""#), "{script}");
+    assert!(
+        script.contains("GRANT SELECT (slug, cover_key), UPDATE (cover_key) ON public.posts TO avatar_migrator;"),
+        "{script}"
+    );
+    let psql = std::env::var("PSQL").expect("PSQL is set by scripts/local-services env");
+    let mut run = std::process::Command::new(psql)
+        .args([&env.database_url, "-q", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(run.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+    let ran = run.wait_with_output().unwrap();
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+
+    // Everything as the role from here: it creates and owns the migration's own tables.
+    let fed = env.command("feeder").envs(references).env("DATABASE_URL", &url).output().unwrap();
+    assert!(fed.status.success(), "{}", String::from_utf8_lossy(&fed.stderr));
+    let out =
+        tokio::process::Command::from(consumer(&env, &references)).env("DATABASE_URL", &url).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (users, posts) = values(&env).await;
+    assert!(users.values().all(|v| v.as_deref().is_some_and(|v| v.contains("/avatar/"))), "{users:?}");
+    assert!(posts.values().all(|v| v.as_deref().is_some_and(|v| v.starts_with("avatar/"))), "{posts:?}");
 }

@@ -108,8 +108,13 @@ pub async fn cleanup(cx: &Ops<'_>, args: &CleanupArgs) -> anyhow::Result<Cleanup
     let (bucket, prefix) = (mapping.source_bucket.as_str(), mapping.source_prefix.as_str());
     let dry_run = !args.yes;
     let lease = if dry_run { None } else { Some(take_lease(args, clients).await?) };
-    let deleter =
-        Deleter { db: clients.db.clone(), s3: clients.s3.clone(), bucket: bucket.to_owned(), wait: args.delete_wait };
+    let deleter = Deleter {
+        db: clients.db.clone(),
+        s3: clients.s3.clone(),
+        bucket: bucket.to_owned(),
+        targets: clients.targets.clone(),
+        wait: args.delete_wait,
+    };
     let mut state = Cleanup { dry_run, ..Cleanup::default() };
     if !dry_run
         && let Some(saved) = scans::load(&clients.db, ScanKind::Cleanup, bucket, prefix).await?
@@ -206,7 +211,7 @@ async fn deletable(
 /// The exclusive lease, after checking that deletes are protected (the fence) or declared
 /// safe without it.
 async fn take_lease(args: &CleanupArgs, clients: &Clients) -> anyhow::Result<Lease> {
-    if common::db::fence::protects(&clients.db).await.context("looking for the fence on avatars")? {
+    if common::db::fence::protects(&clients.db, &clients.targets).await.context("looking for the fence")? {
         tracing::info!("the fence is installed: a write of a legacy path being deleted names its copy instead");
     } else if args.legacy_writes_stopped {
         tracing::warn!(

@@ -1,5 +1,6 @@
 //! `feeder fence install|remove|status`: the fence that keeps deletes safe while the live
-//! service writes `avatars.path` (see `common::db::fence`).
+//! service writes the references (`REFERENCES`; see `common::db::fence`): one trigger per
+//! referencing column.
 //!
 //! Promises: install and remove are idempotent and say what they changed; remove warns when
 //! legacy objects were deleted (a legacy path written from then on names nothing); status
@@ -12,44 +13,51 @@ use super::Ops;
 use crate::settings::FenceCommand;
 
 pub async fn fence(cx: &Ops<'_>, command: &FenceCommand) -> anyhow::Result<()> {
-    let clients = cx.clients;
+    let Ops { clients, mapping, .. } = cx;
+    let targets = &clients.targets;
+    let on: Vec<String> = targets.iter().map(|t| t.label()).collect();
+    let on = on.join(", ");
     match command {
         FenceCommand::Install { mode } => {
-            let changed = fence::install(&clients.db, *mode).await?;
+            let changed = fence::install(&clients.db, targets, mapping, *mode).await?;
             let what = match mode {
                 Mode::Rewrite => {
-                    "a row written with the path of a legacy object being or already deleted is written \
-                                  with its copy's path instead"
+                    "a row written naming a legacy object being or already deleted is written naming \
+                                  its copy instead"
                 }
                 Mode::Reject => {
-                    "a row written with the path of a legacy object being or already deleted is refused \
+                    "a row written naming a legacy object being or already deleted is refused \
                                  (SQLSTATE 23514)"
                 }
             };
             let verb = if changed { "installed" } else { "already installed" };
-            println!("fence: {verb} on avatars, mode {}: {what}", mode.as_str());
+            println!("fence: {verb} on {on}, mode {}: {what}", mode.as_str());
         }
         FenceCommand::Remove => {
-            let status = fence::status(&clients.db).await.context("reading the fence's state")?;
-            match fence::remove(&clients.db).await? {
-                Removed::Dropped => println!("fence: removed from avatars"),
+            let status = fence::status(&clients.db, targets).await.context("reading the fence's state")?;
+            match fence::remove(&clients.db, targets).await? {
+                Removed::Dropped => println!("fence: removed from {on}"),
                 Removed::NotInstalled => println!("fence: not installed; nothing to remove"),
-                Removed::TurnedOff => println!(
-                    "fence: off (it protects nothing now); its trigger stays, doing nothing, since only the table's \
-                     owner may drop it: DROP TRIGGER {} ON avatars",
-                    fence::TRIGGER
-                ),
+                Removed::TurnedOff => {
+                    let drops: Vec<String> =
+                        targets.iter().map(|t| format!("DROP TRIGGER {} ON {};", t.fence_name(), t.table())).collect();
+                    println!(
+                        "fence: off (it protects nothing now); its triggers stay, doing nothing, since only a table's \
+                         owner may drop them: {}",
+                        drops.join(" ")
+                    )
+                }
             }
             if status.deleted + status.pending > 0 {
                 println!(
-                    "fence: warning: {} legacy objects were deleted (or are being deleted): a row written with one of \
-                     their paths from now on names nothing",
+                    "fence: warning: {} legacy objects were deleted (or are being deleted): a row written naming one \
+                     of them from now on names nothing",
                     status.deleted + status.pending
                 );
             }
         }
         FenceCommand::Status { json } => {
-            let status = fence::status(&clients.db).await.context("reading the fence's state")?;
+            let status = fence::status(&clients.db, targets).await.context("reading the fence's state")?;
             let installed = match (status.mode, status.disabled) {
                 (None, _) => "not installed".to_owned(),
                 (Some(mode), false) => format!("installed, mode {}", mode.as_str()),

@@ -10,16 +10,18 @@
 //! | [`reconcile`] | every row, a HEAD per legacy row not yet migrated | queue messages; failures: `row_object_missing` |
 //! | [`control`] (`pause`, `resume`, `throttle`) | the control row | the control row |
 //! | [`cleanup`] | the source listing, HEADs of each legacy object and its copy, a row count per key | deletes legacy objects (with `--yes`), by the delete protocol: tombstones, the lease; its position |
-//! | [`fence`] (`install`, `remove`, `status`) | the trigger on `avatars`, the tombstones | the trigger on `avatars` |
+//! | [`fence`] (`install`, `remove`, `status`) | the triggers on the referencing tables, the tombstones | a trigger on each referencing table |
+//! | [`grants`] | the catalog | nothing (prints SQL) |
 //! | [`failures`] | the failure records | nothing |
 //! | [`redrive`] | the dead-letter queue | queue messages (moved back); failures: `retries_exhausted` forgotten |
 //! | [`report`] | the rewrite journal, the failure records | nothing |
-//! | [`rollback`] | the rewrite journal, a HEAD per legacy object | `avatars.path` (compare-and-set), the journal's `rolled_back_at` |
+//! | [`rollback`] | the rewrite journal, a HEAD per legacy object | the references' columns (compare-and-set), the journal's `rolled_back_at` |
 
 pub mod cleanup;
 pub mod control;
 pub mod failures;
 pub mod fence;
+pub mod grants;
 pub mod objects;
 pub mod plan;
 pub mod reconcile;

@@ -175,7 +175,7 @@ pub async fn plan(cx: &Ops<'_>, args: &PlanArgs) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
-/// The object count, the rows and the indexes on `avatars`, with where the count comes from.
+/// The object count, the rows and the indexes on the referencing tables, with where the count comes from.
 struct Counts {
     objects: u64,
     objects_from: String,
@@ -186,18 +186,35 @@ struct Counts {
 async fn counts(cx: &Ops<'_>, args: &PlanArgs, tally: &Tally, source: &str) -> anyhow::Result<Counts> {
     let Ops { settings, clients, mapping, .. } = cx;
     let db = &clients.db;
-    let indexes = crate::store::rows::index_count(db).await.context("reading the indexes of avatars")? as u64;
-    let estimate = crate::store::rows::estimated_rows(db).await.context("reading avatars' size")?;
-    let (legacy, modern) = (mapping.source_prefix.as_str(), mapping.destination_prefix.as_str());
-    let rows = match estimate {
-        // Past a million rows the planner's estimate (every row) stands in for a count.
-        Some(n) if n > 1_000_000 => (n as u64, n as u64, "the planner's estimate of avatars' rows"),
-        _ => {
-            let timeout = settings.database.db_statement_timeout;
-            let c = crate::store::rows::count_rows(db, legacy, modern, timeout).await.context("counting the rows")?;
-            ((c.legacy + c.modern) as u64, c.legacy as u64, "the rows pointing at the source prefix")
+    // Rows are summed over the references; the objects are at least the legacy rows of any one
+    // (two references may name the same objects); every rewrite writes to the indexes of its
+    // table (the most indexed table stands for all).
+    let (mut rows, mut legacy_rows, mut indexes, mut from) = (0, 0, 0, "the rows naming the source prefix");
+    for target in clients.targets.iter() {
+        let n = crate::store::rows::index_count(db, target)
+            .await
+            .with_context(|| format!("reading the indexes of {target}"))?;
+        indexes = indexes.max(n as u64);
+        let estimate =
+            crate::store::rows::estimated_rows(db, target).await.with_context(|| format!("reading {target}'s size"))?;
+        match estimate {
+            // Past a million rows the planner's estimate (every row) stands in for a count.
+            Some(n) if n > 1_000_000 => {
+                rows += n as u64;
+                legacy_rows = legacy_rows.max(n as u64);
+                from = "the planner's estimate of the referencing tables' rows";
+            }
+            _ => {
+                let timeout = settings.database.db_statement_timeout;
+                let c = crate::store::rows::count_rows(db, target, mapping, timeout)
+                    .await
+                    .with_context(|| format!("counting the rows of {target}"))?;
+                rows += (c.legacy + c.modern) as u64;
+                legacy_rows = legacy_rows.max(c.legacy as u64);
+            }
         }
-    };
+    }
+    let rows = (rows, legacy_rows, from);
     let (objects, objects_from) = match (source, args.objects) {
         ("sample", Some(n)) => (n, "--objects".to_owned()),
         ("sample", None) => (rows.1.max(tally.objects), rows.2.to_owned()),

@@ -167,25 +167,33 @@ impl Status {
 /// Reads everything once.
 pub async fn read(cx: &Ops<'_>, args: &StatusArgs) -> anyhow::Result<Status> {
     let Ops { settings, clients, mapping, .. } = cx;
-    let (legacy, modern) = (mapping.source_prefix.as_str(), mapping.destination_prefix.as_str());
     let mut status = Status::default();
     refresh(cx, &mut status).await?;
-    let estimate = crate::store::rows::estimated_rows(&clients.db).await?;
+    let mut estimate = Some(0);
+    for target in clients.targets.iter() {
+        let rows = crate::store::rows::estimated_rows(&clients.db, target).await?;
+        estimate = estimate.zip(rows).map(|(sum, n)| sum + n);
+    }
     status.rows = match estimate {
         Some(n) if n > args.exact_max_rows as i64 && !args.exact => {
             // The journal's counter: about the rows rewritten (the live service's own writes
-            // of modern paths are not in it).
+            // of modern values are not in it).
             let modern = status.journal.last_id.min(n);
             RowCounts { all: n, legacy: n - modern, modern, legacy_set_aside: 0, estimated: true }
         }
         _ => {
             let timeout = if args.exact { args.exact_timeout } else { settings.database.db_statement_timeout };
-            crate::store::rows::count_rows(&clients.db, legacy, modern, timeout).await.map_err(|err| {
-                anyhow::Error::new(err).context(format!(
-                    "counting the rows of avatars (bounded by {}; --exact-timeout sets it with --exact)",
-                    humantime::format_duration(timeout)
-                ))
-            })?
+            let mut counts = RowCounts::default();
+            for target in clients.targets.iter() {
+                counts +=
+                    crate::store::rows::count_rows(&clients.db, target, mapping, timeout).await.map_err(|err| {
+                        anyhow::Error::new(err).context(format!(
+                            "counting the rows of {target} (bounded by {}; --exact-timeout sets it with --exact)",
+                            humantime::format_duration(timeout)
+                        ))
+                    })?;
+            }
+            counts
         }
     };
     Ok(status)

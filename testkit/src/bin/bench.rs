@@ -29,14 +29,16 @@ async fn main() -> ExitCode {
             0 => None,
             rows => {
                 let server = &config.servers[0];
-                let (plain_per_s, _) = testkit::bench::rewrites(server, rows, 100, 3, false).await?;
-                let (journal_per_s, bytes) = testkit::bench::rewrites(server, rows, 100, 3, true).await?;
+                let consumer = (100, 3);
+                let (plain_per_s, _) = testkit::bench::rewrites(server, rows, consumer, false, false).await?;
+                let (journal_per_s, bytes) = testkit::bench::rewrites(server, rows, consumer, true, false).await?;
+                let (url_per_s, _) = testkit::bench::rewrites(server, rows, consumer, true, true).await?;
                 let journal_bytes_per_row = bytes.unwrap_or_default();
                 eprintln!(
                     "bench: row rewrites: {rows} rows at {journal_per_s:.0} rows/s with the journal \
-                     ({journal_bytes_per_row:.0} bytes a row), {plain_per_s:.0} without"
+                     ({journal_bytes_per_row:.0} bytes a row), {plain_per_s:.0} without, {url_per_s:.0} as CDN URLs"
                 );
-                Some(testkit::bench::Rewrites { journal_per_s, plain_per_s, journal_bytes_per_row })
+                Some(testkit::bench::Rewrites { journal_per_s, url_per_s, plain_per_s, journal_bytes_per_row })
             }
         };
         anyhow::Ok((summaries, rewrites))
@@ -47,8 +49,12 @@ async fn main() -> ExitCode {
             if let Some(r) = rewrites {
                 println!(
                     "row rewrites (batches of 100, three at once): {:.0} rows/s with the journal ({:.0} bytes a \
-                     row on disk), {:.0} without",
-                    r.journal_per_s, r.journal_bytes_per_row, r.plain_per_s
+                     row on disk), {:.0} without, {:.0} with the values as CDN URLs ({})",
+                    r.journal_per_s,
+                    r.journal_bytes_per_row,
+                    r.plain_per_s,
+                    r.url_per_s,
+                    testkit::bench::URL_FORM
                 );
             }
             println!("{}", testkit::bench::json(&config, &summaries, rewrites));
