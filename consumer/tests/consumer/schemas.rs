@@ -134,6 +134,10 @@ async fn a_second_schema_migrates_in_its_own_forms_and_rolls_back() {
     let (code, csv) = feeder_with(&env, &["report", "--csv"], &references);
     assert_eq!(code, Some(0), "{csv}");
     assert_eq!(csv.lines().filter(|l| l.ends_with("public.posts.cover_key")).count() as i64, posts_moved);
+    let (_, out) = feeder_with(&env, &["report", "--json"], &references);
+    let by = &last_json(&out)["by_reference"];
+    assert_eq!(by[r#"public."Users"."Avatar URL""#]["rows_rewritten"], users_moved, "{out}");
+    assert_eq!(by["public.posts.cover_key"]["rows_rewritten"], posts_moved, "{out}");
 
     // A rollback without one of the journal's references refuses rather than half-does it.
     let (code, out) =

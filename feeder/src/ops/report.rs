@@ -21,6 +21,8 @@ pub struct Report {
     pub rows_rolled_back: i64,
     pub first_rewrite: Option<String>,
     pub last_rewrite: Option<String>,
+    /// Rows rewritten and rolled back, by reference (`schema.table.column`).
+    pub by_reference: Vec<(String, i64, i64)>,
     pub set_aside: Vec<(String, i64)>,
 }
 
@@ -28,8 +30,16 @@ impl Report {
     pub fn json(&self) -> String {
         let set_aside: serde_json::Map<String, serde_json::Value> =
             self.set_aside.iter().map(|(r, n)| (r.clone(), (*n).into())).collect();
+        let by_reference: serde_json::Map<String, serde_json::Value> = self
+            .by_reference
+            .iter()
+            .map(|(r, rewritten, rolled_back)| {
+                (r.clone(), serde_json::json!({"rows_rewritten": rewritten, "rows_rolled_back": rolled_back}))
+            })
+            .collect();
         serde_json::json!({
             "rows_rewritten": self.rows_rewritten,
+            "by_reference": by_reference,
             "rows_rolled_back": self.rows_rolled_back,
             "first_rewrite": self.first_rewrite,
             "last_rewrite": self.last_rewrite,
@@ -45,7 +55,13 @@ pub async fn report(cx: &Ops<'_>, args: &ReportArgs) -> anyhow::Result<Report> {
         csv(clients).await?;
     }
     let totals = crate::store::journal::journal_totals(&clients.db).await?;
+    let by_reference = crate::store::journal::journal_by_reference(&clients.db).await?;
+    let by_reference = by_reference
+        .into_iter()
+        .map(|(r, rewritten, rolled_back)| (r.unwrap_or_else(|| "avatars.path".into()), rewritten, rolled_back))
+        .collect();
     let report = Report {
+        by_reference,
         rows_rewritten: totals.rewrites,
         rows_rolled_back: totals.rolled_back,
         first_rewrite: totals.first,
@@ -60,6 +76,11 @@ pub async fn report(cx: &Ops<'_>, args: &ReportArgs) -> anyhow::Result<Report> {
             report.last_rewrite.as_deref().unwrap_or("-"),
             report.rows_rolled_back
         );
+        if report.by_reference.len() > 1 {
+            for (reference, rewritten, rolled_back) in &report.by_reference {
+                println!("report: {reference}: {rewritten} rows rewritten, {rolled_back} of them rolled back");
+            }
+        }
         for (reason, n) in &report.set_aside {
             println!("report: set aside: {n} {reason} (feeder failures)");
         }

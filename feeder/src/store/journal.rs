@@ -88,6 +88,16 @@ pub struct JournalTotals {
     pub last: Option<String>,
 }
 
+/// Rewrites and rollbacks by reference (`None`: `avatars.path`, by an earlier version), in one
+/// pass over the journal.
+pub async fn journal_by_reference(pool: &PgPool) -> sqlx::Result<Vec<(Option<String>, i64, i64)>> {
+    sqlx::query_as(
+        "SELECT reference, count(*), count(rolled_back_at) FROM avatar_migration_journal GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn journal_totals(pool: &PgPool) -> sqlx::Result<JournalTotals> {
     sqlx::query_as(
         "SELECT count(*) AS rewrites, count(rolled_back_at) AS rolled_back,
