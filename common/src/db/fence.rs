@@ -218,9 +218,10 @@ fn function(schema: &str, target: &Target, mapping: &KeyMapping) -> String {
     )
 }
 
-/// A string as an SQL literal (standard-conforming: only `'` doubles).
+/// A string as an SQL literal, read the same whatever `standard_conforming_strings` says (an
+/// escape string: `\` and `'` doubled).
 fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// Whether the fence's trigger is on a reference's table: `None` without it, else whether it

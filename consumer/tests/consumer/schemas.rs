@@ -118,6 +118,14 @@ async fn a_second_schema_migrates_in_its_own_forms_and_rolls_back() {
     let verified = last_json(&out);
     assert_eq!(verified["rows_modern"], users_moved + posts_moved, "{out}");
     assert_eq!(verified["rows_other"], untouched_urls.len() + 3, "{out}");
+    // NULL or empty: 3 users, a post; not the column's form: a URL of another host and a bare
+    // key among the users (any text is a bare key: the URL among the posts names another
+    // prefix, as do the keys outside `image/`).
+    assert_eq!(
+        (verified["rows_other_empty"].as_u64(), verified["rows_other_form"].as_u64()),
+        (Some(4), Some(2)),
+        "{out}"
+    );
     assert_eq!(verified["rows_legacy"], 0, "{out}");
 
     // Status counts every reference's rows by what their values name.
@@ -391,6 +399,18 @@ async fn the_grants_printed_for_the_references_are_all_the_role_needs() {
     let url = crate::end::least_privilege_url(&env, "grants pw", &[]);
     let references = [("REFERENCES", REFERENCES), ("MISSING_INDEX", "refuse")];
 
+    // Without its grants on these tables, the role is refused at start-up, told what to run.
+    let refused = consumer(&env, &references).env("DATABASE_URL", &url).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(err.contains("may not read the column and the primary key"), "{err}");
+    assert!(
+        err.contains(
+            r#"GRANT SELECT (uid, "Avatar URL"), UPDATE ("Avatar URL") ON public."Users" TO avatar_migrator;"#
+        ),
+        "{err}"
+    );
+
     let (code, script) = {
         let out = env.command("feeder").args(["grants"]).envs(references).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
@@ -422,4 +442,37 @@ async fn the_grants_printed_for_the_references_are_all_the_role_needs() {
     let (users, posts) = values(&env).await;
     assert!(users.values().all(|v| v.as_deref().is_some_and(|v| v.contains("/avatar/"))), "{users:?}");
     assert!(posts.values().all(|v| v.as_deref().is_some_and(|v| v.starts_with("avatar/"))), "{posts:?}");
+}
+
+/// A form holding a quote and a backslash reaches the fence's function as written: a tombstoned
+/// legacy value is written as its copy's, the form's text kept.
+#[tokio::test]
+async fn the_fence_keeps_a_form_with_quotes_and_backslashes_as_written() {
+    let env = Env::new().await;
+    sqlx::raw_sql("CREATE TABLE notes (id bigint PRIMARY KEY, ref text); CREATE INDEX ON notes (ref);")
+        .execute(&env.db)
+        .await
+        .unwrap();
+    let references = [("REFERENCES", r"notes.ref=it's\{key}"), ("MISSING_INDEX", "refuse")];
+    let (code, out) = feeder_with(&env, &["fence", "install"], &references);
+    assert_eq!(code, Some(0), "{out}");
+    sqlx::query(
+        "INSERT INTO avatar_migration_tombstones (legacy_path, new_path, holder_id)
+         VALUES ('image/a.png', 'avatar/a.png', 'test')",
+    )
+    .execute(&env.db)
+    .await
+    .unwrap();
+    let written: String = sqlx::query_scalar("INSERT INTO notes VALUES (1, $1) RETURNING ref")
+        .bind(r"it's\image/a.png")
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert_eq!(written, r"it's\avatar/a.png");
+    let untouched: String = sqlx::query_scalar("INSERT INTO notes VALUES (2, $1) RETURNING ref")
+        .bind(r"its\image/a.png")
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert_eq!(untouched, r"its\image/a.png", "another form is not this column's");
 }

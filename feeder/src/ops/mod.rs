@@ -84,6 +84,30 @@ pub fn classify(value: Option<&str>, form: &Form, mapping: &KeyMapping) -> (Side
     (Side::Other, None)
 }
 
+/// Why a value names no object the migration moves (a [`Side::Other`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unnamed {
+    /// NULL or the empty string.
+    Empty,
+    /// Not the column's form (another host, a bare key in a URL column, a malformed encoding).
+    OtherForm,
+    /// The column's form, naming a key under neither prefix (or another bucket's).
+    OtherPrefix,
+}
+
+/// Why `value` is a [`Side::Other`] (see [`classify`]).
+pub fn unnamed(value: Option<&str>, form: &Form, mapping: &KeyMapping) -> Unnamed {
+    match value {
+        None | Some("") => Unnamed::Empty,
+        Some(v)
+            if [&mapping.source_bucket, &mapping.destination_bucket].iter().any(|b| form.key_in(b, v).is_some()) =>
+        {
+            Unnamed::OtherPrefix
+        }
+        Some(_) => Unnamed::OtherForm,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@
 use futures::{StreamExt, TryStreamExt};
 
 use super::Ops;
-use super::{ROWS_PAGE, Side, classify};
+use super::{ROWS_PAGE, Side, Unnamed, classify, unnamed};
 use crate::settings::VerifyArgs;
 use common::db::keyset::Keyset;
 use common::db::{Reason, Target, Targets};
@@ -33,6 +33,10 @@ pub struct Verification {
     pub modern: u64,
     pub legacy: u64,
     pub other_prefix: u64,
+    /// Of those: NULL or empty values, and values not in the column's form (the rest are of
+    /// its form, under neither prefix).
+    pub other_empty: u64,
+    pub other_form: u64,
     /// Rows with a legacy or modern path that names no existing object (rows with another
     /// prefix are counted in `other_prefix`, not checked).
     pub unresolved: u64,
@@ -87,6 +91,8 @@ impl Verification {
             "rows_modern": self.modern,
             "rows_legacy": self.legacy,
             "rows_other": self.other_prefix,
+            "rows_other_empty": self.other_empty,
+            "rows_other_form": self.other_form,
             "rows_unresolvable": self.unresolved,
             "rows_legacy_missing": self.legacy_missing,
             "rows_legacy_set_aside": self.legacy_set_aside,
@@ -115,6 +121,8 @@ struct RowCheck {
     /// The key the value names (legacy or modern side).
     key: Option<String>,
     side: Side,
+    /// Why a value of another side names nothing of the migration's.
+    unnamed: Option<Unnamed>,
     exists: Result<bool, String>,
 }
 
@@ -124,18 +132,22 @@ async fn resolve(cx: &Ops<'_>, target: &Target, row_key: String, value: Option<S
     let Ops { clients, mapping, .. } = cx;
     let (side, key) = classify(value.as_deref(), &target.reference.form, mapping);
     let row = format!("row {row_key} of {target}");
-    let value = value.unwrap_or_default();
     let (bucket, object) = match (side, &key) {
         (Side::Modern, Some(key)) => (&mapping.destination_bucket, key),
         (Side::Legacy, Some(key)) => (&mapping.source_bucket, key),
-        _ => return Ok(RowCheck { row, value, key, side: Side::Other, exists: Ok(false) }),
+        _ => {
+            let unnamed = Some(unnamed(value.as_deref(), &target.reference.form, mapping));
+            let value = value.unwrap_or_default();
+            return Ok(RowCheck { row, value, key, side: Side::Other, unnamed, exists: Ok(false) });
+        }
     };
+    let value = value.unwrap_or_default();
     let exists = match head_etag(&clients.s3, bucket, object).await {
         Ok(etag) => Ok(etag.is_some()),
         Err(err) if err.for_object() == common::aws::ErrorClass::Fatal => return Err(err.into()),
         Err(err) => Err(err.to_string()),
     };
-    Ok(RowCheck { row, value, key, side, exists })
+    Ok(RowCheck { row, value, key, side, unnamed: None, exists })
 }
 
 impl Verification {
@@ -148,7 +160,7 @@ impl Verification {
         recorded: &std::collections::HashSet<String>,
     ) -> anyhow::Result<()> {
         let Ops { clients, mapping, .. } = cx;
-        let RowCheck { row, value, key, side, exists } = check;
+        let RowCheck { row, value, key, side, unnamed, exists } = check;
         self.rows += 1;
         let exists = match exists {
             Ok(exists) => exists,
@@ -165,7 +177,14 @@ impl Verification {
         match side {
             Side::Modern => self.modern += 1,
             Side::Legacy => self.legacy += 1,
-            Side::Other => self.other_prefix += 1,
+            Side::Other => {
+                self.other_prefix += 1;
+                match unnamed {
+                    Some(Unnamed::Empty) => self.other_empty += 1,
+                    Some(Unnamed::OtherForm) => self.other_form += 1,
+                    _ => {}
+                }
+            }
         }
         match (side, exists) {
             (Side::Other, _) => {}
@@ -313,12 +332,16 @@ fn print_report(r: &Verification) {
         println!("verify: went on after {row}, where an interrupted pass stopped (its counts included)");
     }
     println!(
-        "verify: {} rows: {} modern, {} legacy, {} with another prefix (not checked); {} resolve, {} do not \
-         ({} legacy rows whose object is missing, recorded as row_object_missing)",
+        "verify: {} rows: {} modern, {} legacy, {} naming nothing of the migration's, not checked ({} NULL or \
+         empty, {} not in the column's form, {} with another prefix); {} resolve, {} do not ({} legacy rows whose \
+         object is missing, recorded as row_object_missing)",
         r.rows,
         r.modern,
         r.legacy,
         r.other_prefix,
+        r.other_empty,
+        r.other_form,
+        r.other_prefix - r.other_empty - r.other_form,
         r.modern + r.legacy - r.unresolved,
         r.unresolved,
         r.legacy_missing,
