@@ -1,8 +1,9 @@
 //! Record stage: rewrites the rows of every reference (`REFERENCES`) that name a copied
-//! object, compare-and-set (I4), batched into one `UPDATE` per batch and per reference: a rewrite lingers up to `DB_BATCH_MAX_WAIT_MS` (1 s)
-//! for company while company keeps coming, up to `DB_BATCH_SIZE` rows, so that a fleet at a
-//! trickle commits tens of rows at a time rather than a message's ten (each commit is a WAL
-//! flush on the primary). The message's copy permit is not held meanwhile (`crate::slot::Slot`).
+//! object, compare-and-set (I4), batched into one `UPDATE` per batch and per reference: a
+//! rewrite lingers up to `DB_BATCH_MAX_WAIT_MS` (1 s) for company while company keeps coming,
+//! up to `DB_BATCH_SIZE` objects, so that a fleet at a trickle commits tens of rows at a time
+//! rather than a message's ten (each commit is a WAL flush on the primary). The message's copy
+//! permit is not held meanwhile (`crate::slot::Slot`).
 //!
 //! Promises:
 //! - a row is rewritten only while its value is still the old one, so a row the live service
@@ -14,7 +15,8 @@
 //!   session's `lock_timeout` and `statement_timeout` (`DB_LOCK_TIMEOUT`,
 //!   `DB_STATEMENT_TIMEOUT`);
 //! - with `REWRITE_JOURNAL` (the default) every rewritten row is recorded (reference, row key,
-//!   old and new value, legacy key, when) by the same statement, for `feeder report` and `feeder rollback`;
+//!   old and new value, legacy key, when) by the same statement, for `feeder report` and
+//!   `feeder rollback`;
 //! - a batch that fails (a deadlock, a trigger, a constraint, a timeout) is retried row by row
 //!   at once, so one bad row fails only its own object; the `UPDATE` is idempotent (I5).
 
@@ -96,7 +98,6 @@ async fn rewrite_batch(
     pairs: &[Pair],
     stats: &Stats,
 ) -> Vec<Result<Rewritten, RewriteError>> {
-    stats.rows_per_statement.observe(pairs.len() as f64);
     let mut results: Vec<Result<Rewritten, RewriteError>> = vec![Ok(Rewritten::default()); pairs.len()];
     for target in rewrites.targets.iter() {
         for (result, done) in results.iter_mut().zip(rewrite_target(pool, rewrites, target, pairs, stats).await) {
@@ -119,6 +120,7 @@ async fn rewrite_target(
 ) -> Vec<Result<Rewritten, RewriteError>> {
     let Rewrites { mapping, journal, .. } = rewrites;
     stats.rewrite_statements.inc();
+    stats.rows_per_statement.observe(pairs.len() as f64);
     match common::db::rewrite_paths(pool, target, mapping, pairs, *journal).await {
         Ok(mut done) => {
             // A key twice in one batch (a duplicate delivery) counts its rows once.
