@@ -20,6 +20,16 @@ const SECOND_SCHEMA: &str = r#"
 
 const REFERENCES: &str = r#""Users"."Avatar URL"=https://cdn.example.com/{key},public.posts.cover_key"#;
 
+/// A key as the users' column names it (its form in `REFERENCES`).
+fn cdn(key: &str) -> String {
+    format!("https://cdn.example.com/{}", common::keys::encode_path(key))
+}
+
+/// `n` legacy keys, and one with a space, a plus and an accent last.
+fn legacy_keys_and_an_odd_one(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("image/avatar-{i}.png")).chain(["image/with space+plus é.png".into()]).collect()
+}
+
 /// `"Avatar URL"` values by user, and `cover_key` values by post, as the tables hold them.
 async fn values(env: &Env) -> (BTreeMap<String, Option<String>>, BTreeMap<String, Option<String>>) {
     let users = sqlx::query(r#"SELECT uid::text, "Avatar URL" FROM "Users""#).fetch_all(&env.db).await.unwrap();
@@ -35,11 +45,9 @@ async fn values(env: &Env) -> (BTreeMap<String, Option<String>>, BTreeMap<String
 async fn a_second_schema_migrates_in_its_own_forms_and_rolls_back() {
     let env = Env::new().await;
     sqlx::raw_sql(SECOND_SCHEMA).execute(&env.db).await.unwrap();
-    let keys: Vec<String> =
-        (0..40).map(|i| format!("image/avatar-{i}.png")).chain(["image/with space+plus é.png".into()]).collect();
+    let keys = legacy_keys_and_an_odd_one(40);
     env.put_many(&env.source_bucket, &keys, b"png").await;
     env.put(&env.source_bucket, "imagex/outside.png", b"outside").await;
-    let cdn = |key: &str| format!("https://cdn.example.com/{}", common::keys::encode_path(key));
 
     let mut urls: Vec<Option<String>> = keys.iter().map(|k| Some(cdn(k))).collect();
     let untouched_urls = [
@@ -292,11 +300,9 @@ async fn sql_url_encoding_matches_the_forms() {
 async fn on_a_second_schema_cleanup_and_the_fence_follow_every_reference() {
     let env = Env::new().await;
     sqlx::raw_sql(SECOND_SCHEMA).execute(&env.db).await.unwrap();
-    let keys: Vec<String> =
-        (0..6).map(|i| format!("image/avatar-{i}.png")).chain(["image/with space+plus é.png".into()]).collect();
+    let keys = legacy_keys_and_an_odd_one(6);
     env.put_many(&env.source_bucket, &keys, b"png").await;
     env.put(&env.source_bucket, "image/orphan.png", b"no row names it").await;
-    let cdn = |key: &str| format!("https://cdn.example.com/{}", common::keys::encode_path(key));
     let urls: Vec<String> = [0, 1, 2, 3, 6].iter().map(|&i| cdn(&keys[i])).collect();
     sqlx::query(r#"INSERT INTO "Users" ("Avatar URL") SELECT * FROM UNNEST($1::text[])"#)
         .bind(&urls)

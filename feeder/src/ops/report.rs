@@ -9,7 +9,7 @@ use common::db::{FailureRecord, failures_after};
 
 use super::Ops;
 use crate::settings::ReportArgs;
-use crate::store::journal::journal_page;
+use crate::store::journal::{EARLIER_REFERENCE, journal_page};
 use common::setup::Clients;
 
 use super::ROWS_PAGE;
@@ -58,7 +58,7 @@ pub async fn report(cx: &Ops<'_>, args: &ReportArgs) -> anyhow::Result<Report> {
     let by_reference = crate::store::journal::journal_by_reference(&clients.db).await?;
     let by_reference = by_reference
         .into_iter()
-        .map(|(r, rewritten, rolled_back)| (r.unwrap_or_else(|| "avatars.path".into()), rewritten, rolled_back))
+        .map(|(r, rewritten, rolled_back)| (r.unwrap_or_else(|| EARLIER_REFERENCE.into()), rewritten, rolled_back))
         .collect();
     let report = Report {
         by_reference,
@@ -101,8 +101,7 @@ async fn csv(clients: &Clients) -> anyhow::Result<()> {
     while let Some(page) = pages.next(journal, |e| e.journal_id).await? {
         for e in &page {
             let kind = if e.rolled_back { "rolled_back" } else { "moved" };
-            let reference = e.reference.as_deref().unwrap_or("avatars.path");
-            out.write_record([kind, &e.row_id, &e.old_path, &e.new_path, &e.rewritten_at, "", "", reference])?;
+            out.write_record([kind, &e.row_id, &e.old_path, &e.new_path, &e.rewritten_at, "", "", e.reference()])?;
         }
     }
     let mut pages = Keyset::after(None);

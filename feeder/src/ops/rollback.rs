@@ -149,7 +149,7 @@ async fn roll_back_pages(
             anyhow::bail!(
                 "the journal holds rewrites of {}, which REFERENCES does not name: run rollback with REFERENCES \
                  naming every column the migration rewrote",
-                e.reference.as_deref().unwrap_or("avatars.path")
+                e.reference()
             );
         }
         let keys: Vec<&str> = page.iter().map(JournalEntry::key).collect();

@@ -6,6 +6,10 @@ use std::time::Duration;
 use common::db::Target;
 use sqlx::PgPool;
 
+/// The reference of the journal's entries that name none: earlier versions rewrote
+/// `avatars.path` alone.
+pub const EARLIER_REFERENCE: &str = "avatars.path";
+
 /// One rewrite the journal recorded.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct JournalEntry {
@@ -25,6 +29,11 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
+    /// The reference's label ([`EARLIER_REFERENCE`] for an entry of an earlier version).
+    pub fn reference(&self) -> &str {
+        self.reference.as_deref().unwrap_or(EARLIER_REFERENCE)
+    }
+
     /// The legacy object's key.
     pub fn key(&self) -> &str {
         self.legacy_key.as_deref().unwrap_or(&self.old_path)
